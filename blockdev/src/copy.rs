@@ -1,0 +1,479 @@
+//! The copy engine behind `convert`, `dd`, `commit` and `rebase`.
+//!
+//! A copy walks the source with block status, so holes are never read: each run becomes a job that
+//! is *data* (read, zero-detected, written), *zero* (skipped when the target already reads as
+//! zeros, otherwise written as efficient zeroes) or *skip* (left unallocated so a backing file shows
+//! through). Jobs are handed out in order by one planner; a pool of worker threads performs them in
+//! parallel. In-order mode (qemu-img's default) lets reads overlap but issues writes strictly in job
+//! order, which keeps allocating formats laid out sequentially; out-of-order mode (`-W`) writes as
+//! soon as data is ready.
+//!
+//! Zero detection follows qemu-img's rule so that targets come out with the same allocation: a data
+//! buffer is scanned in 512-byte sectors, zero runs are only left out when at least `min_sparse`
+//! long, and run ends are aligned to the target's alignment so no write needs a read-modify-write.
+//!
+//! Invariants: every byte of the requested range is accounted for by exactly one job; an error in
+//! any worker stops the others at their next job and is returned; memory is bounded by
+//! `workers * buf_size`.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::buffer::{is_zero, AlignedBuf};
+use crate::driver::{chain_status, BlockDriver, ExtentKind, ZeroFlags};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// Default size of one data job (qemu-img's IO_BUF_SIZE).
+pub const DEFAULT_BUF_SIZE: usize = 2 << 20;
+
+const SECTOR: u64 = 512;
+
+/// How to copy.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Worker threads (qemu-img's `-m`, default 8).
+    pub workers: usize,
+    /// Issue writes in job order (qemu-img's default; `-W` turns it off).
+    pub in_order: bool,
+    /// Minimum length of a zero run inside data to leave out, in bytes (`-S`, default 4 KiB);
+    /// 0 writes everything, zeros included, as data.
+    pub min_sparse: u64,
+    /// Write alignment for zero detection, in bytes (a power of two, at least 512).
+    pub alignment: u64,
+    /// Offload plain data runs with `copy_file_range` where both sides map 1:1 to files (`-C`).
+    pub offload: bool,
+    /// The target already reads as zeros everywhere (new image, or `--target-is-zero`).
+    pub target_zeroed: bool,
+    /// Only copy what the source's top image allocates; leave the rest for the target's backing
+    /// file (`convert -B`, `commit`).
+    pub top_only: bool,
+    /// Largest data job, in bytes.
+    pub buf_size: usize,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            workers: 8,
+            in_order: true,
+            min_sparse: 4096,
+            alignment: 4096,
+            offload: false,
+            target_zeroed: false,
+            top_only: false,
+            buf_size: DEFAULT_BUF_SIZE,
+        }
+    }
+}
+
+/// What a copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes read from the source.
+    pub read: u64,
+    /// Bytes written as data.
+    pub written: u64,
+    /// Bytes written as zeroes (write_zeroes calls).
+    pub zeroed: u64,
+    /// Bytes copied by offload.
+    pub offloaded: u64,
+    /// Bytes not written at all (holes on a zeroed target, skipped unallocated ranges).
+    pub skipped: u64,
+}
+
+/// Progress as qemu-img counts it: bytes of data jobs handed out, out of all data in the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Data bytes handed to workers so far.
+    pub done: u64,
+    /// Data bytes in the whole copy (0 when counting was not asked for).
+    pub total: u64,
+}
+
+/// One job for a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    Data,
+    Zero,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    seq: u64,
+    offset: u64, // relative to the start of the copy
+    len: u64,
+    kind: JobKind,
+}
+
+/// A source range, target range and the options: everything a copy needs.
+pub struct Copy<'a> {
+    /// Source disk (its backing chain is followed unless `top_only`).
+    pub src: &'a dyn BlockDriver,
+    /// First source byte.
+    pub src_offset: u64,
+    /// Target disk.
+    pub dst: &'a dyn BlockDriver,
+    /// First target byte.
+    pub dst_offset: u64,
+    /// Bytes to copy.
+    pub len: u64,
+    /// Options.
+    pub opts: CopyOptions,
+}
+
+struct Planner<'a> {
+    copy: &'a Copy<'a>,
+    pos: u64,
+    seq: u64,
+    status: Option<(JobKind, u64)>, // kind and end of the current status run
+    progress_done: u64,
+}
+
+impl Planner<'_> {
+    fn classify(&self, offset: u64, max: u64) -> Result<(JobKind, u64)> {
+        let c = self.copy;
+        let src_pos = c.src_offset + offset;
+        let (ext, _) = if c.opts.top_only {
+            (c.src.block_status(src_pos, max)?, 0)
+        } else {
+            chain_status(c.src, src_pos, max)?
+        };
+        let len = ext.len.clamp(1, max);
+        let kind = match ext.kind {
+            ExtentKind::Data => JobKind::Data,
+            ExtentKind::Zero => JobKind::Zero,
+            ExtentKind::Unallocated if c.opts.top_only => JobKind::Skip,
+            ExtentKind::Unallocated => JobKind::Zero,
+        };
+        Ok((kind, len))
+    }
+
+    fn next(&mut self) -> Result<Option<Job>> {
+        let c = self.copy;
+        if self.pos >= c.len {
+            return Ok(None);
+        }
+        let (kind, run_end) = match self.status {
+            Some((k, end)) if end > self.pos => (k, end),
+            _ => {
+                let (k, len) = self.classify(self.pos, c.len - self.pos)?;
+                self.status = Some((k, self.pos + len));
+                (k, self.pos + len)
+            }
+        };
+        let mut len = run_end - self.pos;
+        let as_data = kind == JobKind::Data || (kind == JobKind::Zero && c.opts.min_sparse == 0);
+        if as_data {
+            len = len.min(c.opts.buf_size as u64);
+        }
+        let job = Job { seq: self.seq, offset: self.pos, len, kind };
+        self.seq += 1;
+        self.pos += len;
+        if as_data {
+            self.progress_done += len;
+        }
+        Ok(Some(job))
+    }
+}
+
+/// Bytes of data the copy will move (qemu-img's progress denominator).
+pub fn count_data(copy: &Copy<'_>) -> Result<u64> {
+    let mut p = Planner { copy, pos: 0, seq: 0, status: None, progress_done: 0 };
+    let mut total = 0;
+    while p.pos < copy.len {
+        let (kind, len) = p.classify(p.pos, copy.len - p.pos)?;
+        if kind == JobKind::Data || (kind == JobKind::Zero && copy.opts.min_sparse == 0) {
+            total += len;
+        }
+        p.pos += len;
+    }
+    Ok(total)
+}
+
+struct Shared<'a> {
+    planner: Mutex<Planner<'a>>,
+    next_write: Mutex<u64>,
+    write_turn: Condvar,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+    stats: Mutex<CopyStats>,
+    offload: AtomicBool,
+    src_storage: Option<Arc<dyn Storage>>,
+    dst_storage: Option<Arc<dyn Storage>>,
+}
+
+impl Copy<'_> {
+    /// Runs the copy. `progress` is called (from the worker that took the job) each time a data job
+    /// is handed out; `cancel` is polled between jobs.
+    pub fn run(&self, progress: &(dyn Fn(Progress) + Sync), cancel: &AtomicBool, total: u64) -> Result<CopyStats> {
+        let src_storage = self.src.identity_storage();
+        let dst_storage = self.dst.identity_storage();
+        let offload = self.opts.offload && src_storage.is_some() && dst_storage.is_some();
+        let shared = Shared {
+            planner: Mutex::new(Planner { copy: self, pos: 0, seq: 0, status: None, progress_done: 0 }),
+            next_write: Mutex::new(0),
+            write_turn: Condvar::new(),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            stats: Mutex::new(CopyStats::default()),
+            offload: AtomicBool::new(offload),
+            src_storage,
+            dst_storage,
+        };
+        let workers = self.opts.workers.clamp(1, 64);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    if let Err(e) = self.worker(&shared, progress, cancel, total) {
+                        let mut slot = shared.error.lock().unwrap_or_else(|p| p.into_inner());
+                        if slot.is_none() {
+                            *slot = Some(e);
+                        }
+                        shared.failed.store(true, Ordering::SeqCst);
+                        let _guard = shared.next_write.lock().unwrap_or_else(|p| p.into_inner());
+                        shared.write_turn.notify_all();
+                    }
+                });
+            }
+        });
+        if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        Ok(shared.stats.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn worker(&self, sh: &Shared<'_>, progress: &(dyn Fn(Progress) + Sync), cancel: &AtomicBool, total: u64) -> Result<()> {
+        let mem_align = self.dst.storage().map(|s| s.alignment().memory).unwrap_or(1).max(4096) as usize;
+        let mut buf: Option<AlignedBuf> = None;
+        loop {
+            if sh.failed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::cancelled());
+            }
+            let job = {
+                let mut p = sh.planner.lock().unwrap_or_else(|p| p.into_inner());
+                let before = p.progress_done;
+                let job = p.next()?;
+                if p.progress_done != before {
+                    progress(Progress { done: p.progress_done, total });
+                }
+                job
+            };
+            let Some(job) = job else { return Ok(()) };
+            let as_data = job.kind == JobKind::Data || (job.kind == JobKind::Zero && self.opts.min_sparse == 0);
+            let offload_now = job.kind == JobKind::Data && sh.offload.load(Ordering::Relaxed);
+            let b = buf.get_or_insert_with(|| AlignedBuf::new(self.opts.buf_size, mem_align));
+            if as_data && !offload_now {
+                let data = &mut b[..job.len as usize];
+                if job.kind == JobKind::Data {
+                    self.src.read_at(self.src_offset + job.offset, &mut [IoSliceMut::new(data)])?;
+                    sh.add(|s| s.read += job.len);
+                } else {
+                    data.fill(0);
+                }
+            }
+            if self.opts.in_order && !self.wait_turn(sh, job.seq) {
+                return Ok(());
+            }
+            let result = if offload_now {
+                self.offload_job(sh, job, b)
+            } else if as_data {
+                self.write_data(sh, job, &b[..job.len as usize])
+            } else {
+                self.write_zero_job(sh, job)
+            };
+            if self.opts.in_order {
+                let mut next = sh.next_write.lock().unwrap_or_else(|p| p.into_inner());
+                *next += 1;
+                sh.write_turn.notify_all();
+            }
+            result?;
+        }
+    }
+
+    /// Waits until `seq` may write; false if the copy failed meanwhile.
+    fn wait_turn(&self, sh: &Shared<'_>, seq: u64) -> bool {
+        let mut next = sh.next_write.lock().unwrap_or_else(|p| p.into_inner());
+        while *next != seq {
+            if sh.failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            next = sh.write_turn.wait(next).unwrap_or_else(|p| p.into_inner());
+        }
+        !sh.failed.load(Ordering::SeqCst)
+    }
+
+    fn write_zero_job(&self, sh: &Shared<'_>, job: Job) -> Result<()> {
+        if job.kind == JobKind::Skip || self.opts.target_zeroed {
+            sh.add(|s| s.skipped += job.len);
+            return Ok(());
+        }
+        self.dst.write_zeroes(self.dst_offset + job.offset, job.len, ZeroFlags { may_unmap: true, no_fallback: false })?;
+        sh.add(|s| s.zeroed += job.len);
+        Ok(())
+    }
+
+    fn write_data(&self, sh: &Shared<'_>, job: Job, data: &[u8]) -> Result<()> {
+        if self.opts.min_sparse == 0 {
+            self.dst.write_at(self.dst_offset + job.offset, &[IoSlice::new(data)])?;
+            sh.add(|s| s.written += job.len);
+            return Ok(());
+        }
+        let min = (self.opts.min_sparse / SECTOR).max(1) as usize;
+        let align = (self.opts.alignment / SECTOR).max(1) as usize;
+        let first_sector = (self.dst_offset + job.offset) / SECTOR;
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            let (allocated, len) = if rest.len() as u64 % SECTOR != 0 || (self.dst_offset + job.offset) % SECTOR != 0 {
+                // Not sector-shaped (a tail of a disk whose size is not a sector multiple): no splitting.
+                (!is_zero(rest), rest.len())
+            } else {
+                let (a, n) = allocated_sectors_min(rest, min, first_sector + (done as u64 / SECTOR), align);
+                (a, n * SECTOR as usize)
+            };
+            let off = self.dst_offset + job.offset + done as u64;
+            if allocated {
+                self.dst.write_at(off, &[IoSlice::new(&rest[..len])])?;
+                sh.add(|s| s.written += len as u64);
+            } else if self.opts.target_zeroed {
+                sh.add(|s| s.skipped += len as u64);
+            } else {
+                self.dst.write_zeroes(off, len as u64, ZeroFlags { may_unmap: true, no_fallback: false })?;
+                sh.add(|s| s.zeroed += len as u64);
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn offload_job(&self, sh: &Shared<'_>, job: Job, buf: &mut AlignedBuf) -> Result<()> {
+        let (Some(src), Some(dst)) = (&sh.src_storage, &sh.dst_storage) else {
+            return Err(Error::unsupported("copy offload without storage"));
+        };
+        let mut done = 0;
+        while done < job.len {
+            let s = self.src_offset + job.offset + done;
+            let d = self.dst_offset + job.offset + done;
+            match src.copy_range_to(s, dst.as_ref(), d, job.len - done) {
+                Some(Ok(n)) if n > 0 => done += n,
+                Some(Err(e)) => return Err(e),
+                _ => {
+                    // Not possible here after all: copy the rest by hand and stop trying.
+                    sh.offload.store(false, Ordering::Relaxed);
+                    let rest = (job.len - done) as usize;
+                    let data = &mut buf[..rest];
+                    self.src.read_at(s, &mut [IoSliceMut::new(data)])?;
+                    self.dst.write_at(d, &[IoSlice::new(data)])?;
+                    sh.add(|st| {
+                        st.read += rest as u64;
+                        st.written += rest as u64;
+                    });
+                    break;
+                }
+            }
+        }
+        sh.add(|s| s.offloaded += done.min(job.len));
+        Ok(())
+    }
+}
+
+impl Shared<'_> {
+    fn add(&self, f: impl FnOnce(&mut CopyStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// The length of the leading run of `buf` (in sectors) and whether it is data: sector runs of equal
+/// zero-ness, with run ends pulled to `align`-sector boundaries so that no write is partial.
+fn allocated_sectors(buf: &[u8], first_sector: u64, align: usize) -> (bool, usize) {
+    let n = buf.len() / SECTOR as usize;
+    if n == 0 {
+        return (false, 0);
+    }
+    let sector = |i: usize| &buf[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+    let mut zero = is_zero(sector(0));
+    let mut i = 1;
+    while i < n && is_zero(sector(i)) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (!zero, i);
+    }
+    let tail = ((first_sector + i as u64) % align as u64) as usize;
+    if tail != 0 {
+        if zero && i <= tail {
+            // The following data would rewrite this partial block anyway.
+            zero = false;
+        }
+        if !zero {
+            i = (i + align - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (!zero, i)
+}
+
+/// Like [`allocated_sectors`], but zero runs shorter than `min` sectors count as data.
+fn allocated_sectors_min(buf: &[u8], min: usize, first_sector: u64, align: usize) -> (bool, usize) {
+    let n = buf.len() / SECTOR as usize;
+    let min = min.min(n);
+    let (data, first) = allocated_sectors(buf, first_sector, align);
+    if !data {
+        return (false, first);
+    }
+    let mut used = first;
+    let mut checked = first;
+    while checked < n {
+        let rest = &buf[checked * SECTOR as usize..];
+        let (d, len) = allocated_sectors(rest, first_sector + checked as u64, align);
+        checked += len;
+        if d {
+            used = checked;
+        } else if len >= min {
+            break;
+        }
+    }
+    (true, used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(pattern: &[(bool, usize)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for &(data, sectors) in pattern {
+            v.extend(std::iter::repeat_n(if data { 0xaa } else { 0 }, sectors * 512));
+        }
+        v
+    }
+
+    #[test]
+    fn zero_runs_shorter_than_min_stay_data() {
+        // 1 data, 4 zero, 1 data, 16 zero sectors; min 8 sectors, alignment 1.
+        let b = buf(&[(true, 1), (false, 4), (true, 1), (false, 16)]);
+        assert_eq!(allocated_sectors_min(&b, 8, 0, 1), (true, 6));
+        assert_eq!(allocated_sectors_min(&b[6 * 512..], 8, 6, 1), (false, 16));
+    }
+
+    #[test]
+    fn run_ends_are_aligned() {
+        // Data for 3 sectors then zeros; alignment 8: the data run is extended to sector 8.
+        let b = buf(&[(true, 3), (false, 29)]);
+        assert_eq!(allocated_sectors(&b, 0, 8), (true, 8));
+        // Zeros for 10 sectors then data; alignment 8: the zero run is cut back to sector 8.
+        let b = buf(&[(false, 10), (true, 6)]);
+        assert_eq!(allocated_sectors(&b, 0, 8), (false, 8));
+        // A short zero run before data within one block becomes data.
+        let b = buf(&[(false, 2), (true, 6)]);
+        assert_eq!(allocated_sectors(&b, 0, 8), (true, 8));
+        assert_eq!(allocated_sectors(&buf(&[(false, 4)]), 0, 8), (false, 4));
+    }
+}
