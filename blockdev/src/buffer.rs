@@ -75,7 +75,9 @@ pub fn is_zero(buf: &[u8]) -> bool {
         // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
         unsafe { buf.align_to::<u128>() }
     };
-    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && body.chunks(8).all(|c| c.iter().fold(0u128, |a, &w| a | w) == 0)
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && body.chunks(8).all(|c| c.iter().fold(0u128, |a, &w| a | w) == 0)
 }
 
 #[cfg(test)]

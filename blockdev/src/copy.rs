@@ -136,11 +136,8 @@ impl Planner<'_> {
     fn classify(&self, offset: u64, max: u64) -> Result<(JobKind, u64)> {
         let c = self.copy;
         let src_pos = c.src_offset + offset;
-        let (ext, _) = if c.opts.top_only {
-            (c.src.block_status(src_pos, max)?, 0)
-        } else {
-            chain_status(c.src, src_pos, max)?
-        };
+        let (ext, _) =
+            if c.opts.top_only { (c.src.block_status(src_pos, max)?, 0) } else { chain_status(c.src, src_pos, max)? };
         let len = ext.len.clamp(1, max);
         let kind = match ext.kind {
             ExtentKind::Data => JobKind::Data,
@@ -245,7 +242,13 @@ impl Copy<'_> {
         Ok(shared.stats.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn worker(&self, sh: &Shared<'_>, progress: &(dyn Fn(Progress) + Sync), cancel: &AtomicBool, total: u64) -> Result<()> {
+    fn worker(
+        &self,
+        sh: &Shared<'_>,
+        progress: &(dyn Fn(Progress) + Sync),
+        cancel: &AtomicBool,
+        total: u64,
+    ) -> Result<()> {
         let mem_align = self.dst.storage().map(|s| s.alignment().memory).unwrap_or(1).max(4096) as usize;
         let mut buf: Option<AlignedBuf> = None;
         loop {
@@ -313,7 +316,11 @@ impl Copy<'_> {
             sh.add(|s| s.skipped += job.len);
             return Ok(());
         }
-        self.dst.write_zeroes(self.dst_offset + job.offset, job.len, ZeroFlags { may_unmap: true, no_fallback: false })?;
+        self.dst.write_zeroes(
+            self.dst_offset + job.offset,
+            job.len,
+            ZeroFlags { may_unmap: true, no_fallback: false },
+        )?;
         sh.add(|s| s.zeroed += job.len);
         Ok(())
     }

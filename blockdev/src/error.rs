@@ -267,10 +267,7 @@ mod tests {
 
     #[test]
     fn prefix_and_context_compose_like_qemu() {
-        let e = Error::from_errno("open", libc::ENOENT)
-            .prefixed("Could not open 'a'")
-            .with_offset(7)
-            .with_offset(9);
+        let e = Error::from_errno("open", libc::ENOENT).prefixed("Could not open 'a'").with_offset(7).with_offset(9);
         assert_eq!(e.to_string(), "Could not open 'a': No such file or directory");
         assert_eq!(e.context().offset, Some(7), "the deepest layer's offset wins");
         assert_eq!(format!("{e:#}"), "Could not open 'a': No such file or directory [operation: open, offset: 7]");

@@ -24,7 +24,13 @@ pub struct MemStorage {
 impl MemStorage {
     /// A writable container holding `bytes`, growing to at most 1 GiB.
     pub fn new(name: &str, bytes: Vec<u8>) -> MemStorage {
-        MemStorage { data: RwLock::new(bytes), name: name.to_string(), read_only: false, flushes: AtomicU64::new(0), limit: 1 << 30 }
+        MemStorage {
+            data: RwLock::new(bytes),
+            name: name.to_string(),
+            read_only: false,
+            flushes: AtomicU64::new(0),
+            limit: 1 << 30,
+        }
     }
 
     /// A read-only container holding `bytes`.

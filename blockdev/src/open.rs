@@ -114,15 +114,10 @@ impl Chain {
     pub fn enter(&self, image: &Path, max_depth: u32) -> Result<Chain> {
         let canonical = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
         if self.seen.contains(&canonical) {
-            return Err(Error::invalid_image(format!(
-                "Backing file '{}' creates an infinite loop.",
-                image.display()
-            )));
+            return Err(Error::invalid_image(format!("Backing file '{}' creates an infinite loop.", image.display())));
         }
         if self.depth() > max_depth {
-            return Err(Error::invalid_image(format!(
-                "Backing chain is longer than the limit of {max_depth} images"
-            )));
+            return Err(Error::invalid_image(format!("Backing chain is longer than the limit of {max_depth} images")));
         }
         let mut seen = self.seen.clone();
         seen.push(canonical);

@@ -43,7 +43,12 @@ impl OptionSpec {
     }
 
     /// An option with a default printed in the "Formatting" line.
-    pub const fn with_default(name: &'static str, kind: OptionKind, help: &'static str, default: &'static str) -> OptionSpec {
+    pub const fn with_default(
+        name: &'static str,
+        kind: OptionKind,
+        help: &'static str,
+        default: &'static str,
+    ) -> OptionSpec {
         OptionSpec { name, kind, help, default: Some(default) }
     }
 }
@@ -140,7 +145,9 @@ pub fn parse_number(name: &str, value: &str) -> Result<u64> {
 pub fn parse_size_option(name: &str, value: &str) -> Result<u64> {
     match parse_size(value) {
         Ok(v) => Ok(v),
-        Err(SizeError::Range) => Err(Error::invalid_argument(format!("Value '{value}' is out of range for parameter '{name}'"))),
+        Err(SizeError::Range) => {
+            Err(Error::invalid_argument(format!("Value '{value}' is out of range for parameter '{name}'")))
+        }
         Err(SizeError::Invalid) => Err(Error::invalid_argument(format!(
             "Parameter '{name}' expects a non-negative number below 2^64\n\
              Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
@@ -239,7 +246,9 @@ impl CreateOptions {
         let mut out = String::new();
         for spec in specs {
             let given = self.get(spec.name);
-            let Some(value) = given.or(spec.default) else { continue };
+            let Some(value) = given.or(spec.default) else {
+                continue;
+            };
             if !out.is_empty() {
                 out.push(' ');
             }
@@ -262,20 +271,34 @@ impl CreateOptions {
     }
 }
 
-/// `-o help` text for `specs`: options sorted by name, as qemu-img lists them.
+/// `-o help` text for `specs` after a `title` line: one line per option, sorted, as qemu-img
+/// prints them.
 pub fn help_text(title: &str, specs: &[OptionSpec]) -> String {
-    let mut sorted: Vec<&OptionSpec> = specs.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let mut lines: Vec<String> = specs
+        .iter()
+        .map(|s| {
+            let kind = match s.kind {
+                OptionKind::Size => "size",
+                OptionKind::Bool => "bool (on/off)",
+                OptionKind::Number => "num",
+                OptionKind::Str => "str",
+            };
+            let mut line = format!("  {}=<{}>", s.name, kind);
+            if !s.help.is_empty() {
+                while line.len() < 24 {
+                    line.push(' ');
+                }
+                line.push_str(" - ");
+                line.push_str(s.help);
+            }
+            line
+        })
+        .collect();
+    lines.sort();
     let mut out = format!("{title}\n");
-    for s in sorted {
-        let kind = match s.kind {
-            OptionKind::Size => "size",
-            OptionKind::Bool => "bool (on/off)",
-            OptionKind::Number => "num",
-            OptionKind::Str => "str",
-        };
-        let left = format!("{}=<{}>", s.name, kind);
-        let _ = writeln!(out, "  {left:<22} - {}", s.help);
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
     }
     out
 }
@@ -313,9 +336,19 @@ mod tests {
         o.parse_into("preallocation=full,nocow=on,size=1M", SPECS).unwrap();
         assert_eq!(o.formatting_line(SPECS), "size=1048576 nocow=on preallocation=full refcount_bits=16");
         assert_eq!(o.parse_into("foo=bar", SPECS).unwrap_err().message(), "Invalid parameter 'foo'");
-        assert_eq!(o.parse_into("nocow=maybe", SPECS).unwrap_err().message(), "Parameter 'nocow' expects 'on' or 'off'");
-        assert!(o.parse_into("size=1Q", SPECS).unwrap_err().message().starts_with("Parameter 'size' expects a non-negative"));
-        assert_eq!(o.parse_into("refcount_bits=x", SPECS).unwrap_err().message(), "Parameter 'refcount_bits' expects a number");
+        assert_eq!(
+            o.parse_into("nocow=maybe", SPECS).unwrap_err().message(),
+            "Parameter 'nocow' expects 'on' or 'off'"
+        );
+        assert!(o
+            .parse_into("size=1Q", SPECS)
+            .unwrap_err()
+            .message()
+            .starts_with("Parameter 'size' expects a non-negative"));
+        assert_eq!(
+            o.parse_into("refcount_bits=x", SPECS).unwrap_err().message(),
+            "Parameter 'refcount_bits' expects a number"
+        );
         o.parse_into("size=2M", SPECS).unwrap();
         assert_eq!(o.get_size("size").unwrap(), Some(2 << 20));
         assert_eq!(parse_number("n", "0x10").unwrap(), 16);

@@ -253,7 +253,14 @@ pub fn dump_human(out: &mut String, indentation: usize, v: &Value) {
         Value::Dict(d) => {
             for (k, item) in d.qemu_order() {
                 let composite = matches!(item, Value::Dict(_) | Value::List(_));
-                let _ = write!(out, "{:width$}{}:{}", "", k.replace('-', " "), if composite { '\n' } else { ' ' }, width = indentation * 4);
+                let _ = write!(
+                    out,
+                    "{:width$}{}:{}",
+                    "",
+                    k.replace('-', " "),
+                    if composite { '\n' } else { ' ' },
+                    width = indentation * 4
+                );
                 dump_human(out, indentation + 1, item);
                 if !composite {
                     out.push('\n');
@@ -263,7 +270,8 @@ pub fn dump_human(out: &mut String, indentation: usize, v: &Value) {
         Value::List(items) => {
             for (i, item) in items.iter().enumerate() {
                 let composite = matches!(item, Value::Dict(_) | Value::List(_));
-                let _ = write!(out, "{:width$}[{i}]:{}", "", if composite { '\n' } else { ' ' }, width = indentation * 4);
+                let _ =
+                    write!(out, "{:width$}[{i}]:{}", "", if composite { '\n' } else { ' ' }, width = indentation * 4);
                 dump_human(out, indentation + 1, item);
                 if !composite {
                     out.push('\n');
@@ -321,7 +329,11 @@ mod tests {
 
     #[test]
     fn human_dump_replaces_dashes_and_indents() {
-        let v = dict(&[("compat", "1.1".into()), ("lazy-refcounts", false.into()), ("list", Value::List(vec![Value::Int(3)]))]);
+        let v = dict(&[
+            ("compat", "1.1".into()),
+            ("lazy-refcounts", false.into()),
+            ("list", Value::List(vec![Value::Int(3)])),
+        ]);
         let mut s = String::new();
         dump_human(&mut s, 1, &v);
         assert!(s.contains("    compat: 1.1\n"));

@@ -34,9 +34,9 @@ fn suffix_mul(c: u8) -> Option<u64> {
 pub fn parse_size_with_unit(s: &str, default_unit: u64) -> Result<u64, SizeError> {
     let b = s.as_bytes();
     let t = s.trim_start();
-    if t.starts_with('-') {
+    if let Some(rest) = t.strip_prefix('-') {
         // A negative number (qemu's parse_uint reports ERANGE for these).
-        return if t[1..].trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return if rest.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '.') {
             Err(SizeError::Range)
         } else {
             Err(SizeError::Invalid)
@@ -57,11 +57,8 @@ pub fn parse_size_with_unit(s: &str, default_unit: u64) -> Result<u64, SizeError
         }
         return u64::from_str_radix(hex, 16).map_err(|_| SizeError::Range);
     }
-    let mut val: u64 = if int_digits.is_empty() {
-        0
-    } else {
-        int_digits.parse::<u64>().map_err(|_| SizeError::Range)?
-    };
+    let mut val: u64 =
+        if int_digits.is_empty() { 0 } else { int_digits.parse::<u64>().map_err(|_| SizeError::Range)? };
     // Fraction as a 64-bit fixed-point value (numerator over 2^64).
     let mut frac: u64 = 0;
     let mut had_fraction_point = false;
@@ -140,7 +137,8 @@ fn format_g3(x: f64) -> String {
     // Round to three significant digits, then choose fixed or exponent notation on the rounded value.
     let exp = x.log10().floor() as i32;
     let mut s = format!("{:.*e}", 2, x); // d.dde±X
-    let (mant, ex) = s.split_once('e').map(|(m, e)| (m.to_string(), e.parse::<i32>().unwrap_or(exp))).unwrap_or((s.clone(), exp));
+    let (mant, ex) =
+        s.split_once('e').map(|(m, e)| (m.to_string(), e.parse::<i32>().unwrap_or(exp))).unwrap_or((s.clone(), exp));
     if !(-4..3).contains(&ex) {
         let m = trim_zeros(&mant);
         s = format!("{m}e{}{:02}", if ex < 0 { '-' } else { '+' }, ex.abs());

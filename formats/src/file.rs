@@ -34,18 +34,21 @@ pub fn file_prealloc(opts: &CreateOptions) -> Result<Prealloc> {
 /// driver does, with `prealloc`, and returns it open read-write with exclusive QEMU locks.
 pub fn create_file(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<HostFile>> {
     let size = size.checked_next_multiple_of(512).ok_or_else(|| Error::out_of_range("Image size too large"))?;
-    let f = HostFile::open(name, &HostOpenOptions { read_only: false, cache: CacheMode::Writeback, create: false, no_locking: false })
-        .or_else(|e| {
-            if e.kind() == blockdev::ErrorKind::NotFound {
-                HostFile::open(name, &HostOpenOptions { create: true, ..Default::default() })
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| {
-            let msg = format!("Could not create '{name}': {}", strip_open_prefix(e.message(), name));
-            e.with_message(msg)
-        })?;
+    let f = HostFile::open(
+        name,
+        &HostOpenOptions { read_only: false, cache: CacheMode::Writeback, create: false, no_locking: false },
+    )
+    .or_else(|e| {
+        if e.kind() == blockdev::ErrorKind::NotFound {
+            HostFile::open(name, &HostOpenOptions { create: true, ..Default::default() })
+        } else {
+            Err(e)
+        }
+    })
+    .map_err(|e| {
+        let msg = format!("Could not create '{name}': {}", strip_open_prefix(e.message(), name));
+        e.with_message(msg)
+    })?;
     // Creating an image that a running QEMU uses must fail, as it does for qemu-img.
     f.set_permissions(Perms::CONSISTENT_READ.union(Perms::WRITE).union(Perms::RESIZE), Perms::NONE)?;
     f.set_len(0, Prealloc::Off)?;

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use blockdev::options::{CreateOptions, OptionSpec};
 use blockdev::{
-    check_reference, resolve_reference, BlockDriver, Chain, Error, ErrorKind, Format, HostFile, HostOpenOptions, ImageInfo,
-    OpenOptions, Opener, Perms, Result, Storage,
+    check_reference, resolve_reference, BlockDriver, Chain, Error, ErrorKind, Format, HostFile, HostOpenOptions,
+    ImageInfo, OpenOptions, Opener, Perms, Result, Storage,
 };
 
 pub use file::FILE_CREATE_OPTIONS;
@@ -109,12 +109,19 @@ impl Registry {
             return Err(Error::invalid_argument("force-share=on can only be used with read-only images"));
         }
         let named = match format {
-            Some(name) => Some(self.format(name).ok_or_else(|| Error::invalid_argument(format!("Unknown driver '{name}'")))?),
+            Some(name) => {
+                Some(self.format(name).ok_or_else(|| Error::invalid_argument(format!("Unknown driver '{name}'")))?)
+            }
             None => None,
         };
         let file = HostFile::open(
             filename,
-            &HostOpenOptions { read_only: opts.read_only, cache: opts.cache, create: false, no_locking: opts.no_locking },
+            &HostOpenOptions {
+                read_only: opts.read_only,
+                cache: opts.cache,
+                create: false,
+                no_locking: opts.no_locking,
+            },
         )?;
         let (fmt, probed_raw) = match named {
             Some(f) => (f, false),
@@ -148,7 +155,8 @@ impl Registry {
 
     /// Creates `filename` as `format` with already validated `opts`.
     pub fn create(&self, format: &str, filename: &str, opts: &CreateOptions) -> Result<()> {
-        let f = self.format(format).ok_or_else(|| Error::invalid_argument(format!("Unknown file format '{format}'")))?;
+        let f =
+            self.format(format).ok_or_else(|| Error::invalid_argument(format!("Unknown file format '{format}'")))?;
         f.create(filename, opts, self)
     }
 }
@@ -174,7 +182,14 @@ fn lock_perms(format: &dyn Format, opts: &OpenOptions) -> (Perms, Perms) {
 }
 
 impl Opener for Registry {
-    fn open_image(&self, referrer: &str, name: &str, format: Option<&str>, opts: &OpenOptions, chain: &Chain) -> Result<Arc<dyn BlockDriver>> {
+    fn open_image(
+        &self,
+        referrer: &str,
+        name: &str,
+        format: Option<&str>,
+        opts: &OpenOptions,
+        chain: &Chain,
+    ) -> Result<Arc<dyn BlockDriver>> {
         check_reference(opts.references, referrer, name)?;
         let path = resolve_reference(referrer, name);
         Ok(self.open_in_chain(&path, format, opts, chain)?.driver)
@@ -183,7 +198,15 @@ impl Opener for Registry {
     fn open_storage(&self, referrer: &str, name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
         check_reference(opts.references, referrer, name)?;
         let path = resolve_reference(referrer, name);
-        let f = HostFile::open(&path, &HostOpenOptions { read_only: opts.read_only, cache: opts.cache, create: false, no_locking: opts.no_locking })?;
+        let f = HostFile::open(
+            &path,
+            &HostOpenOptions {
+                read_only: opts.read_only,
+                cache: opts.cache,
+                create: false,
+                no_locking: opts.no_locking,
+            },
+        )?;
         let (perm, shared) = lock_perms(self.format("raw").expect("raw is registered"), opts);
         f.set_permissions(perm, shared)?;
         Ok(Arc::new(f))

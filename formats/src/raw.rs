@@ -13,8 +13,8 @@ use std::sync::Arc;
 use blockdev::info::ImageInfo;
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{
-    check_request, Chain, Error, Extent, ExtentKind, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions, Result, Storage,
-    ZeroFlags,
+    check_request, Chain, Error, Extent, ExtentKind, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions,
+    Result, Storage, ZeroFlags,
 };
 
 use crate::file::file_prealloc;
@@ -39,7 +39,13 @@ impl Format for RawFormat {
         1
     }
 
-    fn open(&self, storage: Arc<dyn Storage>, opts: &OpenOptions, _chain: &Chain, _opener: &dyn Opener) -> Result<Arc<dyn blockdev::BlockDriver>> {
+    fn open(
+        &self,
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        _chain: &Chain,
+        _opener: &dyn Opener,
+    ) -> Result<Arc<dyn blockdev::BlockDriver>> {
         Ok(Arc::new(RawDriver::new(storage, opts.read_only, None)?))
     }
 
@@ -91,7 +97,12 @@ impl RawDriver {
     /// was probed.
     pub fn new(storage: Arc<dyn Storage>, read_only: bool, probe_guard: Option<ProbeCheck>) -> Result<RawDriver> {
         let size = storage.len()?;
-        Ok(RawDriver { read_only: read_only || storage.is_read_only(), storage, size: AtomicU64::new(size), probe_guard })
+        Ok(RawDriver {
+            read_only: read_only || storage.is_read_only(),
+            storage,
+            size: AtomicU64::new(size),
+            probe_guard,
+        })
     }
 
     fn writable(&self) -> Result<()> {
@@ -103,7 +114,9 @@ impl RawDriver {
 
     /// Refuses a write that would change the first sector into another format's header.
     fn guard_first_sector(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let Some(still_raw) = &self.probe_guard else { return Ok(()) };
+        let Some(still_raw) = &self.probe_guard else {
+            return Ok(());
+        };
         if offset >= PROBE_GUARD {
             return Ok(());
         }

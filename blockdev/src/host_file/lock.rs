@@ -119,9 +119,9 @@ fn set_one(fd: RawFd, byte: u64, want: bool, have: bool) -> Result<()> {
         return Ok(());
     }
     let kind = if want { libc::F_RDLCK } else { libc::F_UNLCK } as libc::c_short;
-    sys::ofd_lock(fd, libc::F_OFD_SETLK, byte, kind)
-        .map(|_| ())
-        .map_err(|e| Error::from_errno("lock", e).prefixed(format!("Failed to lock byte {byte}")).with_kind(ErrorKind::Locked))
+    sys::ofd_lock(fd, libc::F_OFD_SETLK, byte, kind).map(|_| ()).map_err(|e| {
+        Error::from_errno("lock", e).prefixed(format!("Failed to lock byte {byte}")).with_kind(ErrorKind::Locked)
+    })
 }
 
 fn check(fd: RawFd, path: &str, perm: Perms, unshared: Perms) -> Result<()> {

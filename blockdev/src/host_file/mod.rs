@@ -22,8 +22,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-pub use lock::Perms;
 use lock::LockState;
+pub use lock::Perms;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, ErrorKind, Result};
@@ -117,9 +117,9 @@ impl HostFile {
             flags |= libc::O_DSYNC;
         }
         o.custom_flags(flags).mode(0o644);
-        let file = o.open(path).map_err(|e| {
-            Error::from_io("open", e).prefixed(format!("Could not open '{path}'")).with_path(path)
-        })?;
+        let file = o
+            .open(path)
+            .map_err(|e| Error::from_io("open", e).prefixed(format!("Could not open '{path}'")).with_path(path))?;
         let st = sys::fstat(file.as_raw_fd())?;
         let ft = file.metadata().map_err(|e| Error::from_io("stat", e).with_path(path))?.file_type();
         let is_block_device = ft.is_block_device();
@@ -310,9 +310,7 @@ impl Storage for HostFile {
             Prealloc::Off | Prealloc::Metadata => self.truncate(len),
             _ if len <= old => self.truncate(len),
             Prealloc::Falloc => sys::fallocate(self.fd(), 0, old, len - old).map_err(|e| {
-                Error::from_errno("fallocate", e)
-                    .prefixed("Could not preallocate new data")
-                    .with_path(&self.name)
+                Error::from_errno("fallocate", e).prefixed("Could not preallocate new data").with_path(&self.name)
             }),
             Prealloc::Full => {
                 self.truncate(len)?;
@@ -332,7 +330,13 @@ impl Storage for HostFile {
             if may_unmap {
                 let punch_end = end.min(file_len);
                 let punched = punch_end <= offset
-                    || sys::fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, punch_end - offset).is_ok();
+                    || sys::fallocate(
+                        self.fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        punch_end - offset,
+                    )
+                    .is_ok();
                 if punched {
                     if end > file_len {
                         self.truncate(end)?;

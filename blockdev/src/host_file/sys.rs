@@ -32,7 +32,8 @@ pub fn preadv_full(fd: RawFd, mut offset: u64, bufs: &mut [IoSliceMut<'_>]) -> R
         for (i, b) in bufs[index..end].iter_mut().enumerate() {
             let s = if i == 0 { skip } else { 0 };
             // SAFETY: `s <= b.len()`, so the pointer stays inside the buffer.
-            iov.push(libc::iovec { iov_base: unsafe { b.as_mut_ptr().add(s) }.cast(), iov_len: b.len() - s });
+            let base = unsafe { b.as_mut_ptr().add(s) };
+            iov.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() - s });
         }
         // SAFETY: every iovec points into a live, exclusively borrowed buffer of the stated length.
         let n = unsafe { libc::preadv(fd, iov.as_ptr(), iov.len() as libc::c_int, offset as libc::off_t) };
@@ -79,7 +80,8 @@ pub fn pwritev_full(fd: RawFd, mut offset: u64, bufs: &[IoSlice<'_>]) -> Result<
         for (i, b) in bufs[index..end].iter().enumerate() {
             let s = if i == 0 { skip } else { 0 };
             // SAFETY: `s <= b.len()`; the kernel only reads through this pointer.
-            iov.push(libc::iovec { iov_base: unsafe { b.as_ptr().add(s) } as *mut libc::c_void, iov_len: b.len() - s });
+            let base = unsafe { b.as_ptr().add(s) };
+            iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: b.len() - s });
         }
         // SAFETY: every iovec points into a live buffer of the stated length.
         let n = unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as libc::c_int, offset as libc::off_t) };
@@ -211,7 +213,12 @@ pub fn dio_alignment(fd: RawFd) -> Option<(u32, u32)> {
 
 /// Applies or tests an OFD byte-range lock. `op` is `F_OFD_SETLK` or `F_OFD_GETLK`; for GETLK the
 /// returned type tells whether somebody else holds a conflicting lock.
-pub fn ofd_lock(fd: RawFd, op: libc::c_int, start: u64, kind: libc::c_short) -> std::result::Result<libc::c_short, i32> {
+pub fn ofd_lock(
+    fd: RawFd,
+    op: libc::c_int,
+    start: u64,
+    kind: libc::c_short,
+) -> std::result::Result<libc::c_short, i32> {
     // SAFETY: flock is plain data.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;

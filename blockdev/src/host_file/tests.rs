@@ -137,7 +137,12 @@ fn locks_conflict_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp_file(&dir, "l", 512);
     let writer = open(&p, CacheMode::Writeback, false);
-    writer.set_permissions(Perms::CONSISTENT_READ.union(Perms::WRITE).union(Perms::RESIZE), Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED)).unwrap();
+    writer
+        .set_permissions(
+            Perms::CONSISTENT_READ.union(Perms::WRITE).union(Perms::RESIZE),
+            Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED),
+        )
+        .unwrap();
     // A second open that wants to write conflicts with the unshared write.
     let other = open(&p, CacheMode::Writeback, false);
     let e = other.set_permissions(Perms::CONSISTENT_READ.union(Perms::WRITE), Perms::ALL).unwrap_err();

@@ -1,0 +1,235 @@
+//! What every command shares: opening images the way qemu-img's `img_open` does, `--image-opts`
+//! and `--object` arguments, cache modes and the `--output` switch.
+
+use std::sync::Arc;
+
+use blockdev::options::split_options;
+use blockdev::{BlockDriver, CacheMode, OpenOptions};
+use formats::Registry;
+
+use crate::report::CliError;
+
+/// `--output=human|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Text for people.
+    Human,
+    /// QEMU-style JSON.
+    Json,
+}
+
+/// Parses `--output`, with qemu-img's message for anything else.
+pub fn output_format(v: Option<&str>) -> Result<OutputFormat, CliError> {
+    match v {
+        None | Some("human") => Ok(OutputFormat::Human),
+        Some("json") => Ok(OutputFormat::Json),
+        Some(_) => Err(CliError::new("--output must be used with human or json as argument.")),
+    }
+}
+
+/// Parses a cache mode argument (`-t` / `-T`); `what` is "cache" or "source cache".
+pub fn cache_mode(v: Option<&str>, default: CacheMode, what: &str) -> Result<CacheMode, CliError> {
+    match v {
+        None => Ok(default),
+        Some(s) => CacheMode::parse(s).ok_or_else(|| CliError::new(format!("Invalid {what} option: {s}"))),
+    }
+}
+
+/// Secrets given with `--object secret,id=..,data=..|file=..`; kept for the commands that need keys.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    /// (id, secret bytes)
+    pub secrets: Vec<(String, Vec<u8>)>,
+}
+
+impl Objects {
+    /// Parses every `--object` argument.
+    pub fn parse(args: &[String]) -> Result<Objects, CliError> {
+        let mut objs = Objects::default();
+        for a in args {
+            let entries = split_options(&format!("qom-type={a}"))
+                .ok_or_else(|| CliError::new("help is not available for --object in vdisk"))?;
+            let get = |k: &str| entries.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+            let ty = get("qom-type").unwrap_or_default();
+            if ty != "secret" {
+                return Err(CliError::new(format!("invalid object type: {ty}")));
+            }
+            let id = get("id").ok_or_else(|| CliError::new("Parameter 'id' is missing"))?;
+            let raw = match (get("data"), get("file")) {
+                (Some(d), None) => d.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f)
+                    .map_err(|e| CliError::new(format!("Unable to read {f}: {}", blockdev::io_text(&e))))?,
+                (Some(_), Some(_)) => return Err(CliError::new("'data' and 'file' are mutually exclusive")),
+                (None, None) => return Err(CliError::new("Either 'data' or 'file' must be provided")),
+            };
+            let bytes = match get("format").as_deref() {
+                None | Some("raw") => raw,
+                Some("base64") => decode_base64(&raw).ok_or_else(|| CliError::new("Invalid base64 data"))?,
+                Some(f) => return Err(CliError::new(format!("Invalid parameter 'format': {f}"))),
+            };
+            objs.secrets.push((id, bytes));
+        }
+        Ok(objs)
+    }
+}
+
+fn decode_base64(data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for &c in data.iter().filter(|c| !c.is_ascii_whitespace()) {
+        if c == b'=' {
+            break;
+        }
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// What an `--image-opts` string names: the file, the format and node options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOpts {
+    /// The file to open.
+    pub filename: String,
+    /// `driver=`.
+    pub driver: Option<String>,
+    /// `force-share=on`.
+    pub force_share: Option<bool>,
+    /// `cache.direct=on`.
+    pub direct: bool,
+    /// `cache.no-flush=on`.
+    pub no_flush: bool,
+    /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
+    pub other: Vec<(String, String)>,
+}
+
+/// Parses an `--image-opts` string (`driver=raw,file.filename=x`, or `file=x` / a bare name).
+pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
+    let entries = split_options(s).ok_or_else(|| CliError::new("help is not available for --image-opts in vdisk"))?;
+    let mut o = ImageOpts::default();
+    for (i, (k, v)) in entries.iter().enumerate() {
+        match k.as_str() {
+            "file" | "file.filename" | "filename" => o.filename = v.clone(),
+            "driver" => o.driver = Some(v.clone()),
+            "force-share" => o.force_share = Some(blockdev::options::parse_bool(k, v)?),
+            "cache.direct" => o.direct = blockdev::options::parse_bool(k, v)?,
+            "cache.no-flush" => o.no_flush = blockdev::options::parse_bool(k, v)?,
+            "file.driver" if v == "file" || v == "host_device" => {}
+            "file.driver" => return Err(CliError::new(format!("Unknown protocol '{v}'"))),
+            "file.locking" | "locking" | "file.aio" | "read-only" | "discard" | "detect-zeroes" => {
+                o.other.push((k.clone(), v.clone()))
+            }
+            k if k.ends_with("key-secret") => o.other.push((k.to_string(), v.clone())),
+            _ if i == 0 && v == "on" && !s.contains('=') => o.filename = k.clone(),
+            _ => {
+                let fmt = o.driver.clone().unwrap_or_else(|| "raw".into());
+                return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
+            }
+        }
+    }
+    if o.filename.is_empty() {
+        return Err(CliError::new("A block device must be specified for \"file\""));
+    }
+    Ok(o)
+}
+
+/// How a command wants an image opened.
+#[derive(Debug, Clone)]
+pub struct OpenRequest<'a> {
+    /// The name as given (or the `--image-opts` string).
+    pub name: &'a str,
+    /// `-f`.
+    pub fmt: Option<&'a str>,
+    /// `--image-opts`.
+    pub image_opts: bool,
+    /// Open options.
+    pub opts: OpenOptions,
+}
+
+impl<'a> OpenRequest<'a> {
+    /// A read-only open of `name`.
+    pub fn read_only(name: &'a str, fmt: Option<&'a str>, image_opts: bool, force_share: bool) -> Self {
+        OpenRequest { name, fmt, image_opts, opts: OpenOptions { force_share, ..OpenOptions::default() } }
+    }
+
+    /// A read-write open of `name`.
+    pub fn read_write(name: &'a str, fmt: Option<&'a str>, image_opts: bool) -> Self {
+        OpenRequest { name, fmt, image_opts, opts: OpenOptions::read_write() }
+    }
+}
+
+/// Opens an image as qemu-img's `img_open` does: errors read "Could not open 'name': ...", and a
+/// read-write open of a probed raw image prints qemu's warning.
+pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
+    let mut opts = req.opts.clone();
+    let (filename, fmt) = if req.image_opts {
+        if req.fmt.is_some() {
+            return Err(CliError::new("--image-opts and --format are mutually exclusive"));
+        }
+        let io = parse_image_opts(req.name)?;
+        if let Some(fs) = io.force_share {
+            if opts.force_share && !fs {
+                return Err(CliError::new("--force-share/-U conflicts with image options"));
+            }
+            opts.force_share = fs;
+        }
+        if io.direct {
+            opts.cache = CacheMode::None;
+        } else if io.no_flush {
+            opts.cache = CacheMode::Unsafe;
+        }
+        (io.filename, io.driver)
+    } else {
+        (req.name.to_string(), req.fmt.map(str::to_string))
+    };
+    let opened = reg
+        .open(&filename, fmt.as_deref(), &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
+    if opened.probed_raw && !opts.read_only {
+        eprintln!(
+            "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+             Specify the 'raw' format explicitly to remove the restrictions."
+        );
+    }
+    Ok(opened.driver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_opts_forms() {
+        let o = parse_image_opts("driver=raw,file.filename=/x,,y").unwrap();
+        assert_eq!(o.filename, "/x,y");
+        assert_eq!(o.driver.as_deref(), Some("raw"));
+        assert_eq!(parse_image_opts("/a/b").unwrap().filename, "/a/b");
+        assert!(parse_image_opts("driver=raw,bogus=1,file=x").is_err());
+    }
+
+    #[test]
+    fn secrets_from_data_file_and_base64() {
+        let o = Objects::parse(&[
+            "secret,id=s0,data=pw".to_string(),
+            "secret,id=s1,data=cGFzc3dvcmQ=,format=base64".to_string(),
+        ])
+        .unwrap();
+        assert_eq!(o.secrets[0], ("s0".to_string(), b"pw".to_vec()));
+        assert_eq!(o.secrets[1].1, b"password");
+        assert!(Objects::parse(&["iothread,id=x".to_string()]).is_err());
+    }
+}
