@@ -51,6 +51,9 @@ pub struct CopyOptions {
     pub top_only: bool,
     /// Largest data job, in bytes.
     pub buf_size: usize,
+    /// Keep going past read errors: unreadable 512-byte sectors are written as zeros and reported
+    /// through the warning callback (`--salvage`).
+    pub salvage: bool,
 }
 
 impl Default for CopyOptions {
@@ -64,6 +67,7 @@ impl Default for CopyOptions {
             target_zeroed: false,
             top_only: false,
             buf_size: DEFAULT_BUF_SIZE,
+            salvage: false,
         }
     }
 }
@@ -205,7 +209,15 @@ struct Shared<'a> {
 impl Copy<'_> {
     /// Runs the copy. `progress` is called (from the worker that took the job) each time a data job
     /// is handed out; `cancel` is polled between jobs.
-    pub fn run(&self, progress: &(dyn Fn(Progress) + Sync), cancel: &AtomicBool, total: u64) -> Result<CopyStats> {
+    /// `warn` receives salvage warnings. Errors read "error while reading at byte N: ..." or
+    /// "error while writing at byte N: ...".
+    pub fn run(
+        &self,
+        progress: &(dyn Fn(Progress) + Sync),
+        warn: &(dyn Fn(&str) + Sync),
+        cancel: &AtomicBool,
+        total: u64,
+    ) -> Result<CopyStats> {
         let src_storage = self.src.identity_storage();
         let dst_storage = self.dst.identity_storage();
         let offload = self.opts.offload && src_storage.is_some() && dst_storage.is_some();
@@ -224,7 +236,7 @@ impl Copy<'_> {
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
-                    if let Err(e) = self.worker(&shared, progress, cancel, total) {
+                    if let Err(e) = self.worker(&shared, progress, warn, cancel, total) {
                         let mut slot = shared.error.lock().unwrap_or_else(|p| p.into_inner());
                         if slot.is_none() {
                             *slot = Some(e);
@@ -246,6 +258,7 @@ impl Copy<'_> {
         &self,
         sh: &Shared<'_>,
         progress: &(dyn Fn(Progress) + Sync),
+        warn: &(dyn Fn(&str) + Sync),
         cancel: &AtomicBool,
         total: u64,
     ) -> Result<()> {
@@ -274,7 +287,7 @@ impl Copy<'_> {
             if as_data && !offload_now {
                 let data = &mut b[..job.len as usize];
                 if job.kind == JobKind::Data {
-                    self.src.read_at(self.src_offset + job.offset, &mut [IoSliceMut::new(data)])?;
+                    self.read_job(job, data, warn)?;
                     sh.add(|s| s.read += job.len);
                 } else {
                     data.fill(0);
@@ -290,6 +303,11 @@ impl Copy<'_> {
             } else {
                 self.write_zero_job(sh, job)
             };
+            let result = result.map_err(|e| {
+                let at = self.dst_offset + job.offset;
+                let msg = format!("error while writing at byte {at}: {}", e.message());
+                e.with_message(msg)
+            });
             if self.opts.in_order {
                 let mut next = sh.next_write.lock().unwrap_or_else(|p| p.into_inner());
                 *next += 1;
@@ -297,6 +315,27 @@ impl Copy<'_> {
             }
             result?;
         }
+    }
+
+    /// Reads a data job; with salvage, falls back to single sectors and zero-fills unreadable ones.
+    fn read_job(&self, job: Job, data: &mut [u8], warn: &(dyn Fn(&str) + Sync)) -> Result<()> {
+        let start = self.src_offset + job.offset;
+        let err = match self.src.read_at(start, &mut [IoSliceMut::new(data)]) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !self.opts.salvage {
+            let msg = format!("error while reading at byte {start}: {}", err.message());
+            return Err(err.with_message(msg));
+        }
+        for (i, sector) in data.chunks_mut(SECTOR as usize).enumerate() {
+            let off = start + i as u64 * SECTOR;
+            if let Err(e) = self.src.read_at(off, &mut [IoSliceMut::new(sector)]) {
+                warn(&format!("error while reading offset {off}: {}", e.message()));
+                sector.fill(0);
+            }
+        }
+        Ok(())
     }
 
     /// Waits until `seq` may write; false if the copy failed meanwhile.

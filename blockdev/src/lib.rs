@@ -14,6 +14,7 @@
 //! what must be serialised and never hold a lock across data I/O.
 
 pub mod buffer;
+mod concat;
 pub mod copy;
 mod driver;
 mod error;
@@ -26,6 +27,7 @@ pub mod qobject;
 pub mod size;
 mod storage;
 
+pub use concat::Concat;
 pub use driver::{
     chain_status, check_request, BlockDriver, Check, Extent, ExtentKind, RepairMode, ResizeOptions, ZeroFlags,
 };

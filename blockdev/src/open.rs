@@ -233,6 +233,11 @@ pub trait Format: Send + Sync {
     fn supports_backing(&self) -> bool {
         false
     }
+
+    /// Whether the format can store compressed clusters (`convert -c`).
+    fn can_compress(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -227,10 +227,17 @@ pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
         format: storage.protocol().to_string(),
         dirty_flag: Some(false),
         actual_size: storage.allocated_size()?,
-        virtual_size: storage.len()?,
+        virtual_size: sector_len(storage)?,
         format_specific: Some((storage.protocol().to_string(), blockdev::qobject::Dict::new())),
         ..ImageInfo::default()
     })
+}
+
+/// A container's length rounded up to whole 512-byte sectors: the size qemu reports for files
+/// and raw images.
+pub fn sector_len(storage: &dyn Storage) -> Result<u64> {
+    let len = storage.len()?;
+    Ok(len.div_ceil(512) * 512)
 }
 
 /// Whether an error means "the file does not exist".

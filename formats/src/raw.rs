@@ -95,8 +95,10 @@ impl std::fmt::Debug for RawDriver {
 impl RawDriver {
     /// Opens `storage` as raw, restricting first-sector writes with `probe_guard` when the format
     /// was probed.
+    /// The size is the container's length rounded up to whole sectors, as qemu reports it (the
+    /// tail past the end of the file reads as zeros).
     pub fn new(storage: Arc<dyn Storage>, read_only: bool, probe_guard: Option<ProbeCheck>) -> Result<RawDriver> {
-        let size = storage.len()?;
+        let size = crate::sector_len(storage.as_ref())?;
         Ok(RawDriver {
             read_only: read_only || storage.is_read_only(),
             storage,

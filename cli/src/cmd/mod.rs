@@ -1,6 +1,7 @@
 //! The subcommands, one module each, and what they share.
 
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod info;
 
@@ -86,6 +87,7 @@ pub fn registry() -> Registry {
 pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
     match name {
         "check" => check::run(args),
+        "convert" => convert::run(args),
         "create" => create::run(args),
         "info" => info::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
