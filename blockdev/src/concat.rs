@@ -62,7 +62,8 @@ impl BlockDriver for Concat {
         for b in bufs.iter_mut() {
             let mut done = 0usize;
             while done < b.len() {
-                let (start, len, part) = self.part_at(pos).ok_or_else(|| Error::out_of_range("read past the inputs"))?;
+                let (start, len, part) =
+                    self.part_at(pos).ok_or_else(|| Error::out_of_range("read past the inputs"))?;
                 let in_part = pos - start;
                 let n = ((len - in_part) as usize).min(b.len() - done);
                 let real = part.size().saturating_sub(in_part).min(n as u64) as usize;
@@ -94,7 +95,8 @@ impl BlockDriver for Concat {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let (start, len, part) = self.part_at(offset).ok_or_else(|| Error::out_of_range("block status past the inputs"))?;
+        let (start, len, part) =
+            self.part_at(offset).ok_or_else(|| Error::out_of_range("block status past the inputs"))?;
         let in_part = offset - start;
         let max = max_len.min(len - in_part);
         if in_part >= part.size() {
@@ -114,7 +116,12 @@ impl BlockDriver for Concat {
     }
 
     fn info(&self) -> Result<ImageInfo> {
-        Ok(ImageInfo { filename: self.name.clone(), format: "concat".into(), virtual_size: self.size, ..ImageInfo::default() })
+        Ok(ImageInfo {
+            filename: self.name.clone(),
+            format: "concat".into(),
+            virtual_size: self.size,
+            ..ImageInfo::default()
+        })
     }
 
     fn storage(&self) -> Option<Arc<dyn Storage>> {

@@ -4,7 +4,9 @@
 //! field; `to_value` inserts keys in QAPI's declaration order so that [`crate::qobject`] prints them
 //! in qemu-img's order.
 
+use crate::error::Result;
 use crate::qobject::{Dict, Value};
+use crate::storage::Storage;
 
 /// One internal snapshot, as `info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -168,4 +170,18 @@ impl Measure {
             .insert_opt("bitmaps", self.bitmaps.map(Value::from));
         Value::Dict(d)
     }
+}
+
+/// `info` for a container node (qemu's child node "file"): its length rounded up to sectors, as
+/// qemu reports it, and the space it occupies.
+pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
+    Ok(ImageInfo {
+        filename: storage.name().to_string(),
+        format: storage.protocol().to_string(),
+        dirty_flag: Some(false),
+        actual_size: storage.allocated_size()?,
+        virtual_size: storage.len()?.div_ceil(512) * 512,
+        format_specific: Some((storage.protocol().to_string(), Dict::new())),
+        ..ImageInfo::default()
+    })
 }

@@ -24,6 +24,7 @@ mod mem;
 mod open;
 pub mod options;
 pub mod qobject;
+pub mod range_lock;
 pub mod size;
 mod storage;
 

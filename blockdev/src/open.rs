@@ -55,6 +55,9 @@ pub struct OpenOptions {
     /// Open for metadata only: no data will be read (qemu's `BDRV_O_NO_IO`; encrypted images open
     /// without a key).
     pub no_io: bool,
+    /// Open for `check`/repair: images marked corrupt or lacking structures may be opened (qemu's
+    /// `BDRV_O_CHECK`), and dirty images are not repaired automatically.
+    pub for_check: bool,
 }
 
 impl Default for OpenOptions {
@@ -69,6 +72,7 @@ impl Default for OpenOptions {
             references: ReferencePolicy::Allow,
             no_backing: false,
             no_io: false,
+            for_check: false,
         }
     }
 }
@@ -88,7 +92,7 @@ impl OpenOptions {
     /// The options for an image referenced from one opened with `self` (backing files are opened
     /// read-only and never exclusively).
     pub fn for_backing(&self) -> Self {
-        OpenOptions { read_only: true, exclusive: false, no_backing: false, ..self.clone() }
+        OpenOptions { read_only: true, exclusive: false, no_backing: false, for_check: false, ..self.clone() }
     }
 }
 

@@ -14,14 +14,22 @@ fn source(dir: &Path) -> PathBuf {
     let p = dir.join("src.raw");
     qemu_img(&["create", "-f", "raw", s(&p), "64M"]).ok();
     qemu_io(&[
-        "-f", "raw",
-        "-c", "write -P 0xab 1M 3M",
-        "-c", "write -z 2M 64k",
-        "-c", "write -P 0 8M 1M",
-        "-c", "write -P 1 20M 4k",
-        "-c", "write -P 2 20M 512",
-        "-c", "write -P 3 30M 6k",
-        "-c", "write -P 0x11 63M 1M",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 1M 3M",
+        "-c",
+        "write -z 2M 64k",
+        "-c",
+        "write -P 0 8M 1M",
+        "-c",
+        "write -P 1 20M 4k",
+        "-c",
+        "write -P 2 20M 512",
+        "-c",
+        "write -P 3 30M 6k",
+        "-c",
+        "write -P 0x11 63M 1M",
         s(&p),
     ])
     .ok();
@@ -38,7 +46,9 @@ fn same_content_and_allocation_as_qemu_img_for_every_option_set() {
     let src = source(d.path());
     let q = d.path().join("q.raw");
     let v = d.path().join("v.raw");
-    for extra in [&[][..], &["-S", "0"], &["-S", "512"], &["-S", "64k"], &["-W"], &["-m", "1"], &["-m", "16", "-W"], &["-C"]] {
+    for extra in
+        [&[][..], &["-S", "0"], &["-S", "512"], &["-S", "64k"], &["-W"], &["-m", "1"], &["-m", "16", "-W"], &["-C"]]
+    {
         let _ = std::fs::remove_file(&q);
         let _ = std::fs::remove_file(&v);
         let mut a: Vec<&str> = vec!["convert", "-f", "raw", "-O", "raw"];

@@ -57,7 +57,7 @@ impl Default for Registry {
 impl Registry {
     /// The registry with all built-in formats.
     pub fn new() -> Registry {
-        Registry { formats: vec![Arc::new(raw::RawFormat)] }
+        Registry { formats: vec![Arc::new(raw::RawFormat), Arc::new(qcow2::Qcow2Format)] }
     }
 
     /// Adds a format (a later registration with the same name replaces the earlier one).
@@ -220,18 +220,7 @@ impl Opener for Registry {
     }
 }
 
-/// `info` for a container node (qemu's child node "file").
-pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
-    Ok(ImageInfo {
-        filename: storage.name().to_string(),
-        format: storage.protocol().to_string(),
-        dirty_flag: Some(false),
-        actual_size: storage.allocated_size()?,
-        virtual_size: sector_len(storage)?,
-        format_specific: Some((storage.protocol().to_string(), blockdev::qobject::Dict::new())),
-        ..ImageInfo::default()
-    })
-}
+pub use blockdev::info::storage_info;
 
 /// A container's length rounded up to whole 512-byte sectors: the size qemu reports for files
 /// and raw images.

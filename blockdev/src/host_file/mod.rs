@@ -20,13 +20,14 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use lock::LockState;
 pub use lock::Perms;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, ErrorKind, Result};
+use crate::range_lock::RangeLock;
 use crate::storage::{checked_end, iov_len, iov_len_mut, Alignment, Prealloc, Storage};
 
 /// QEMU's cache modes for a host file.
@@ -446,39 +447,6 @@ fn zero_tail(bufs: &mut [IoSliceMut<'_>], mut filled: u64) {
         }
         b[filled as usize..].fill(0);
         filled = 0;
-    }
-}
-
-/// A lock on byte ranges: holders of overlapping ranges wait for each other.
-#[derive(Debug, Default)]
-struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
-    released: Condvar,
-}
-
-struct RangeGuard<'a> {
-    lock: &'a RangeLock,
-    range: (u64, u64),
-}
-
-impl RangeLock {
-    fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
-        }
-        held.push((start, end));
-        RangeGuard { lock: self, range: (start, end) }
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(i);
-        }
-        self.lock.released.notify_all();
     }
 }
 

@@ -131,7 +131,8 @@ pub fn run(args: &[String]) -> CmdResult {
     let Some(out) = out else {
         return Err(CliError::new("Must specify image file name"));
     };
-    let a = Args { p: &p, sources: &p.positional[..n - 1], out, out_fmt, options, min_sparse, workers, quiet: p.has("q") };
+    let a =
+        Args { p: &p, sources: &p.positional[..n - 1], out, out_fmt, options, min_sparse, workers, quiet: p.has("q") };
     convert(&a)
 }
 

@@ -1,0 +1,323 @@
+//! [`Qcow2`]: the open image as a [`BlockDriver`] — the read side, block status, info, flush.
+//!
+//! Concurrency: metadata lives in `meta` (a mutex held only for lookups and metadata changes);
+//! guest data moves without it. Writes, zeroing and discards hold the guest clusters they touch in
+//! `writes` (a range lock) for their whole duration, so two requests never allocate the same
+//! cluster and a cluster is never freed under a write. Reads hold nothing while reading data; a
+//! counter of reads in flight keeps freed clusters from being reused while a read might still be
+//! looking at them (frees are applied only when no read is in flight).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockdev::info::ImageInfo;
+use blockdev::qobject::{Dict, Value};
+use blockdev::range_lock::RangeLock;
+use blockdev::{
+    check_request, iov_len_mut, BlockDriver, Check, Error, Extent, ExtentKind, ResizeOptions, Result, Storage,
+    ZeroFlags,
+};
+
+use crate::compress::decompress;
+use crate::entry::{Geometry, Sub};
+use crate::header::{autoclear, compat, incompat, CompressionType};
+use crate::iov;
+use crate::meta::Meta;
+
+/// Where a backing file name came from, for `info`.
+#[derive(Debug, Clone, Default)]
+pub struct BackingInfo {
+    /// As stored in the image.
+    pub name: Option<String>,
+    /// Resolved against the image's directory.
+    pub full: Option<String>,
+    /// The backing format stored in the image.
+    pub format: Option<String>,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    pub(crate) file: Arc<dyn Storage>,
+    pub(crate) data: Arc<dyn Storage>,
+    pub(crate) backing: Option<Arc<dyn BlockDriver>>,
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) writes: RangeLock,
+    pub(crate) size: AtomicU64,
+    pub(crate) geo: Geometry,
+    pub(crate) compression: CompressionType,
+    pub(crate) read_only: bool,
+    pub(crate) reads_in_flight: AtomicUsize,
+    pub(crate) closed: AtomicBool,
+    pub(crate) backing_info: BackingInfo,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2").field("file", &self.file.name()).field("size", &self.size).finish()
+    }
+}
+
+struct ReadGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Qcow2 {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    pub(crate) fn disk_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Reads guest bytes `[offset, offset+len)` into `bufs` (already checked against the size).
+    pub(crate) fn read_range(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        self.reads_in_flight.fetch_add(1, Ordering::AcqRel);
+        let _g = ReadGuard(&self.reads_in_flight);
+        let len = iov_len_mut(bufs);
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let (sub, run) = {
+                let mut m = self.lock();
+                m.map(self.file.as_ref(), pos, len - done)?
+            };
+            let run = run.max(1).min(len - done);
+            match sub {
+                Sub::Data { host, .. } => {
+                    let at = host + pos % self.cluster_size();
+                    self.data.read_at(at, &mut iov::slice_mut(bufs, done, run))?;
+                }
+                Sub::Zero { .. } => iov::zero(bufs, done, run),
+                Sub::Unallocated { .. } => self.read_backing(pos, &mut iov::slice_mut(bufs, done, run))?,
+                Sub::Compressed { offset: coff, size } => {
+                    let cs = self.cluster_size();
+                    let mut cluster = vec![0u8; cs as usize];
+                    self.read_compressed(coff, size, &mut cluster)?;
+                    let within = (pos % cs) as usize;
+                    iov::scatter(bufs, done, &cluster[within..within + run as usize]);
+                }
+                Sub::Invalid(why) => return Err(Error::corrupt(why)),
+            }
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// Reads the backing file's view of `[pos, pos + len(bufs))`: zeros past its end.
+    pub(crate) fn read_backing(&self, pos: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov_len_mut(bufs);
+        let Some(b) = &self.backing else {
+            iov::zero(bufs, 0, len);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let from_backing = bsize.saturating_sub(pos).min(len);
+        if from_backing > 0 {
+            b.read_at(pos, &mut iov::slice_mut(bufs, 0, from_backing))?;
+        }
+        if from_backing < len {
+            iov::zero(bufs, from_backing, len - from_backing);
+        }
+        Ok(())
+    }
+
+    /// Decompresses the cluster whose compressed bytes start at host byte `coff`.
+    pub(crate) fn read_compressed(&self, coff: u64, size: u64, out: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        // A compressed cluster never needs more than a cluster plus a sector of input; a larger
+        // count in a hostile entry is clamped rather than trusted.
+        let size = size.min(cs + 512);
+        let mut input = vec![0u8; size as usize];
+        blockdev::read_exact_at(self.file.as_ref(), coff, &mut input)?;
+        decompress(self.compression, &input, out)
+    }
+
+    /// Applies queued frees if no read could still be looking at the clusters.
+    pub(crate) fn maybe_apply_frees(&self, m: &mut Meta) -> Result<()> {
+        if self.reads_in_flight.load(Ordering::Acquire) == 0 && !m.frees.is_empty() {
+            m.apply_frees(self.file.as_ref(), self.data.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// The qcow2 part of `info` (ImageInfoSpecificQCow2, fields in QAPI order).
+    fn specific_info(&self, m: &Meta) -> Dict {
+        let mut d = Dict::new();
+        if m.h.version == 2 {
+            d.insert("compat", "0.10".into()).insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64));
+        } else {
+            let has_data_file = m.h.incompatible & incompat::DATA_FILE != 0;
+            d.insert("compat", "1.1".into())
+                .insert_opt("data-file", m.exts.data_file.clone().filter(|_| has_data_file).map(Value::from))
+                .insert_opt(
+                    "data-file-raw",
+                    has_data_file.then(|| Value::Bool(m.h.autoclear & autoclear::DATA_FILE_RAW != 0)),
+                )
+                .insert("extended-l2", Value::Bool(m.h.extended_l2()))
+                .insert("lazy-refcounts", Value::Bool(m.h.compatible & compat::LAZY_REFCOUNTS != 0))
+                .insert("corrupt", Value::Bool(m.h.incompatible & incompat::CORRUPT != 0))
+                .insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64));
+        }
+        d.insert("compression-type", m.h.compression().name().into());
+        d
+    }
+}
+
+impl BlockDriver for Qcow2 {
+    fn format(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn filename(&self) -> &str {
+        self.file.name()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only || !self.lock().writable
+    }
+
+    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        check_request(offset, iov_len_mut(bufs), self.size())?;
+        self.read_range(offset, bufs)
+    }
+
+    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        check_request(offset, blockdev::iov_len(bufs), self.size())?;
+        self.write_range(offset, bufs)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        check_request(offset, len, self.size())?;
+        self.zero_range(offset, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(offset, len, self.size())?;
+        self.discard_range(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut m = self.lock();
+        if !m.writable && !m.l2.has_dirty() {
+            return self.data.flush();
+        }
+        // Frees are applied by `flush` itself; hold them back while reads are in flight.
+        let held =
+            if self.reads_in_flight.load(Ordering::Acquire) > 0 { std::mem::take(&mut m.frees) } else { Vec::new() };
+        let r = m.flush(self.file.as_ref(), self.data.as_ref());
+        m.frees.extend(held);
+        r
+    }
+
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let size = self.size();
+        let max_len = max_len.min(size.saturating_sub(offset));
+        if max_len == 0 {
+            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
+        }
+        let (sub, run) = self.lock().map(self.file.as_ref(), offset, max_len)?;
+        let run = run.clamp(1, max_len);
+        let name: Arc<str> = Arc::from(self.data.name());
+        let within = offset % self.cluster_size();
+        Ok(match sub {
+            Sub::Data { host, .. } => Extent::mapped(run, ExtentKind::Data, name, host + within),
+            Sub::Zero { host: Some(h) } => Extent::mapped(run, ExtentKind::Zero, name, h + within),
+            Sub::Zero { host: None } => Extent::new(run, ExtentKind::Zero),
+            Sub::Unallocated { .. } => Extent::new(run, ExtentKind::Unallocated),
+            Sub::Compressed { .. } => Extent { len: run, kind: ExtentKind::Data, host: None, compressed: true },
+            Sub::Invalid(why) => return Err(Error::corrupt(why)),
+        })
+    }
+
+    fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        self.resize_image(new_size, opts)
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let m = self.lock();
+        let file = crate::storage_info(self.file.as_ref())?;
+        let mut children = vec![("file".to_string(), file.clone())];
+        if !Arc::ptr_eq(&self.file, &self.data) {
+            children.push(("data-file".to_string(), crate::storage_info(self.data.as_ref())?));
+        }
+        Ok(ImageInfo {
+            filename: self.file.name().to_string(),
+            format: "qcow2".into(),
+            dirty_flag: Some(false),
+            actual_size: file.actual_size,
+            virtual_size: self.size(),
+            cluster_size: Some(self.cluster_size()),
+            encrypted: None,
+            backing_filename: self.backing_info.name.clone(),
+            full_backing_filename: self.backing_info.full.clone(),
+            backing_filename_format: self.backing_info.format.clone(),
+            format_specific: Some(("qcow2".into(), self.specific_info(&m))),
+            children,
+            ..ImageInfo::default()
+        })
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDriver>> {
+        self.backing.clone()
+    }
+
+    fn storage(&self) -> Option<Arc<dyn Storage>> {
+        Some(self.file.clone())
+    }
+
+    fn has_zero_init(&self) -> bool {
+        self.backing.is_none() && self.file.has_zero_init()
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        if !m.writable {
+            return Ok(());
+        }
+        m.flush(self.file.as_ref(), self.data.as_ref())?;
+        // Frees applied by that flush dirtied refcount blocks: write them too.
+        m.flush(self.file.as_ref(), self.data.as_ref())?;
+        if m.dirty_on_disk {
+            m.h.incompatible &= !incompat::DIRTY;
+            m.write_header(self.file.as_ref(), false)?;
+            self.file.flush()?;
+            m.dirty_on_disk = false;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Option<&dyn Check> {
+        Some(self)
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // Best effort: an image dropped without close keeps its metadata (and the dirty bit with lazy
+        // refcounts, which the next open repairs).
+        if !self.closed.load(Ordering::Acquire) {
+            let _ = self.close();
+        }
+    }
+}

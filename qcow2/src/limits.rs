@@ -1,0 +1,29 @@
+//! Limits that keep hostile images from costing unbounded memory or time.
+//!
+//! Every count and size read from an image is checked against these before anything is allocated
+//! or read. The values match QEMU's implementation limits, so every image QEMU accepts is
+//! accepted here and every image QEMU refuses for size reasons is refused with the same words.
+
+/// Smallest cluster size: 2^9 = 512 bytes.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size: 2^21 = 2 MiB.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Largest active or snapshot L1 table, in bytes (32 MiB = 4M entries).
+pub const MAX_L1_SIZE: u64 = 32 << 20;
+/// Largest refcount table, in bytes (8 MiB = 1M refcount blocks).
+pub const MAX_REFTABLE_SIZE: u64 = 8 << 20;
+/// Largest number of internal snapshots.
+pub const MAX_SNAPSHOTS: u64 = 65536;
+/// Largest host offset a cluster may have (56 bits).
+pub const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
+/// Longest backing file name, in bytes.
+pub const MAX_BACKING_NAME: u64 = 1023;
+/// Default L2 cache budget in bytes (enough for 256 GiB of 64 KiB clusters); qemu's default.
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Default refcount cache budget in bytes.
+pub const DEFAULT_REFCOUNT_CACHE_BYTES: u64 = 4 << 20;
+/// At least this many tables stay cached, whatever the budget.
+pub const MIN_CACHE_TABLES: usize = 4;
+/// Largest virtual size vdisk creates or resizes to: what an L1 table of `MAX_L1_SIZE` can map
+/// is checked separately; this is the absolute cap (2^63 - 512 like qemu's int64 byte counts).
+pub const MAX_VIRTUAL_SIZE: u64 = (i64::MAX as u64) & !511;

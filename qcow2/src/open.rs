@@ -1,0 +1,203 @@
+//! Opening an image: every header field is validated against the file and the limits before any
+//! table is read, in the order qemu checks them so the same broken image gets the same message.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+use blockdev::range_lock::RangeLock;
+use blockdev::{read_exact_at, resolve_reference, BlockDriver, Chain, Error, OpenOptions, Opener, Result, Storage};
+
+use crate::cache::{get_u64, TableCache};
+use crate::driver::{BackingInfo, Qcow2};
+use crate::entry::{Geometry, OFFSET_MASK};
+use crate::header::{autoclear, backing_fields, incompat, parse_extensions, unsupported_features_message, Header};
+use crate::limits::*;
+use crate::meta::Meta;
+use crate::refcount::Refcounts;
+
+/// Size of a snapshot table entry's fixed part (for the table size check).
+const SNAPSHOT_HEADER_SIZE: u64 = 40;
+
+/// qemu's `qcow2_validate_table`: entry count against a byte limit, offset alignment and range.
+fn validate_table(offset: u64, entries: u64, entry_len: u64, max_bytes: u64, cs: u64, name: &str) -> Result<()> {
+    if entries > max_bytes / entry_len {
+        return Err(Error::from_errno("open", libc::EFBIG).with_message(format!("{name} too large")));
+    }
+    let bytes = entries * entry_len;
+    if (i64::MAX as u64) - bytes < offset || offset % cs != 0 {
+        return Err(Error::invalid_image(format!("{name} offset invalid")));
+    }
+    Ok(())
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image from `file`.
+    pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &dyn Opener) -> Result<Arc<Qcow2>> {
+        let file_len = file.len()?;
+        let mut head = vec![0u8; 4096.min(file_len.max(72)) as usize];
+        read_exact_at(file.as_ref(), 0, &mut head)?;
+        let h = Header::parse(&head)?;
+        let cs = h.cluster_size();
+        let mut first = vec![0u8; cs as usize];
+        read_exact_at(file.as_ref(), 0, &mut first)?;
+        let (bo, bsz) = backing_fields(&first);
+        if bo > cs {
+            return Err(Error::invalid_image("Invalid backing file offset"));
+        }
+        let exts = parse_extensions(&h, &first, bo, bsz)?;
+        let unknown = h.incompatible & !incompat::KNOWN;
+        if unknown != 0 {
+            return Err(Error::unsupported(unsupported_features_message(&exts, unknown)));
+        }
+        let mut writable = !opts.read_only && !file.is_read_only();
+        if h.incompatible & incompat::CORRUPT != 0 && writable && !opts.for_check {
+            return Err(Error::from_errno("open", libc::EACCES)
+                .with_message("qcow2: Image is corrupt; cannot be opened read/write"));
+        }
+        if h.extended_l2() && h.cluster_bits < 14 {
+            return Err(Error::invalid_image(format!("Unsupported subcluster size: {}", cs / 32)));
+        }
+        if h.crypt_method > 2 {
+            return Err(Error::invalid_image(format!("Unsupported encryption method: {}", h.crypt_method)));
+        }
+        if h.crypt_method != 0 {
+            return Err(Error::new(
+                blockdev::ErrorKind::NeedsKey,
+                "Encrypted qcow2 images are not supported by this version of vdisk (the data would be ciphertext)",
+            ));
+        }
+        if h.refcount_table_clusters == 0 && !opts.for_check {
+            return Err(Error::invalid_image("Image does not contain a reference count table"));
+        }
+        validate_table(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64,
+            cs,
+            MAX_REFTABLE_SIZE,
+            cs,
+            "Reference count table",
+        )?;
+        if !opts.for_check {
+            validate_table(
+                h.snapshots_offset,
+                h.nb_snapshots as u64,
+                SNAPSHOT_HEADER_SIZE,
+                SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
+                cs,
+                "Snapshot table",
+            )?;
+        }
+        validate_table(h.l1_table_offset, h.l1_size as u64, 8, MAX_L1_SIZE, cs, "Active L1 table")?;
+        let geo = Geometry {
+            cluster_bits: h.cluster_bits,
+            extended: h.extended_l2(),
+            data_file: h.incompatible & incompat::DATA_FILE != 0,
+        };
+        let l1_needed = geo.l1_entries_for(h.size);
+        if l1_needed > i32::MAX as u64 {
+            return Err(Error::from_errno("open", libc::EFBIG).with_message("Image is too big"));
+        }
+        if (h.l1_size as u64) < l1_needed {
+            return Err(Error::invalid_image("L1 table is too small"));
+        }
+        let mut raw = vec![0u8; h.l1_size as usize * 8];
+        read_exact_at(file.as_ref(), h.l1_table_offset, &mut raw).map_err(|e| e.prefixed("Could not read L1 table"))?;
+        let l1: Vec<u64> = (0..h.l1_size as usize).map(|i| get_u64(&raw, i)).collect();
+        let rc_tables = (DEFAULT_REFCOUNT_CACHE_BYTES / cs).clamp(MIN_CACHE_TABLES as u64, 4096) as usize;
+        let rc = Refcounts::load(
+            file.as_ref(),
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64,
+            h.refcount_order,
+            h.cluster_bits,
+            rc_tables,
+        )?;
+        let l2_tables =
+            (DEFAULT_L2_CACHE_BYTES / cs).min(l1.len() as u64 + 1).clamp(MIN_CACHE_TABLES as u64, 8192) as usize;
+
+        // External data file.
+        let data: Arc<dyn Storage> = if geo.data_file && !opts.no_io {
+            let name = exts
+                .data_file
+                .clone()
+                .ok_or_else(|| Error::invalid_argument("'data-file' is required for this image"))?;
+            opener.open_storage(file.name(), &name, opts)?
+        } else {
+            file.clone()
+        };
+        if !geo.data_file && h.autoclear & autoclear::DATA_FILE_RAW != 0 {
+            return Err(Error::invalid_image("data-file-raw requires a data file"));
+        }
+
+        // Backing file.
+        let mut backing_info =
+            BackingInfo { name: exts.backing_file.clone(), full: None, format: exts.backing_format.clone() };
+        let mut backing: Option<Arc<dyn BlockDriver>> = None;
+        if let Some(name) = &exts.backing_file {
+            backing_info.full = Some(resolve_reference(file.name(), name));
+            if !opts.no_backing {
+                let b = opener
+                    .open_image(file.name(), name, exts.backing_format.as_deref(), &opts.for_backing(), chain)
+                    .map_err(|e| e.prefixed("Could not open backing file"))?;
+                backing = Some(b);
+            }
+        }
+
+        let lazy = writable && h.compatible & crate::header::compat::LAZY_REFCOUNTS != 0;
+        let dirty = h.incompatible & incompat::DIRTY != 0;
+        let l2_set: HashSet<u64> = l1.iter().map(|e| e & OFFSET_MASK).filter(|o| *o != 0).collect();
+        let mut meta = Meta {
+            h,
+            exts,
+            geo,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: TableCache::new(l2_tables),
+            rc,
+            frees: Vec::new(),
+            l2_tables: l2_set,
+            lazy,
+            dirty_on_disk: dirty,
+            writable,
+            corruption_reported: false,
+        };
+        meta.check_l1().or_else(|e| if opts.for_check { Ok(()) } else { Err(e) })?;
+        // Autoclear bits vdisk does not maintain must be cleared before the first write.
+        if writable {
+            let keep = autoclear::DATA_FILE_RAW;
+            if meta.h.autoclear & !keep != 0 {
+                meta.h.autoclear &= keep;
+                meta.write_header(file.as_ref(), false)?;
+                file.flush()?;
+            }
+        }
+        meta.rc.free_hint = 0;
+        let size = meta.h.size;
+        let compression = meta.h.compression();
+        let repair_needed = dirty && writable && !opts.for_check;
+        if opts.read_only {
+            writable = false;
+            meta.writable = false;
+        }
+        let q = Arc::new(Qcow2 {
+            file,
+            data,
+            backing,
+            meta: Mutex::new(meta),
+            writes: RangeLock::new(),
+            size: AtomicU64::new(size),
+            geo,
+            compression,
+            read_only: !writable,
+            reads_in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            backing_info,
+        });
+        if repair_needed {
+            // Lazy refcounts left the counts stale: rebuild them before anything is allocated.
+            q.repair_after_crash().map_err(|e| e.prefixed("Could not repair dirty image"))?;
+        }
+        Ok(q)
+    }
+}

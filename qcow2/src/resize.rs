@@ -1,0 +1,173 @@
+//! Changing the virtual size: L1 table growth, shrinking, and preallocation of new space.
+//!
+//! Growing the L1 table writes a new table at a fresh location, makes it durable, then switches
+//! the header (one sector) to it and only then frees the old table — a crash at any point leaves
+//! either the old or the new table in force. Shrinking discards every cluster past the new end
+//! before the header shrinks.
+
+use std::io::IoSlice;
+
+use blockdev::{Error, Prealloc, ResizeOptions, Result};
+
+use crate::driver::Qcow2;
+use crate::entry::{COPIED, OFFSET_MASK};
+use crate::limits::{MAX_L1_SIZE, MAX_VIRTUAL_SIZE};
+use crate::meta::Meta;
+
+/// Grows the active L1 table to exactly `entries` entries (qemu sizes it exactly on resize).
+pub fn grow_l1(m: &mut Meta, io: &dyn blockdev::Storage, entries: u64) -> Result<()> {
+    if entries <= m.l1.len() as u64 {
+        return Ok(());
+    }
+    if entries * 8 > MAX_L1_SIZE {
+        return Err(Error::from_errno("grow L1 table", libc::EFBIG));
+    }
+    let cs = m.cluster_size();
+    let clusters = (entries * 8).div_ceil(cs);
+    // Pending L1 changes go into the new table; make the L2 tables they point to durable first.
+    m.flush_refcounts(io, !m.lazy)?;
+    for off in m.l2.dirty() {
+        if let Some(t) = m.l2.peek(off) {
+            blockdev::write_all_at(io, off, t)?;
+        }
+        m.l2.mark_clean(off);
+    }
+    let new_off = m.alloc(io, clusters)?;
+    let mut table = m.l1.clone();
+    table.resize(entries as usize, 0);
+    let mut buf = Vec::with_capacity(table.len() * 8);
+    for e in &table {
+        buf.extend_from_slice(&e.to_be_bytes());
+    }
+    m.flush_refcounts(io, false)?;
+    blockdev::write_all_at(io, new_off, &buf)?;
+    io.flush()?;
+    let old = (m.h.l1_table_offset, (m.h.l1_size as u64 * 8).div_ceil(cs));
+    m.l1 = table;
+    m.l1_dirty.clear();
+    m.h.l1_table_offset = new_off;
+    m.h.l1_size = entries as u32;
+    m.write_header(io, false)?;
+    io.flush()?;
+    if old.0 != 0 && old.1 > 0 {
+        m.queue_free(old.0, old.1, false);
+    }
+    Ok(())
+}
+
+impl Qcow2 {
+    /// `resize` for qcow2.
+    pub(crate) fn resize_image(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        self.check_writable()?;
+        if new_size % 512 != 0 {
+            return Err(Error::invalid_argument("The new size must be a multiple of 512"));
+        }
+        if new_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::from_errno("resize", libc::EFBIG));
+        }
+        let old = self.disk_size();
+        {
+            let m = self.lock();
+            if m.h.nb_snapshots > 0 {
+                return Err(Error::unsupported("Can't resize an image which has snapshots"));
+            }
+        }
+        if new_size < old {
+            if !opts.allow_shrink {
+                return Err(Error::invalid_argument("Use the --shrink option to perform a shrink operation."));
+            }
+            if opts.prealloc != Prealloc::Off {
+                return Err(Error::unsupported("Preallocation can't be used for shrinking an image"));
+            }
+            return self.shrink(new_size);
+        }
+        {
+            let mut m = self.lock();
+            let io = self.file.as_ref();
+            let need = m.geo.l1_entries_for(new_size);
+            grow_l1(&mut m, io, need)?;
+            m.h.size = new_size;
+            m.write_header(io, false)?;
+            io.flush()?;
+        }
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        if opts.prealloc != Prealloc::Off && new_size > old {
+            self.preallocate(old, new_size, opts.prealloc)?;
+        }
+        Ok(())
+    }
+
+    fn shrink(&self, new_size: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let old = self.disk_size();
+        // Free everything past the new end (whole clusters; the partial last one keeps its data).
+        let from = new_size.div_ceil(cs) * cs;
+        if from < old {
+            let _g = self.writes.lock(from / cs, old.div_ceil(cs));
+            let mut m = self.lock();
+            let io = self.file.as_ref();
+            for gc in from / cs..old.div_ceil(cs) {
+                let (e, _) = m.entry(io, gc)?;
+                if e != 0 {
+                    m.set_entry(io, gc, 0, 0)?;
+                    crate::write::queue_entry_free(&mut m, e, cs, true);
+                }
+            }
+            // L2 tables wholly past the end go too.
+            let keep = m.geo.l1_entries_for(new_size) as usize;
+            for i in keep..m.l1.len() {
+                let t = m.l1[i] & OFFSET_MASK;
+                if t != 0 {
+                    m.l1[i] = 0;
+                    m.l1_dirty.insert(i);
+                    m.l2_tables.remove(&t);
+                    m.queue_free(t, 1, false);
+                }
+            }
+            m.flush(io, self.data.as_ref())?;
+        }
+        let mut m = self.lock();
+        m.h.size = new_size;
+        m.write_header(self.file.as_ref(), false)?;
+        self.file.flush()?;
+        drop(m);
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Allocates clusters for `[from, to)`: metadata only, or also the file space.
+    pub(crate) fn preallocate(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut gc = from.div_ceil(cs);
+        // A partial cluster at the old end is allocated by writing its zeros.
+        if from % cs != 0 {
+            let end = (from.div_ceil(cs) * cs).min(to);
+            let zeros = vec![0u8; (end - from) as usize];
+            self.write_range(from, &[IoSlice::new(&zeros)])?;
+        }
+        let last = to.div_ceil(cs);
+        while gc < last {
+            let mut m = self.lock();
+            let io = self.file.as_ref();
+            let table_end = (gc / m.geo.l2_entries() + 1) * m.geo.l2_entries();
+            let n = (last.min(table_end) - gc).min(1 << 14);
+            let l1_index = gc / m.geo.l2_entries();
+            m.writable_l2(io, l1_index)?;
+            let host = if m.geo.data_file { gc * cs } else { m.alloc(io, n)? };
+            let bitmap = if m.geo.extended { 0xffff_ffff } else { 0 };
+            for i in 0..n {
+                m.set_entry(io, gc + i, (host + i * cs) | COPIED, bitmap)?;
+            }
+            drop(m);
+            let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
+            let need = host + n * cs;
+            if target.len()? < need {
+                target.set_len(need, if mode == Prealloc::Metadata { Prealloc::Off } else { mode })?;
+            } else if mode == Prealloc::Full || mode == Prealloc::Falloc {
+                target.write_zeroes(host, n * cs, false)?;
+            }
+            gc += n;
+        }
+        Ok(())
+    }
+}

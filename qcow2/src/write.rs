@@ -1,0 +1,408 @@
+//! The write side: guest writes with allocation and copy-on-write, zeroing and discard.
+//!
+//! A write holds the guest clusters it touches in the driver's range lock for its whole duration.
+//! Clusters that are already this image's own (COPIED) are written in place. Others get freshly
+//! allocated host clusters (contiguous for a run of clusters): the parts of the first and last
+//! cluster that the request does not cover are filled from the old content (the old cluster, a
+//! compressed cluster, the backing file or zeros), the whole run is written with one vectored
+//! write, and only then are the L2 entries pointed at the new clusters. Old clusters are queued
+//! for freeing, which happens after the next flush (see `meta.rs`).
+
+use std::io::IoSlice;
+
+use blockdev::{iov_len, Error, Result, ZeroFlags};
+
+use crate::driver::Qcow2;
+use crate::entry::{sub_mask, Sub, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::header::autoclear;
+use crate::iov;
+use crate::meta::Meta;
+
+/// All subclusters read as zeros (extended L2 bitmap).
+const ALL_ZERO_BITS: u64 = 0xffff_ffff << 32;
+
+/// What a planned write step does.
+enum Step {
+    /// Write `len` bytes at host `host` in place; then apply `update` (extended L2 bitmap changes).
+    InPlace { host: u64, len: u64, update: Option<(u64, u64, u64)> },
+    /// New (or reused) host clusters for guest clusters `[gc, gc + count)` starting at `host`.
+    Allocate { gc: u64, count: u64, host: u64, fresh: bool, old: Vec<(u64, u64)> },
+}
+
+impl Qcow2 {
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only || !self.lock().writable {
+            return Err(Error::read_only().with_path(self.file.name()));
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs` at guest `offset` (range already validated).
+    pub(crate) fn write_range(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.check_writable()?;
+        let len = iov_len(bufs);
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let _g = self.writes.lock(offset / cs, (offset + len - 1) / cs + 1);
+        let mut done = 0;
+        while done < len {
+            done += self.write_step(offset + done, &iov::slice(bufs, done, len - done), len - done)?;
+        }
+        Ok(())
+    }
+
+    /// Performs the first piece of a write at `pos`; returns how many bytes it wrote.
+    fn write_step(&self, pos: u64, bufs: &[IoSlice<'_>], len: u64) -> Result<u64> {
+        let step = {
+            let mut m = self.lock();
+            self.plan(&mut m, pos, len)?
+        };
+        match step {
+            Step::InPlace { host, len: n, update } => {
+                self.data.write_at(host, &iov::slice(bufs, 0, n))?;
+                if let Some((gc, entry, bitmap)) = update {
+                    let mut m = self.lock();
+                    m.set_entry(self.file.as_ref(), gc, entry, bitmap)?;
+                }
+                Ok(n)
+            }
+            Step::Allocate { gc, count, host, fresh, old } => {
+                self.write_allocated(pos, bufs, len, gc, count, host, fresh, old)
+            }
+        }
+    }
+
+    /// Decides how to write the piece starting at `pos` (under the metadata lock).
+    fn plan(&self, m: &mut Meta, pos: u64, len: u64) -> Result<Step> {
+        let io = self.file.as_ref();
+        let cs = self.cluster_size();
+        let gc = pos / cs;
+        let (entry, bitmap) = m.entry(io, gc)?;
+        let sub = m.geo.subcluster(entry, bitmap, ((pos % cs) / m.geo.subcluster_size()) as u32);
+        if let Sub::Invalid(why) = sub {
+            return Err(m.corruption(io, true, format!("Invalid L2 entry for guest offset {pos:#x}: {why}")));
+        }
+        let host = entry & OFFSET_MASK;
+        let own = entry & COPIED != 0 && entry & COMPRESSED == 0 && (host != 0 || m.geo.data_file);
+        if own && host % cs != 0 {
+            return Err(m.corruption(io, true, format!("Cluster allocation offset {host:#x} unaligned")));
+        }
+        if own && !m.geo.extended && entry & ZERO == 0 {
+            // In place, extended over following clusters that are contiguous and ours too.
+            let mut n = (cs - pos % cs).min(len);
+            let mut next = gc + 1;
+            while n < len && (next * cs) % m.geo.l2_coverage() != 0 {
+                let (e, _) = m.entry(io, next)?;
+                if e & (COPIED | COMPRESSED | ZERO) != COPIED || e & OFFSET_MASK != host + (next - gc) * cs {
+                    break;
+                }
+                n += cs.min(len - n);
+                next += 1;
+            }
+            self.check_overlap(m, host + pos % cs, n)?;
+            return Ok(Step::InPlace { host: host + pos % cs, len: n, update: None });
+        }
+        if own && m.geo.extended {
+            // The cluster is ours: write in place; subclusters that become data may need their
+            // uncovered part filled, which the allocation path does with the same host cluster.
+            let sc = m.geo.subcluster_size();
+            let n = (cs - pos % cs).min(len);
+            let (first, last) = (((pos % cs) / sc) as u32, (((pos % cs) + n - 1) / sc) as u32);
+            let all_data = (first..=last).all(|i| matches!(m.geo.subcluster(entry, bitmap, i), Sub::Data { .. }));
+            let aligned = pos % sc == 0 && (pos + n) % sc == 0;
+            if all_data || aligned {
+                let mask = sub_mask(first, last - first + 1);
+                let new_bitmap = (bitmap | mask) & !(mask << 32);
+                let update = (new_bitmap != bitmap).then_some((gc, entry, new_bitmap));
+                self.check_overlap(m, host + pos % cs, n)?;
+                return Ok(Step::InPlace { host: host + pos % cs, len: n, update });
+            }
+            return Ok(Step::Allocate { gc, count: 1, host, fresh: false, old: vec![(entry, bitmap)] });
+        }
+        if own {
+            // A preallocated zero cluster of ours: reuse its host cluster.
+            return Ok(Step::Allocate { gc, count: 1, host, fresh: false, old: vec![(entry, bitmap)] });
+        }
+        // Fresh clusters for this cluster and following ones that also need them (same L2 table).
+        let mut count = 1;
+        let mut old = vec![(entry, bitmap)];
+        let end = pos + len;
+        while (gc + count) * cs < end && ((gc + count) * cs) % m.geo.l2_coverage() != 0 {
+            let (e, b) = m.entry(io, gc + count)?;
+            let h = e & OFFSET_MASK;
+            if e & COPIED != 0 && e & COMPRESSED == 0 && (h != 0 || m.geo.data_file) {
+                break;
+            }
+            old.push((e, b));
+            count += 1;
+        }
+        m.writable_l2(io, gc / m.geo.l2_entries())?;
+        let host = if m.geo.data_file {
+            // External data files map guest offsets 1:1.
+            gc * cs
+        } else {
+            m.alloc(io, count)?
+        };
+        Ok(Step::Allocate { gc, count, host, fresh: true, old })
+    }
+
+    /// Refuses a data write that would land on metadata (a corrupt or hostile image).
+    fn check_overlap(&self, m: &mut Meta, host: u64, len: u64) -> Result<()> {
+        if m.geo.data_file {
+            return Ok(());
+        }
+        if let Some(what) = m.overlaps_metadata(host, len) {
+            let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
+            return Err(m.corruption(self.file.as_ref(), true, msg));
+        }
+        Ok(())
+    }
+
+    /// Writes guest clusters `[gc, gc+count)` into host clusters at `host` with copy-on-write of the
+    /// parts the request does not cover, then points the L2 entries at them.
+    #[allow(clippy::too_many_arguments)]
+    fn write_allocated(
+        &self,
+        pos: u64,
+        bufs: &[IoSlice<'_>],
+        len: u64,
+        gc: u64,
+        count: u64,
+        host: u64,
+        fresh: bool,
+        old: Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        let cs = self.cluster_size();
+        let run_start = gc * cs;
+        let run_end = (gc + count) * cs;
+        let n = (run_end - pos).min(len);
+        let head_len = pos - run_start;
+        let tail_start = pos + n;
+        let tail_len = run_end - tail_start;
+        let mut head = vec![0u8; head_len as usize];
+        let mut tail = vec![0u8; tail_len as usize];
+        if head_len > 0 {
+            self.read_range(run_start, &mut [std::io::IoSliceMut::new(&mut head)])?;
+        }
+        // Past the end of the disk the cluster's tail is zeros.
+        let readable = self.disk_size().saturating_sub(tail_start).min(tail_len) as usize;
+        if readable > 0 {
+            self.read_range(tail_start, &mut [std::io::IoSliceMut::new(&mut tail[..readable])])?;
+        }
+        let mut parts = Vec::with_capacity(bufs.len() + 2);
+        parts.push(IoSlice::new(&head));
+        parts.extend(iov::slice(bufs, 0, n));
+        parts.push(IoSlice::new(&tail));
+        let result = self.data.write_at(host, &parts);
+        let mut m = self.lock();
+        let io = self.file.as_ref();
+        if let Err(e) = result {
+            if fresh && !m.geo.data_file {
+                m.queue_free(host, count, false);
+            }
+            return Err(e);
+        }
+        let sc = m.geo.subcluster_size();
+        for (i, (e, b)) in old.iter().copied().enumerate() {
+            let this = gc + i as u64;
+            let h = host + i as u64 * cs;
+            let new_bitmap = if m.geo.extended {
+                // Subclusters written or copied become data; others keep their zero state.
+                let c_start = this * cs;
+                let mut alloc = 0u64;
+                for s in 0..32u32 {
+                    let s_start = c_start + s as u64 * sc;
+                    let s_end = s_start + sc;
+                    let touched = s_end > pos && s_start < pos + n;
+                    let was_data = matches!(m.geo.subcluster(e, b, s), Sub::Data { .. } | Sub::Compressed { .. });
+                    if touched || was_data || e & COMPRESSED != 0 {
+                        alloc |= 1 << s;
+                    }
+                }
+                let zero = if e & COMPRESSED != 0 { 0 } else { (b >> 32) & !alloc };
+                alloc | (zero << 32)
+            } else {
+                0
+            };
+            m.set_entry(io, this, h | COPIED, new_bitmap)?;
+            if fresh {
+                free_old(&mut m, e, cs);
+            }
+        }
+        if fresh {
+            self.maybe_apply_frees(&mut m)?;
+        }
+        Ok(n)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros.
+    pub(crate) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (raw_data, version, extended) = {
+            let m = self.lock();
+            (m.h.autoclear & autoclear::DATA_FILE_RAW != 0, m.h.version, m.geo.extended)
+        };
+        let unit = if extended { self.geo.subcluster_size() } else { self.cluster_size() };
+        let can_flag = version >= 3 && !raw_data;
+        let start = offset.div_ceil(unit) * unit;
+        let end = ((offset + len) / unit * unit).max(start);
+        // Unaligned head and tail are written as zero data.
+        if start > offset || !can_flag {
+            let head_end = if can_flag { start.min(offset + len) } else { offset + len };
+            self.write_zero_data(offset, head_end - offset, flags)?;
+            if !can_flag {
+                return Ok(());
+            }
+        }
+        if end < offset + len && end >= start {
+            let tail_from = end.max(offset);
+            self.write_zero_data(tail_from, offset + len - tail_from, flags)?;
+        }
+        if end > start {
+            self.zero_units(start, end, flags.may_unmap)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_data(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if flags.no_fallback {
+            return Err(Error::unsupported("Zeroing this range needs writing zero data"));
+        }
+        let chunk = len.min(1 << 20) as usize;
+        let zeros = vec![0u8; chunk];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk as u64) as usize;
+            self.write_range(offset + done, &[IoSlice::new(&zeros[..n])])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sets zero flags (or subcluster zero bits) for whole units in `[start, end)`.
+    fn zero_units(&self, start: u64, end: u64, may_unmap: bool) -> Result<()> {
+        let cs = self.cluster_size();
+        let _g = self.writes.lock(start / cs, (end - 1) / cs + 1);
+        let mut m = self.lock();
+        let io = self.file.as_ref();
+        let mut pos = start;
+        while pos < end {
+            let gc = pos / cs;
+            let c_end = ((gc + 1) * cs).min(end);
+            let (e, b) = m.entry(io, gc)?;
+            let host = e & OFFSET_MASK;
+            let own = e & COPIED != 0 && e & COMPRESSED == 0;
+            if m.geo.extended {
+                let sc = m.geo.subcluster_size();
+                let first = ((pos % cs) / sc) as u32;
+                let count = ((c_end - pos) / sc) as u32;
+                let mask = sub_mask(first, count);
+                if e & COMPRESSED != 0 || (host != 0 && !own) {
+                    // Shared or compressed: only whole clusters can drop their host cluster.
+                    if count == 32 {
+                        m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
+                        free_old(&mut m, e, cs);
+                    } else {
+                        drop(m);
+                        let r = self.write_zero_data(pos, c_end - pos, ZeroFlags::default());
+                        m = self.lock();
+                        r?;
+                    }
+                } else if count == 32 && may_unmap && host != 0 {
+                    m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
+                    free_old(&mut m, e, cs);
+                } else {
+                    m.set_entry(io, gc, e, (b & !mask) | (mask << 32))?;
+                }
+            } else {
+                let keep = own && host != 0 && !may_unmap;
+                let new = if keep { host | COPIED | ZERO } else { ZERO };
+                if new != e {
+                    m.set_entry(io, gc, new, 0)?;
+                    if !keep {
+                        free_old(&mut m, e, cs);
+                    }
+                }
+            }
+            pos = c_end;
+        }
+        self.maybe_apply_frees(&mut m)
+    }
+
+    /// Discards whole clusters in `[offset, offset+len)` (partial clusters are left alone).
+    pub(crate) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let start = offset.div_ceil(cs) * cs;
+        // The last partial cluster at the end of the disk counts as whole.
+        let end =
+            if offset + len == self.disk_size() { (offset + len).div_ceil(cs) * cs } else { (offset + len) / cs * cs };
+        if end <= start {
+            return Ok(());
+        }
+        let _g = self.writes.lock(start / cs, end / cs);
+        let mut m = self.lock();
+        let io = self.file.as_ref();
+        let has_backing = self.backing.is_some();
+        for gc in start / cs..end / cs {
+            let (e, b) = m.entry(io, gc)?;
+            let allocated = e & (OFFSET_MASK | COMPRESSED) != 0 || (m.geo.data_file && e & COPIED != 0);
+            if !allocated && (b >> 32) == 0xffff_ffff {
+                continue;
+            }
+            let (ne, nb) = if has_backing || allocated {
+                if m.geo.extended {
+                    (0, ALL_ZERO_BITS)
+                } else if m.h.version >= 3 {
+                    (ZERO, 0)
+                } else {
+                    (0, 0)
+                }
+            } else {
+                (e, b)
+            };
+            if (ne, nb) != (e, b) {
+                m.set_entry(io, gc, ne, nb)?;
+                if allocated {
+                    free_old_discard(&mut m, e, cs);
+                }
+            }
+        }
+        self.maybe_apply_frees(&mut m)
+    }
+}
+
+/// Queues the host clusters an old entry referred to for freeing.
+fn free_old(m: &mut Meta, e: u64, cs: u64) {
+    queue_entry_free(m, e, cs, false);
+}
+
+fn free_old_discard(m: &mut Meta, e: u64, cs: u64) {
+    queue_entry_free(m, e, cs, true);
+}
+
+/// Queues the host clusters of L2 entry `e` for freeing (`discard`: also release the file space).
+pub(crate) fn queue_entry_free(m: &mut Meta, e: u64, cs: u64, discard: bool) {
+    if m.geo.data_file {
+        return; // data file clusters are not refcounted
+    }
+    if e & COMPRESSED != 0 {
+        let (off, size) = m.geo.compressed(e);
+        let first = off / cs * cs;
+        let last = (off + size - 1) / cs * cs;
+        m.queue_free(first, (last - first) / cs + 1, false);
+        return;
+    }
+    let host = e & OFFSET_MASK;
+    if host != 0 {
+        m.queue_free(host, 1, discard);
+    }
+}
