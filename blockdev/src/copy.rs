@@ -54,6 +54,9 @@ pub struct CopyOptions {
     /// Keep going past read errors: unreadable 512-byte sectors are written as zeros and reported
     /// through the warning callback (`--salvage`).
     pub salvage: bool,
+    /// Write data compressed, a whole target cluster at a time (`-c`); the target must implement
+    /// [`crate::CompressedWrite`]. Clusters are compressed by the workers in parallel.
+    pub compress: bool,
 }
 
 impl Default for CopyOptions {
@@ -68,6 +71,7 @@ impl Default for CopyOptions {
             top_only: false,
             buf_size: DEFAULT_BUF_SIZE,
             salvage: false,
+            compress: false,
         }
     }
 }
@@ -134,6 +138,7 @@ struct Planner<'a> {
     seq: u64,
     status: Option<(JobKind, u64)>, // kind and end of the current status run
     progress_done: u64,
+    unit: Option<u64>, // compressed-write unit when compressing
 }
 
 impl Planner<'_> {
@@ -166,9 +171,24 @@ impl Planner<'_> {
             }
         };
         let mut len = run_end - self.pos;
+        let mut kind = kind;
+        if let Some(unit) = self.unit {
+            // Compressed targets are written in whole clusters: a run shorter than a cluster makes
+            // the whole cluster data; longer runs end on a cluster boundary.
+            if len < unit {
+                len = unit.min(c.len - self.pos);
+                kind = JobKind::Data;
+            } else {
+                len = len / unit * unit;
+            }
+        }
         let as_data = kind == JobKind::Data || (kind == JobKind::Zero && c.opts.min_sparse == 0);
         if as_data {
-            len = len.min(c.opts.buf_size as u64);
+            let cap = match self.unit {
+                Some(u) => (c.opts.buf_size as u64 / u).max(1) * u,
+                None => c.opts.buf_size as u64,
+            };
+            len = len.min(cap);
         }
         let job = Job { seq: self.seq, offset: self.pos, len, kind };
         self.seq += 1;
@@ -182,16 +202,9 @@ impl Planner<'_> {
 
 /// Bytes of data the copy will move (qemu-img's progress denominator).
 pub fn count_data(copy: &Copy<'_>) -> Result<u64> {
-    let mut p = Planner { copy, pos: 0, seq: 0, status: None, progress_done: 0 };
-    let mut total = 0;
-    while p.pos < copy.len {
-        let (kind, len) = p.classify(p.pos, copy.len - p.pos)?;
-        if kind == JobKind::Data || (kind == JobKind::Zero && copy.opts.min_sparse == 0) {
-            total += len;
-        }
-        p.pos += len;
-    }
-    Ok(total)
+    let mut p = Planner { copy, pos: 0, seq: 0, status: None, progress_done: 0, unit: copy.compress_unit() };
+    while p.next()?.is_some() {}
+    Ok(p.progress_done)
 }
 
 struct Shared<'a> {
@@ -222,7 +235,14 @@ impl Copy<'_> {
         let dst_storage = self.dst.identity_storage();
         let offload = self.opts.offload && src_storage.is_some() && dst_storage.is_some();
         let shared = Shared {
-            planner: Mutex::new(Planner { copy: self, pos: 0, seq: 0, status: None, progress_done: 0 }),
+            planner: Mutex::new(Planner {
+                copy: self,
+                pos: 0,
+                seq: 0,
+                status: None,
+                progress_done: 0,
+                unit: self.compress_unit(),
+            }),
             next_write: Mutex::new(0),
             write_turn: Condvar::new(),
             failed: AtomicBool::new(false),
@@ -250,6 +270,11 @@ impl Copy<'_> {
         });
         if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
+        }
+        if self.compress_unit().is_some() {
+            if let Some(cw) = self.dst.compressed() {
+                cw.finish_compressed()?;
+            }
         }
         Ok(shared.stats.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
@@ -293,10 +318,16 @@ impl Copy<'_> {
                     data.fill(0);
                 }
             }
+            let packed = match (self.compress_unit(), as_data) {
+                (Some(unit), true) => Some(self.compress_job(&b[..job.len as usize], unit)?),
+                _ => None,
+            };
             if self.opts.in_order && !self.wait_turn(sh, job.seq) {
                 return Ok(());
             }
-            let result = if offload_now {
+            let result = if let Some(units) = packed {
+                self.write_compressed_job(sh, job, units)
+            } else if offload_now {
                 self.offload_job(sh, job, b)
             } else if as_data {
                 self.write_data(sh, job, &b[..job.len as usize])
@@ -333,6 +364,63 @@ impl Copy<'_> {
             if let Err(e) = self.src.read_at(off, &mut [IoSliceMut::new(sector)]) {
                 warn(&format!("error while reading offset {off}: {}", e.message()));
                 sector.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// The compressed-write unit when compressing.
+    fn compress_unit(&self) -> Option<u64> {
+        if !self.opts.compress {
+            return None;
+        }
+        self.dst.compressed().map(|c| c.compressed_unit()).filter(|u| *u > 0)
+    }
+
+    /// Compresses each unit of a data job; `None` marks an all-zero unit. Units are padded to
+    /// full size (the disk's last cluster may be partial).
+    fn compress_job(&self, data: &[u8], unit: u64) -> Result<Vec<Option<(Vec<u8>, Option<Vec<u8>>)>>> {
+        let cw = self
+            .dst
+            .compressed()
+            .ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
+        data.chunks(unit as usize)
+            .map(|chunk| {
+                if is_zero(chunk) {
+                    return Ok(None);
+                }
+                let mut full = chunk.to_vec();
+                full.resize(unit as usize, 0);
+                let c = cw.compress(&full)?;
+                Ok(Some((full, c)))
+            })
+            .collect()
+    }
+
+    fn write_compressed_job(
+        &self,
+        sh: &Shared<'_>,
+        job: Job,
+        units: Vec<Option<(Vec<u8>, Option<Vec<u8>>)>>,
+    ) -> Result<()> {
+        let cw = self
+            .dst
+            .compressed()
+            .ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
+        let unit = cw.compressed_unit();
+        for (i, u) in units.into_iter().enumerate() {
+            let off = self.dst_offset + job.offset + i as u64 * unit;
+            let len = unit.min(job.offset + job.len - (job.offset + i as u64 * unit));
+            match u {
+                None if self.opts.target_zeroed => sh.add(|s| s.skipped += len),
+                None => {
+                    self.dst.write_zeroes(off, len, ZeroFlags { may_unmap: true, no_fallback: false })?;
+                    sh.add(|s| s.zeroed += len);
+                }
+                Some((data, compressed)) => {
+                    cw.write_compressed(off, &data, compressed.as_deref())?;
+                    sh.add(|s| s.written += len);
+                }
             }
         }
         Ok(())

@@ -173,6 +173,11 @@ pub trait BlockDriver: Send + Sync + Debug {
     fn check(&self) -> Option<&dyn Check> {
         None
     }
+
+    /// Compressed cluster writes (`convert -c`), if the format has them.
+    fn compressed(&self) -> Option<&dyn CompressedWrite> {
+        None
+    }
 }
 
 impl dyn BlockDriver {
@@ -219,4 +224,27 @@ pub fn chain_status(top: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
         cur = b.backing();
     }
     Ok((ext, depth))
+}
+
+/// Writing whole clusters compressed (`convert -c`).
+///
+/// Compression is split from storing so that callers can compress many clusters in parallel and
+/// still store them in order: [`CompressedWrite::compress`] is pure computation and thread-safe;
+/// [`CompressedWrite::write_compressed`] allocates and writes.
+pub trait CompressedWrite: Send + Sync {
+    /// The unit of compressed writes (the cluster size).
+    fn compressed_unit(&self) -> u64;
+
+    /// Compresses one unit of guest data (exactly `compressed_unit` bytes); `None` when the result
+    /// would not be smaller, in which case the data is stored uncompressed.
+    fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Stores one unit at guest `offset` (unit-aligned, not yet allocated): `compressed` bytes if
+    /// given, else `data` uncompressed.
+    fn write_compressed(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()>;
+
+    /// Ends a series of compressed writes (qcow2 pads its file to a whole sector, as qemu does).
+    fn finish_compressed(&self) -> Result<()> {
+        Ok(())
+    }
 }

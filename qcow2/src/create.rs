@@ -165,6 +165,11 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
     })
 }
 
+/// The options `measure` accepts, validated as for `create`.
+pub fn params_for_measure(opts: &CreateOptions) -> Result<Params> {
+    params(opts)
+}
+
 /// Creates an image at `filename`.
 pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
     let p = params(opts)?;

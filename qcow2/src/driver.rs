@@ -310,6 +310,10 @@ impl BlockDriver for Qcow2 {
     fn check(&self) -> Option<&dyn Check> {
         Some(self)
     }
+
+    fn compressed(&self) -> Option<&dyn blockdev::CompressedWrite> {
+        Some(self)
+    }
 }
 
 impl Drop for Qcow2 {

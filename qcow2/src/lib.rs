@@ -27,12 +27,14 @@
 mod cache;
 mod check;
 mod compress;
+mod compressed;
 mod create;
 mod driver;
 mod entry;
 pub mod header;
 mod iov;
 pub mod limits;
+mod measure;
 mod meta;
 mod open;
 mod refcount;
@@ -83,6 +85,10 @@ impl Format for Qcow2Format {
 
     fn create(&self, filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
         create::create(filename, opts, opener)
+    }
+
+    fn measure(&self, size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions) -> Result<blockdev::Measure> {
+        measure::measure(size, source, opts)
     }
 
     fn supports_backing(&self) -> bool {

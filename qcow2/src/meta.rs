@@ -62,6 +62,8 @@ pub struct Meta {
     pub writable: bool,
     /// A corruption event was already reported.
     pub corruption_reported: bool,
+    /// Where the next compressed cluster may start (0 = in a fresh cluster).
+    pub free_byte_offset: u64,
 }
 
 impl Meta {

@@ -161,6 +161,7 @@ impl Qcow2 {
             dirty_on_disk: dirty,
             writable,
             corruption_reported: false,
+            free_byte_offset: 0,
         };
         meta.check_l1().or_else(|e| if opts.for_check { Ok(()) } else { Err(e) })?;
         // Autoclear bits vdisk does not maintain must be cleared before the first write.

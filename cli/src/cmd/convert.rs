@@ -252,7 +252,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
     let req = OpenRequest { name: a.out, fmt: a.out_fmt, image_opts: p.has("target-image-opts"), opts };
     let target = img_open(&reg, &req)?;
-    if p.has("c") && target.format() == "raw" {
+    if p.has("c") && target.compressed().is_none() {
         return Err(CliError::new("Compression not supported for this file format"));
     }
     if p.has("n") && target.size() < total_size {
@@ -281,6 +281,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             top_only: target_backing.is_some(),
             buf_size: DEFAULT_BUF_SIZE,
             salvage: p.has("salvage"),
+            compress: p.has("c"),
         },
     };
     let total = if p.has("p") && !a.quiet { count_data(&copy).map_err(CliError::from)? } else { 0 };
