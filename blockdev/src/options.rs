@@ -123,10 +123,14 @@ pub fn parse_bool(name: &str, value: &str) -> Result<bool> {
 pub fn parse_number(name: &str, value: &str) -> Result<u64> {
     let bad = || Error::invalid_argument(format!("Parameter '{name}' expects a number"));
     let t = value.trim_start();
-    if t.is_empty() || t.starts_with('-') {
+    // strtoull accepts a sign and wraps negative values around.
+    let (negative, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    if t.is_empty() {
         return Err(bad());
     }
-    let t = t.strip_prefix('+').unwrap_or(t);
     let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         (h, 16)
     } else if t.len() > 1 && t.starts_with('0') {
@@ -137,8 +141,9 @@ pub fn parse_number(name: &str, value: &str) -> Result<u64> {
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return Err(bad());
     }
-    u64::from_str_radix(digits, radix)
-        .map_err(|_| Error::invalid_argument(format!("Value '{value}' is too large for parameter '{name}'")))
+    let n = u64::from_str_radix(digits, radix)
+        .map_err(|_| Error::invalid_argument(format!("Value '{value}' is too large for parameter '{name}'")))?;
+    Ok(if negative { n.wrapping_neg() } else { n })
 }
 
 /// Parses a size option value with qemu's messages.

@@ -36,7 +36,9 @@ pub fn parse_size_with_unit(s: &str, default_unit: u64) -> Result<u64, SizeError
     let t = s.trim_start();
     if let Some(rest) = t.strip_prefix('-') {
         // A negative number (qemu's parse_uint reports ERANGE for these).
-        return if rest.trim_start().starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        // A negative integer is out of range; anything else (a suffix, a fraction) is invalid.
+        let digits = rest.trim_start();
+        return if !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) {
             Err(SizeError::Range)
         } else {
             Err(SizeError::Invalid)
@@ -176,6 +178,7 @@ mod tests {
         assert_eq!(parse_size("1e3"), Err(SizeError::Invalid));
         assert_eq!(parse_size("1Q"), Err(SizeError::Invalid));
         assert_eq!(parse_size("-1"), Err(SizeError::Range));
+        assert_eq!(parse_size("-1k"), Err(SizeError::Invalid));
         assert_eq!(parse_size("1.5"), Err(SizeError::Invalid));
         assert_eq!(parse_size("0x1M"), Err(SizeError::Invalid));
         assert_eq!(parse_size(""), Err(SizeError::Invalid));

@@ -80,12 +80,18 @@ pub struct Params {
 
 /// Reads and validates the create options with qemu's messages.
 pub fn params(opts: &CreateOptions) -> Result<Params> {
+    params_for(opts, false)
+}
+
+/// Validates options; `measure` words two messages differently (qemu parses its options apart).
+fn params_for(opts: &CreateOptions, measure: bool) -> Result<Params> {
     let bad = |m: &str| Error::invalid_argument(m.to_string());
     let size = opts.get_size("size")?.unwrap_or(0).div_ceil(512) * 512;
     let version = match opts.get("compat") {
         None | Some("1.1") | Some("v3") => 3,
         Some("0.10") | Some("v2") => 2,
-        Some(v) => return Err(bad(&format!("Invalid compatibility level: '{v}'"))),
+        Some(v) if measure => return Err(bad(&format!("Invalid compatibility level: '{v}'"))),
+        Some(v) => return Err(bad(&format!("Parameter 'version' does not accept value '{v}'"))),
     };
     let cluster_size = opts.get_size("cluster_size")?.unwrap_or(65536);
     if !cluster_size.is_power_of_two() || !(1 << MIN_CLUSTER_BITS..=1 << MAX_CLUSTER_BITS).contains(&cluster_size) {
@@ -95,7 +101,7 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
     let extended_l2 = opts.get_bool("extended_l2")?.unwrap_or(false);
     if extended_l2 {
         if version < 3 {
-            return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+            return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
         if cluster_bits < 14 {
             return Err(bad("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
@@ -117,7 +123,7 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
     let lazy_refcounts = opts.get_bool("lazy_refcounts")?.unwrap_or(false);
     if lazy_refcounts && version < 3 {
         return Err(bad(
-            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
         ));
     }
     let refcount_bits = opts.get_number("refcount_bits")?.unwrap_or(16);
@@ -125,7 +131,10 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
         return Err(bad("Refcount width must be a power of two and may not exceed 64 bits"));
     }
     if version < 3 && refcount_bits != 16 {
-        return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"));
+        let hint = if measure { "compat=1.1" } else { "version=v3" };
+        return Err(bad(&format!(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use {hint} or greater)"
+        )));
     }
     let data_file_raw = opts.get_bool("data_file_raw")?.unwrap_or(false);
     let data_file = opts.get("data_file").map(|d| (d.to_string(), data_file_raw));
@@ -137,7 +146,7 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
     }
     if data_file.is_some() && version < 3 {
         return Err(bad(
-            "External data files are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
         ));
     }
     let zstd = match opts.get("compression_type") {
@@ -146,7 +155,7 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
         Some(v) => return Err(bad(&format!("Parameter 'compression-type' does not accept value '{v}'"))),
     };
     if zstd && version < 3 {
-        return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+        return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
     }
     if opts.get_bool("encryption")?.unwrap_or(false) || opts.has("encrypt.format") {
         return Err(Error::unsupported("Encrypted qcow2 images cannot be created by this version of vdisk"));
@@ -167,7 +176,7 @@ pub fn params(opts: &CreateOptions) -> Result<Params> {
 
 /// The options `measure` accepts, validated as for `create`.
 pub fn params_for_measure(opts: &CreateOptions) -> Result<Params> {
-    params(opts)
+    params_for(opts, true)
 }
 
 /// Creates an image at `filename`.
@@ -249,9 +258,21 @@ fn write_initial(io: &dyn Storage, p: &Params) -> Result<()> {
     if p.extended_l2 {
         h.incompatible |= incompat::EXTL2;
     }
-    // qemu writes the bare header first (no extensions), then the full one once opened.
-    let mut first = h.encode_fixed();
-    first.resize(cs as usize, 0);
+    // qemu writes the bare header first and the full one once the image is open; the data file
+    // name must already be there for the open to find the data file.
+    let first = match &p.data_file {
+        Some((name, _)) => {
+            let exts = crate::header::Extensions { data_file: Some(name.clone()), ..Default::default() };
+            let mut b = h.clone();
+            b.version = h.version;
+            b.encode_cluster(&exts)?
+        }
+        None => {
+            let mut b = h.encode_fixed();
+            b.resize(cs as usize, 0);
+            b
+        }
+    };
     write_all_at(io, 0, &first)?;
     let mut tables = vec![0u8; 2 * cs as usize];
     set_u64(&mut tables, 0, 2 * cs);
