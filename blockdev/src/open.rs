@@ -224,7 +224,7 @@ pub trait Format: Send + Sync {
     /// Space needed for an image of this format holding `source` (or `size` bytes of data).
     fn measure(&self, size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions) -> Result<Measure> {
         let _ = (size, source, opts);
-        Err(Error::unsupported(format!("Format driver '{}' does not support size measurement", self.name())))
+        Err(Error::unsupported(format!("Block driver '{}' does not support size measurement", self.name())))
     }
 
     /// Whether the format passes writes straight through (raw): such images can share write

@@ -49,8 +49,10 @@ pub fn create_file(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<Host
         let msg = format!("Could not create '{name}': {}", strip_open_prefix(e.message(), name));
         e.with_message(msg)
     })?;
-    // Creating an image that a running QEMU uses must fail, as it does for qemu-img.
-    f.set_permissions(Perms::CONSISTENT_READ.union(Perms::WRITE).union(Perms::RESIZE), Perms::NONE)?;
+    // Creating an image that a running QEMU uses must fail, as it does for qemu-img; qemu's file
+    // driver takes write and resize and shares everything but resize, so a process that merely
+    // reads or writes a raw image (qemu-io, a raw disk of a VM) does not stop it.
+    f.set_permissions(Perms::WRITE.union(Perms::RESIZE), Perms::ALL.minus(Perms::RESIZE))?;
     f.set_len(0, Prealloc::Off)?;
     grow_new_file(&f, size, prealloc)?;
     Ok(Arc::new(f))

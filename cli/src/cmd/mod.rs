@@ -1,9 +1,12 @@
 //! The subcommands, one module each, and what they share.
 
+pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod info;
+pub mod measure;
 
 use blockdev::size::{parse_size, SizeError};
 use formats::Registry;
@@ -86,10 +89,13 @@ pub fn registry() -> Registry {
 /// Runs the command `name`.
 pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
     match name {
+        "bench" => bench::run(args),
         "check" => check::run(args),
         "convert" => convert::run(args),
         "create" => create::run(args),
+        "dd" => dd::run(args),
         "info" => info::run(args),
+        "measure" => measure::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
     }
 }
