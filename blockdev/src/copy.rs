@@ -25,6 +25,9 @@ use crate::driver::{chain_status, BlockDriver, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
+/// One compressed-write unit ready to store: its data (padded) and the compressed form if smaller.
+type PackedUnit = (Vec<u8>, Option<Vec<u8>>);
+
 /// Default size of one data job (qemu-img's IO_BUF_SIZE).
 pub const DEFAULT_BUF_SIZE: usize = 2 << 20;
 
@@ -379,7 +382,7 @@ impl Copy<'_> {
 
     /// Compresses each unit of a data job; `None` marks an all-zero unit. Units are padded to
     /// full size (the disk's last cluster may be partial).
-    fn compress_job(&self, data: &[u8], unit: u64) -> Result<Vec<Option<(Vec<u8>, Option<Vec<u8>>)>>> {
+    fn compress_job(&self, data: &[u8], unit: u64) -> Result<Vec<Option<PackedUnit>>> {
         let cw = self
             .dst
             .compressed()
@@ -397,12 +400,7 @@ impl Copy<'_> {
             .collect()
     }
 
-    fn write_compressed_job(
-        &self,
-        sh: &Shared<'_>,
-        job: Job,
-        units: Vec<Option<(Vec<u8>, Option<Vec<u8>>)>>,
-    ) -> Result<()> {
+    fn write_compressed_job(&self, sh: &Shared<'_>, job: Job, units: Vec<Option<PackedUnit>>) -> Result<()> {
         let cw = self
             .dst
             .compressed()

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use blockdev::options::{CreateOptions, OptionSpec};
 use blockdev::{
     check_reference, resolve_reference, BlockDriver, Chain, Error, ErrorKind, Format, HostFile, HostOpenOptions,
-    ImageInfo, OpenOptions, Opener, Perms, Result, Storage,
+    OpenOptions, Opener, Perms, Result, Storage,
 };
 
 pub use file::FILE_CREATE_OPTIONS;

@@ -113,11 +113,6 @@ impl TableCache {
     pub fn remove(&mut self, offset: u64) {
         self.slots.remove(&offset);
     }
-
-    /// Drops every clean table.
-    pub fn drop_clean(&mut self) {
-        self.slots.retain(|_, s| s.dirty);
-    }
 }
 
 /// Reads big-endian entry `index` of width 8 bytes.

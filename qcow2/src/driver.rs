@@ -161,7 +161,7 @@ impl Qcow2 {
                 .insert_opt("data-file", m.exts.data_file.clone().filter(|_| has_data_file).map(Value::from))
                 .insert_opt(
                     "data-file-raw",
-                    has_data_file.then(|| Value::Bool(m.h.autoclear & autoclear::DATA_FILE_RAW != 0)),
+                    has_data_file.then_some(Value::Bool(m.h.autoclear & autoclear::DATA_FILE_RAW != 0)),
                 )
                 .insert("extended-l2", Value::Bool(m.h.extended_l2()))
                 .insert("lazy-refcounts", Value::Bool(m.h.compatible & compat::LAZY_REFCOUNTS != 0))

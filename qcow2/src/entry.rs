@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(e >> 54 & 0xff, (0x12345 + 3000 - 1) / 512 - 0x12345 / 512);
         let (off, size) = G.compressed(e);
         assert_eq!(off, 0x12345);
-        assert!(size >= 3000 && size < 3000 + 512);
+        assert!((3000..3000 + 512).contains(&size));
         assert!(G.encode_compressed(1 << 54, 10).is_none());
         let small = Geometry { cluster_bits: 9, extended: false, data_file: false };
         assert!(small.encode_compressed(0, 1024).is_some());

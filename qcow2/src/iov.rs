@@ -50,15 +50,6 @@ pub fn zero(bufs: &mut [IoSliceMut<'_>], start: u64, len: u64) {
     }
 }
 
-/// Copies bytes `[start, start + len)` of `bufs` into `out`.
-pub fn gather(bufs: &[IoSlice<'_>], start: u64, out: &mut [u8]) {
-    let mut at = 0;
-    for s in slice(bufs, start, out.len() as u64) {
-        out[at..at + s.len()].copy_from_slice(&s);
-        at += s.len();
-    }
-}
-
 /// Copies `data` into bytes starting at `start` of `bufs`.
 pub fn scatter(bufs: &mut [IoSliceMut<'_>], start: u64, data: &[u8]) {
     let mut at = 0;
@@ -89,8 +80,7 @@ mod tests {
         let x = [1u8, 2, 3];
         let y = [4u8, 5];
         let bufs = [IoSlice::new(&x), IoSlice::new(&y)];
-        let mut out = [0u8; 3];
-        gather(&bufs, 2, &mut out);
-        assert_eq!(out, [3, 4, 5]);
+        let parts = slice(&bufs, 2, 3);
+        assert_eq!(parts.iter().flat_map(|p| p.iter().copied()).collect::<Vec<_>>(), [3, 4, 5]);
     }
 }

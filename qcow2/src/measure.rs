@@ -14,7 +14,7 @@ use crate::limits::MAX_L1_SIZE;
 /// Bytes of refcount table and blocks needed to count `clusters` clusters (including themselves).
 pub fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
     let per_table_cluster = cluster_size / 8;
-    let per_block = cluster_size * 8 >> refcount_order;
+    let per_block = (cluster_size * 8) >> refcount_order;
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;

@@ -47,7 +47,7 @@ pub struct Refcounts {
 impl Refcounts {
     /// Entries per refcount block.
     pub fn block_entries(&self) -> u64 {
-        (1u64 << self.cluster_bits) * 8 >> self.order
+        ((1u64 << self.cluster_bits) * 8) >> self.order
     }
 
     /// Largest value a refcount can hold.

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use blockdev::options::CreateOptions;
-use blockdev::{BlockDriver, OpenOptions, ZeroFlags};
+use blockdev::{OpenOptions, ZeroFlags};
 use formats::Registry;
 use vdisk_tests::{pseudo_random, qemu_img, qemu_io, s, tempdir};
 
@@ -42,7 +42,8 @@ fn exercise(dir: &Path, name: &str, opts: &[(&str, &str)], size: u64, backing: O
     for (k, v) in opts {
         o.set(k, v);
     }
-    let mut model = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&model_path).unwrap();
+    let mut model =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&model_path).unwrap();
     model.set_len(size).unwrap();
     if let Some((b, fmt)) = backing {
         o.set("backing_file", s(b));
@@ -57,7 +58,11 @@ fn exercise(dir: &Path, name: &str, opts: &[(&str, &str)], size: u64, backing: O
     }
     reg.create("qcow2", s(&img), &o).unwrap_or_else(|e| panic!("{name}: create: {e}"));
     let d = reg.open(s(&img), Some("qcow2"), &OpenOptions::read_write()).unwrap().driver;
-    let cs: u64 = opts.iter().find(|(k, _)| *k == "cluster_size").map(|(_, v)| blockdev::size::parse_size(v).unwrap()).unwrap_or(65536);
+    let cs: u64 = opts
+        .iter()
+        .find(|(k, _)| *k == "cluster_size")
+        .map(|(_, v)| blockdev::size::parse_size(v).unwrap())
+        .unwrap_or(65536);
     for (i, (kind, off, len)) in ops(seed, size, 60, cs).into_iter().enumerate() {
         match kind {
             0..=6 => {
@@ -142,16 +147,27 @@ fn backing_files_of_both_kinds() {
 fn images_qemu_writes_read_identically() {
     let d = tempdir();
     let reg = Registry::new();
-    for (name, opts) in [("a", "cluster_size=512"), ("b", "compat=0.10"), ("c", "extended_l2=on"), ("d", "refcount_bits=1,cluster_size=4k")] {
+    for (name, opts) in [
+        ("a", "cluster_size=512"),
+        ("b", "compat=0.10"),
+        ("c", "extended_l2=on"),
+        ("d", "refcount_bits=1,cluster_size=4k"),
+    ] {
         let img = d.path().join(format!("{name}.qcow2"));
         qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "8M"]).ok();
         qemu_io(&[
-            "-f", "qcow2",
-            "-c", "write -P 0x11 0 1M",
-            "-c", "write -P 0x22 1536 3000",
-            "-c", "write -z 512k 64k",
-            "-c", "discard 2M 1M",
-            "-c", "write -P 0x33 7M 1M",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 1536 3000",
+            "-c",
+            "write -z 512k 64k",
+            "-c",
+            "discard 2M 1M",
+            "-c",
+            "write -P 0x33 7M 1M",
             s(&img),
         ])
         .ok();

@@ -169,6 +169,7 @@ pub fn run(args: &[String]) -> CmdResult {
             top_only: false,
             buf_size: DEFAULT_BUF_SIZE,
             salvage: false,
+            compress: false,
         },
     };
     if copy.len > 0 {
