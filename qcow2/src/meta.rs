@@ -200,6 +200,10 @@ impl Meta {
         }
         let e = self.l1[i];
         if let Some(off) = self.l2_offset(io, l1_index)? {
+            if let Some(what) = self.overlaps(off, self.cluster_size(), false) {
+                let msg = format!("Preventing invalid write on metadata (L2 table at {off:#x} overlaps with {what})");
+                return Err(self.corruption(io, true, msg));
+            }
             if e & COPIED != 0 {
                 self.load_l2(io, off)?;
                 return Ok(off);
@@ -276,6 +280,12 @@ impl Meta {
 
     /// Names the metadata structure that `[off, off+len)` overlaps, if any.
     pub fn overlaps_metadata(&self, off: u64, len: u64) -> Option<&'static str> {
+        self.overlaps(off, len, true)
+    }
+
+    /// Like [`Self::overlaps_metadata`], optionally not counting L2 tables (to check an L2 table
+    /// against everything else).
+    pub fn overlaps(&self, off: u64, len: u64, with_l2: bool) -> Option<&'static str> {
         let cs = self.cluster_size();
         let hit = |start: u64, size: u64| start < off + len && off < start + size;
         if hit(0, cs) {
@@ -294,7 +304,7 @@ impl Meta {
         let last = (off + len - 1) / cs;
         for c in first..=last {
             let o = c * cs;
-            if self.l2_tables.contains(&o) {
+            if with_l2 && self.l2_tables.contains(&o) {
                 return Some("an L2 table");
             }
             if self.rc.blocks.contains(&o) {

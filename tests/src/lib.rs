@@ -4,7 +4,22 @@
 //! are missing, so a CI machine without QEMU turns red instead of passing vacuously.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+
+/// Runs a command to completion with no input.
+pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
+    cmd.stdin(Stdio::null()).output()
+}
+
+/// Opens an image through the registry.
+pub fn open_image(
+    reg: &formats::Registry,
+    path: &Path,
+    fmt: Option<&str>,
+    opts: &blockdev::OpenOptions,
+) -> blockdev::Result<std::sync::Arc<dyn blockdev::BlockDriver>> {
+    reg.open(s(path), fmt, opts).map(|o| o.driver)
+}
 
 /// The result of running a command.
 #[derive(Debug, Clone)]
@@ -58,7 +73,7 @@ pub fn run_in(dir: Option<&Path>, program: &Path, args: &[&str]) -> Run {
         c.current_dir(d);
     }
     c.env("LC_ALL", "C");
-    c.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display())).into()
+    output(&mut c).unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display())).into()
 }
 
 /// Runs qemu-img.
@@ -77,7 +92,7 @@ pub fn vdisk_as_qemu_img(bin: &Path, args: &[&str]) -> Run {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new(bin);
     c.arg0("qemu-img").args(args).env("LC_ALL", "C");
-    c.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display())).into()
+    output(&mut c).unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display())).into()
 }
 
 /// Writes `pattern` bytes at `offset..offset+len` of `image` (format `fmt`) with qemu-io.

@@ -57,7 +57,7 @@ fn exercise(dir: &Path, name: &str, opts: &[(&str, &str)], size: u64, backing: O
         model_write(&mut model, 0, &content);
     }
     reg.create("qcow2", s(&img), &o).unwrap_or_else(|e| panic!("{name}: create: {e}"));
-    let d = reg.open(s(&img), Some("qcow2"), &OpenOptions::read_write()).unwrap().driver;
+    let d = vdisk_tests::open_image(&reg, &img, Some("qcow2"), &OpenOptions::read_write()).unwrap();
     let cs: u64 = opts
         .iter()
         .find(|(k, _)| *k == "cluster_size")
@@ -174,7 +174,7 @@ fn images_qemu_writes_read_identically() {
         let raw = d.path().join(format!("{name}.raw"));
         qemu_img(&["convert", "-O", "raw", s(&img), s(&raw)]).ok();
         let want = std::fs::read(&raw).unwrap();
-        let drv = reg.open(s(&img), Some("qcow2"), &OpenOptions::default()).unwrap().driver;
+        let drv = vdisk_tests::open_image(&reg, &img, Some("qcow2"), &OpenOptions::default()).unwrap();
         let mut got = vec![0u8; want.len()];
         drv.read_exact_at(0, &mut got).unwrap();
         assert!(got == want, "{name}: vdisk reads differently from qemu-img");
@@ -185,7 +185,7 @@ fn images_qemu_writes_read_identically() {
     for t in ["zlib", "zstd"] {
         let img = d.path().join(format!("c-{t}.qcow2"));
         qemu_img(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={t}"), s(&src), s(&img)]).ok();
-        let drv = reg.open(s(&img), None, &OpenOptions::default()).unwrap().driver;
+        let drv = vdisk_tests::open_image(&reg, &img, None, &OpenOptions::default()).unwrap();
         let mut got = vec![0u8; 4 << 20];
         drv.read_exact_at(0, &mut got).unwrap();
         assert!(got == std::fs::read(&src).unwrap(), "{t}");

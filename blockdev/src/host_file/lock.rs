@@ -95,6 +95,14 @@ impl LockState {
         result
     }
 
+    /// Drops every lock this file holds. Called before the descriptor is closed: a child process
+    /// forked meanwhile may still hold a duplicate of the descriptor for a moment (until its exec
+    /// closes it), and locks belong to the open file description, so closing alone could leave the
+    /// image looking locked after vdisk is done with it.
+    pub(crate) fn release(&mut self, fd: RawFd) {
+        let _ = self.set_bytes(fd, Perms::NONE, Perms::NONE);
+    }
+
     fn set_bytes(&mut self, fd: RawFd, perm: Perms, unshared: Perms) -> Result<()> {
         for bit in 0..4 {
             set_one(fd, PERM_BASE + bit as u64, perm.has_bit(bit), self.held_perm.has_bit(bit))?;

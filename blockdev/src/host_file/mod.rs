@@ -438,6 +438,15 @@ impl Storage for HostFile {
     }
 }
 
+impl Drop for HostFile {
+    fn drop(&mut self) {
+        if self.locking {
+            let fd = self.file.as_raw_fd();
+            self.locks.get_mut().unwrap_or_else(|p| p.into_inner()).release(fd);
+        }
+    }
+}
+
 fn zero_tail(bufs: &mut [IoSliceMut<'_>], mut filled: u64) {
     for b in bufs.iter_mut() {
         let n = b.len() as u64;
