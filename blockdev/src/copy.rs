@@ -220,6 +220,7 @@ struct Shared<'a> {
     offload: AtomicBool,
     src_storage: Option<Arc<dyn Storage>>,
     dst_storage: Option<Arc<dyn Storage>>,
+    ordered: bool,
 }
 
 impl Copy<'_> {
@@ -237,6 +238,10 @@ impl Copy<'_> {
         let src_storage = self.src.identity_storage();
         let dst_storage = self.dst.identity_storage();
         let offload = self.opts.offload && src_storage.is_some() && dst_storage.is_some();
+        // Write order only shapes the layout of targets that allocate as they are written; a target
+        // that maps 1:1 onto its file (raw) ends up identical either way, so its writes go out as
+        // soon as they are ready.
+        let ordered = self.opts.in_order && dst_storage.is_none();
         let shared = Shared {
             planner: Mutex::new(Planner {
                 copy: self,
@@ -254,6 +259,7 @@ impl Copy<'_> {
             offload: AtomicBool::new(offload),
             src_storage,
             dst_storage,
+            ordered,
         };
         let workers = self.opts.workers.clamp(1, 64);
         std::thread::scope(|scope| {
@@ -325,7 +331,7 @@ impl Copy<'_> {
                 (Some(unit), true) => Some(self.compress_job(&b[..job.len as usize], unit)?),
                 _ => None,
             };
-            if self.opts.in_order && !self.wait_turn(sh, job.seq) {
+            if sh.ordered && !self.wait_turn(sh, job.seq) {
                 return Ok(());
             }
             let result = if let Some(units) = packed {
@@ -342,7 +348,7 @@ impl Copy<'_> {
                 let msg = format!("error while writing at byte {at}: {}", e.message());
                 e.with_message(msg)
             });
-            if self.opts.in_order {
+            if sh.ordered {
                 let mut next = sh.next_write.lock().unwrap_or_else(|p| p.into_inner());
                 *next += 1;
                 sh.write_turn.notify_all();
