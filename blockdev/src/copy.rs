@@ -395,7 +395,8 @@ impl Copy<'_> {
             .ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
         data.chunks(unit as usize)
             .map(|chunk| {
-                if is_zero(chunk) {
+                // Zero clusters are left out, unless -S 0 asked for everything to be written.
+                if self.opts.min_sparse != 0 && is_zero(chunk) {
                     return Ok(None);
                 }
                 let mut full = chunk.to_vec();

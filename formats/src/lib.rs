@@ -13,6 +13,7 @@
 //! share everything.
 
 pub mod file;
+pub mod json_name;
 pub mod raw;
 
 use std::sync::Arc;
@@ -105,6 +106,18 @@ impl Registry {
     }
 
     fn open_in_chain(&self, filename: &str, format: Option<&str>, opts: &OpenOptions, chain: &Chain) -> Result<Opened> {
+        if let Some(json) = filename.strip_prefix("json:") {
+            let spec = json_name::parse(json)?;
+            let fmt = match (format, spec.driver.as_deref()) {
+                (Some(f), Some(d)) if f != d => {
+                    return Err(Error::invalid_argument(format!(
+                        "Cannot use image format '{f}' with a json: name that says driver '{d}'"
+                    )))
+                }
+                (f, d) => f.or(d).map(str::to_string),
+            };
+            return self.open_in_chain(&spec.filename, fmt.as_deref(), opts, chain);
+        }
         if opts.force_share && !opts.read_only {
             return Err(Error::invalid_argument("force-share=on can only be used with read-only images"));
         }
@@ -114,6 +127,8 @@ impl Registry {
             }
             None => None,
         };
+        let local = local_path(filename);
+        let filename = local.as_str();
         let file = HostFile::open(
             filename,
             &HostOpenOptions {
@@ -215,12 +230,26 @@ impl Opener for Registry {
     fn create_storage(&self, name: &str, opts: &CreateOptions) -> Result<Arc<dyn Storage>> {
         let size = opts.get_size("size")?.unwrap_or(0);
         let prealloc = file::file_prealloc(opts)?;
-        let f: Arc<dyn Storage> = file::create_file(name, size, prealloc)?;
+        let f: Arc<dyn Storage> = file::create_file(&local_path(name), size, prealloc)?;
         Ok(f)
     }
 }
 
 pub use blockdev::info::storage_info;
+
+/// The local path a file name refers to: a `file:` prefix is dropped, and a name whose first
+/// colon comes before any slash (which qemu would read as a protocol prefix) gets `./` in front,
+/// the way qemu spells such names in messages and `info`.
+pub fn local_path(name: &str) -> String {
+    let rest = name.strip_prefix("file:").unwrap_or(name);
+    let colon = rest.find(':');
+    let slash = rest.find('/');
+    match (colon, slash) {
+        (Some(_), None) => format!("./{rest}"),
+        (Some(c), Some(s)) if c < s => format!("./{rest}"),
+        _ => rest.to_string(),
+    }
+}
 
 /// A container's length rounded up to whole 512-byte sectors: the size qemu reports for files
 /// and raw images.

@@ -151,11 +151,11 @@ pub fn img_create(reg: &Registry, req: &CreateRequest<'_>) -> Result<(), String>
     }
     reg.create(req.fmt, req.filename, &opts).map_err(|e| {
         if e.errno() == Some(libc::EFBIG) {
-            let hint = if opts.get_size("cluster_size").ok().flatten().unwrap_or(0) != 0 {
-                " (try using a larger cluster size)"
-            } else {
-                ""
-            };
+            // qemu reads cluster_size with its default, so formats that have the option always hint.
+            let cluster_size = opts.get_size("cluster_size").ok().flatten().or_else(|| {
+                specs.iter().find(|s| s.name == "cluster_size").and_then(|s| s.default).and_then(|d| d.parse().ok())
+            });
+            let hint = if cluster_size.unwrap_or(0) != 0 { " (try using a larger cluster size)" } else { "" };
             format!("The image size is too large for file format '{}'{hint}", req.fmt)
         } else {
             e.message().to_string()

@@ -1,0 +1,87 @@
+//! `json:{...}` image names, as qemu-img accepts them wherever a file name goes.
+//!
+//! The object is flattened to qemu's dotted option keys (`{"file": {"filename": "x"}}` becomes
+//! `file.filename=x`). vdisk understands the format driver (`driver`), the file
+//! (`file.filename`, `file` as a string, or `filename`) and a `file.driver` of `file` or
+//! `host_device`; any other option is refused with qemu's message rather than ignored.
+
+use blockdev::{Error, Result};
+use serde_json::Value;
+
+/// What a `json:` name asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonName {
+    /// The image file.
+    pub filename: String,
+    /// The format driver, if named.
+    pub driver: Option<String>,
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.clone())),
+    }
+}
+
+/// Parses the part after `json:`.
+pub fn parse(text: &str) -> Result<JsonName> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|_| Error::invalid_argument("Could not parse the JSON options"))?;
+    if !v.is_object() {
+        return Err(Error::invalid_argument("Invalid JSON object given"));
+    }
+    let mut flat = Vec::new();
+    flatten("", &v, &mut flat);
+    let mut filename = None;
+    let mut driver = None;
+    for (k, v) in &flat {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => {
+                if *b {
+                    "on".into()
+                } else {
+                    "off".into()
+                }
+            }
+            _ => String::new(),
+        };
+        match k.as_str() {
+            "driver" => driver = Some(text),
+            "file" | "file.filename" | "filename" => filename = Some(text),
+            "file.driver" if text == "file" || text == "host_device" => {}
+            "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
+            "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
+            _ => {
+                let fmt = driver.clone().unwrap_or_else(|| "raw".into());
+                return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option '{k}'")));
+            }
+        }
+    }
+    let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
+    Ok(JsonName { filename, driver })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_and_dotted_forms() {
+        let a = parse(r#"{"driver":"qcow2","file":{"driver":"file","filename":"/x.qcow2"}}"#).unwrap();
+        assert_eq!(a, JsonName { filename: "/x.qcow2".into(), driver: Some("qcow2".into()) });
+        let b = parse(r#"{"driver":"raw","file.filename":"y"}"#).unwrap();
+        assert_eq!(b.filename, "y");
+        assert!(parse("{").unwrap_err().message().contains("Could not parse"));
+        assert!(parse("[1]").unwrap_err().message().contains("Invalid JSON object"));
+        assert!(parse(r#"{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).is_err());
+        assert!(parse(r#"{"driver":"raw"}"#).is_err());
+    }
+}
