@@ -14,6 +14,7 @@
 //! what must be serialised and never hold a lock across data I/O.
 
 pub mod buffer;
+pub mod compare;
 mod concat;
 pub mod copy;
 mod driver;

@@ -2,10 +2,12 @@
 
 pub mod bench;
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod dd;
 pub mod info;
+pub mod map;
 pub mod measure;
 
 use blockdev::size::{parse_size, SizeError};
@@ -91,10 +93,12 @@ pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
     match name {
         "bench" => bench::run(args),
         "check" => check::run(args),
+        "compare" => compare::run(args),
         "convert" => convert::run(args),
         "create" => create::run(args),
         "dd" => dd::run(args),
         "info" => info::run(args),
+        "map" => map::run(args),
         "measure" => measure::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
     }
