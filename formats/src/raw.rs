@@ -196,7 +196,18 @@ impl blockdev::BlockDriver for RawDriver {
         if max_len == 0 {
             return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
         }
-        let (data, len) = self.storage.data_status(offset, max_len)?;
+        let (data, mut len) = self.storage.data_status(offset, max_len)?;
+        // Data that ends with an unaligned end of file covers the rest of the last aligned block
+        // when the file needs aligned requests (O_DIRECT), as qemu rounds block status to its
+        // request alignment; with byte-granular access the tail reads as a hole.
+        let align = self.storage.alignment().request as u64;
+        if data && align > 1 {
+            let file_len = self.storage.len()?;
+            if file_len % align != 0 && offset + len == file_len {
+                len = (file_len.div_ceil(align) * align).min(size) - offset;
+                len = len.min(max_len);
+            }
+        }
         let kind = if data { ExtentKind::Data } else { ExtentKind::Zero };
         let len = len.clamp(1, max_len);
         Ok(Extent::mapped(len, kind, Arc::from(self.storage.name()), offset))
