@@ -9,6 +9,7 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod resize;
 
 use blockdev::size::{parse_size, SizeError};
 use formats::Registry;
@@ -100,6 +101,7 @@ pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
         "info" => info::run(args),
         "map" => map::run(args),
         "measure" => measure::run(args),
+        "resize" => resize::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
     }
 }
