@@ -49,14 +49,18 @@ pub struct CopyOptions {
     pub offload: bool,
     /// The target already reads as zeros everywhere (new image, or `--target-is-zero`).
     pub target_zeroed: bool,
-    /// Only copy what the source's top image allocates; leave the rest for the target's backing
-    /// file (`convert -B`, `commit`).
-    pub top_only: bool,
+    /// Only copy what the source chain allocates above this depth (1 = the top image alone, as
+    /// `convert -B`; the depth of the base for `commit`); leave the rest alone. `None` copies the
+    /// whole chain's view.
+    pub above: Option<u32>,
     /// Largest data job, in bytes.
     pub buf_size: usize,
     /// Keep going past read errors: unreadable 512-byte sectors are written as zeros and reported
     /// through the warning callback (`--salvage`).
     pub salvage: bool,
+    /// Look for zero runs inside data (qemu-img convert does; commit writes data as it is and only
+    /// turns ranges the source marks as zero into zeroes).
+    pub detect_zeroes: bool,
     /// Write data compressed, a whole target cluster at a time (`-c`); the target must implement
     /// [`crate::CompressedWrite`]. Clusters are compressed by the workers in parallel.
     pub compress: bool,
@@ -71,10 +75,11 @@ impl Default for CopyOptions {
             alignment: 4096,
             offload: false,
             target_zeroed: false,
-            top_only: false,
+            above: None,
             buf_size: DEFAULT_BUF_SIZE,
             salvage: false,
             compress: false,
+            detect_zeroes: true,
         }
     }
 }
@@ -121,7 +126,7 @@ struct Job {
 
 /// A source range, target range and the options: everything a copy needs.
 pub struct Copy<'a> {
-    /// Source disk (its backing chain is followed unless `top_only`).
+    /// Source disk (its backing chain is followed, down to `opts.above`).
     pub src: &'a dyn BlockDriver,
     /// First source byte.
     pub src_offset: u64,
@@ -148,13 +153,22 @@ impl Planner<'_> {
     fn classify(&self, offset: u64, max: u64) -> Result<(JobKind, u64)> {
         let c = self.copy;
         let src_pos = c.src_offset + offset;
-        let (ext, _) =
-            if c.opts.top_only { (c.src.block_status(src_pos, max)?, 0) } else { chain_status(c.src, src_pos, max)? };
+        let (ext, depth) = match chain_status(c.src, src_pos, max) {
+            Ok(s) => s,
+            // Salvaging: if the map cannot be read, read the data itself, a sector at a time.
+            Err(_) if c.opts.salvage => return Ok((JobKind::Data, max.min(SECTOR))),
+            Err(e) => {
+                let msg = format!("error while reading block status at offset {src_pos}: {}", e.message());
+                return Err(e.with_message(msg));
+            }
+        };
         let len = ext.len.clamp(1, max);
+        let below = c.opts.above.is_some_and(|limit| depth >= limit);
         let kind = match ext.kind {
+            _ if below => JobKind::Skip,
             ExtentKind::Data => JobKind::Data,
             ExtentKind::Zero => JobKind::Zero,
-            ExtentKind::Unallocated if c.opts.top_only => JobKind::Skip,
+            ExtentKind::Unallocated if c.opts.above.is_some() => JobKind::Skip,
             ExtentKind::Unallocated => JobKind::Zero,
         };
         Ok((kind, len))
@@ -458,7 +472,7 @@ impl Copy<'_> {
     }
 
     fn write_data(&self, sh: &Shared<'_>, job: Job, data: &[u8]) -> Result<()> {
-        if self.opts.min_sparse == 0 {
+        if self.opts.min_sparse == 0 || (!self.opts.detect_zeroes && job.kind == JobKind::Data) {
             self.dst.write_at(self.dst_offset + job.offset, &[IoSlice::new(data)])?;
             sh.add(|s| s.written += job.len);
             return Ok(());

@@ -178,6 +178,56 @@ pub trait BlockDriver: Send + Sync + Debug {
     fn compressed(&self) -> Option<&dyn CompressedWrite> {
         None
     }
+
+    /// Changing creation options of an existing image (`amend`), if the format can.
+    fn amend(&self) -> Option<&dyn Amend> {
+        None
+    }
+
+    /// Internal snapshots, if the format has them.
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        None
+    }
+
+    /// Changing the backing file and emptying the image (`rebase`, `commit`), if the format has
+    /// backing files.
+    fn backing_ops(&self) -> Option<&dyn BackingOps> {
+        None
+    }
+}
+
+/// Internal snapshots (`qemu-img snapshot`).
+pub trait Snapshots {
+    /// The snapshots, in table order.
+    fn list(&self) -> Result<Vec<crate::info::SnapshotInfo>>;
+
+    /// Takes a snapshot called `name` at the given wall-clock time.
+    fn create(&self, name: &str, date_sec: i64, date_nsec: i64) -> Result<()>;
+
+    /// Reverts the disk to the snapshot whose id or name is `id_or_name`.
+    fn apply(&self, id_or_name: &str) -> Result<()>;
+
+    /// Deletes the snapshot with this id and name.
+    fn delete(&self, id: &str, name: &str) -> Result<()>;
+}
+
+/// Backing-file operations of formats that have backing files.
+pub trait BackingOps {
+    /// Records a new backing file name and format (or none) without touching data.
+    fn set_backing(&self, name: Option<&str>, format: Option<&str>) -> Result<()>;
+
+    /// Drops every allocation of this image so that all reads fall through to the backing file.
+    fn make_empty(&self) -> Result<()>;
+}
+
+/// Changing an image's options after creation (`qemu-img amend`).
+pub trait Amend {
+    /// The options `amend` accepts, in the format's order.
+    fn amend_options(&self) -> &'static [crate::options::OptionSpec];
+
+    /// Applies the options given in `opts` (only those; the others keep their values).
+    /// `progress` receives the share done (0.0 to 1.0); `force` allows risky changes.
+    fn amend(&self, opts: &crate::options::CreateOptions, force: bool, progress: &mut dyn FnMut(f32)) -> Result<()>;
 }
 
 impl dyn BlockDriver {

@@ -238,6 +238,11 @@ pub trait Format: Send + Sync {
         false
     }
 
+    /// The options `amend` accepts, if the format supports amendment (for `amend -f FMT -o help`).
+    fn amend_options(&self) -> Option<&'static [OptionSpec]> {
+        None
+    }
+
     /// Whether the format can store compressed clusters (`convert -c`).
     fn can_compress(&self) -> bool {
         false

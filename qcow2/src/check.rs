@@ -17,7 +17,6 @@ use crate::cache::get_u64;
 use crate::driver::Qcow2;
 use crate::entry::{COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
 use crate::meta::Meta;
-use crate::refcount::write_entry;
 
 /// Expected reference counts, one per host cluster.
 struct Counts {
@@ -375,57 +374,11 @@ impl Qcow2 {
         Ok(res)
     }
 
-    /// Writes a fresh refcount table and blocks holding `counts` (plus the new structures
-    /// themselves) after the end of the image, then switches the header to them.
+    /// Writes a fresh refcount structure holding `counts` (see `Meta::install_refcounts`).
     fn rebuild(&self, m: &mut Meta, counts: &Counts) -> Result<()> {
-        let io = self.file.as_ref();
-        let cs = m.cluster_size();
-        let per = m.rc.block_entries();
-        let mut counts: Vec<u64> = counts.counts.iter().map(|&c| c as u64).collect();
-        // The old structure is dropped: its clusters are not counted (they become free).
-        let first = counts.iter().rposition(|&c| c > 0).map(|p| p as u64 + 1).unwrap_or(1);
-        // Lay out: blocks for [0, end) followed by the table, iterating to a fixed point.
-        let (mut blocks, mut table_clusters) = (0u64, 1u64);
-        loop {
-            let end = first + blocks + table_clusters;
-            let need_blocks = end.div_ceil(per);
-            let need_table = (need_blocks * 8).div_ceil(cs);
-            if need_blocks == blocks && need_table == table_clusters {
-                break;
-            }
-            blocks = need_blocks;
-            table_clusters = need_table;
-        }
-        let end = first + blocks + table_clusters;
-        counts.resize(end as usize, 0);
-        for c in first..end {
-            counts[c as usize] = 1;
-        }
+        let counts: Vec<u64> = counts.counts.iter().map(|&c| c as u64).collect();
         let order = m.rc.order;
-        let max = m.rc.max_value();
-        let mut table = vec![0u8; (table_clusters * cs) as usize];
-        for b in 0..blocks {
-            let mut block = vec![0u8; cs as usize];
-            for i in 0..per {
-                let c = b * per + i;
-                if let Some(&v) = counts.get(c as usize) {
-                    write_entry(&mut block, order, i as usize, v.min(max));
-                }
-            }
-            let off = (first + b) * cs;
-            write_all_at(io, off, &block)?;
-            table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
-        }
-        let table_off = (first + blocks) * cs;
-        write_all_at(io, table_off, &table)?;
-        io.flush()?;
-        m.h.refcount_table_offset = table_off;
-        m.h.refcount_table_clusters = table_clusters as u32;
-        m.write_header(io, false)?;
-        io.flush()?;
-        m.rc = crate::refcount::Refcounts::load(io, table_off, table_clusters, order, m.geo.cluster_bits, 64)?;
-        m.frees.clear();
-        Ok(())
+        m.install_refcounts(self.file.as_ref(), counts, order)
     }
 
     /// Rebuilds refcounts of an image left dirty by lazy refcounts, then clears the dirty bit.

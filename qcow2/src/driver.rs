@@ -314,6 +314,14 @@ impl BlockDriver for Qcow2 {
     fn compressed(&self) -> Option<&dyn blockdev::CompressedWrite> {
         Some(self)
     }
+
+    fn amend(&self) -> Option<&dyn blockdev::Amend> {
+        Some(self)
+    }
+
+    fn backing_ops(&self) -> Option<&dyn blockdev::BackingOps> {
+        Some(self)
+    }
 }
 
 impl Drop for Qcow2 {

@@ -24,6 +24,8 @@
 //! is read; data writes that would land on metadata are refused and the image is marked corrupt;
 //! entries breaking the format's rules are reported as corruption instead of being followed.
 
+mod amend;
+mod backing;
 mod cache;
 mod check;
 mod compress;
@@ -37,6 +39,7 @@ pub mod limits;
 mod measure;
 mod meta;
 mod open;
+mod rebuild;
 mod refcount;
 mod resize;
 mod write;
@@ -97,5 +100,9 @@ impl Format for Qcow2Format {
 
     fn can_compress(&self) -> bool {
         true
+    }
+
+    fn amend_options(&self) -> Option<&'static [OptionSpec]> {
+        Some(amend::AMEND_OPTIONS)
     }
 }

@@ -278,10 +278,11 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             alignment: pow2floor(a.min_sparse).max(request_align),
             offload: p.has("C"),
             target_zeroed: zero_init,
-            top_only: target_backing.is_some(),
+            above: target_backing.is_some().then_some(1),
             buf_size: DEFAULT_BUF_SIZE,
             salvage: p.has("salvage"),
             compress: p.has("c"),
+            detect_zeroes: true,
         },
     };
     let total = if p.has("p") && !a.quiet { count_data(&copy).map_err(CliError::from)? } else { 0 };

@@ -166,10 +166,11 @@ pub fn run(args: &[String]) -> CmdResult {
             alignment: 512,
             offload: false,
             target_zeroed: false,
-            top_only: false,
+            above: None,
             buf_size: DEFAULT_BUF_SIZE,
             salvage: false,
             compress: false,
+            detect_zeroes: true,
         },
     };
     if copy.len > 0 {

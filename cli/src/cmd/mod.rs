@@ -1,7 +1,10 @@
 //! The subcommands, one module each, and what they share.
 
+pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -9,7 +12,9 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
+pub mod snapshot;
 
 use blockdev::size::{parse_size, SizeError};
 use formats::Registry;
@@ -92,8 +97,11 @@ pub fn registry() -> Registry {
 /// Runs the command `name`.
 pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
     match name {
+        "amend" => amend::run(args),
         "bench" => bench::run(args),
+        "bitmap" => bitmap::run(args),
         "check" => check::run(args),
+        "commit" => commit::run(args),
         "compare" => compare::run(args),
         "convert" => convert::run(args),
         "create" => create::run(args),
@@ -101,7 +109,9 @@ pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
         "info" => info::run(args),
         "map" => map::run(args),
         "measure" => measure::run(args),
+        "rebase" => rebase::run(args),
         "resize" => resize::run(args),
+        "snapshot" => snapshot::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
     }
 }

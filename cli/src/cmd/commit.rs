@@ -1,0 +1,146 @@
+//! `commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit]
+//! [-d] [-p] filename`
+//!
+//! Everything the image (and any image between it and the base) allocates is copied into the base,
+//! which grows if it is smaller; then the image is emptied so that it shows the base through,
+//! unless `-d` (or `-b`, which implies it) keeps it.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use blockdev::copy::{Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE};
+use blockdev::{BlockDriver, CacheMode, OpenOptions, ResizeOptions};
+
+use crate::args::{flag, opt, parse, Opt};
+use crate::cmd::{cvtnum, registry};
+use crate::common::{cache_mode, img_open, Objects, OpenRequest};
+use crate::progress::Progress;
+use crate::report::{CliError, CmdResult};
+
+const OPTS: &[Opt] = &[
+    opt("f", Some('f'), None),
+    opt("t", Some('t'), None),
+    opt("b", Some('b'), None),
+    flag("d", Some('d'), None),
+    flag("p", Some('p'), None),
+    flag("q", Some('q'), None),
+    opt("r", Some('r'), None),
+    opt("object", None, Some("object")),
+    flag("image-opts", None, Some("image-opts")),
+];
+
+/// Runs `commit`.
+pub fn run(args: &[String]) -> CmdResult {
+    let p = parse(args, OPTS)?;
+    if p.has("help") {
+        return crate::cmd::help();
+    }
+    if let Some(r) = p.value("r") {
+        cvtnum("rate limit", r)?;
+    }
+    Objects::parse(p.values("object"))?;
+    let quiet = p.has("q");
+    if p.positional.len() != 1 {
+        return Err(CliError::usage("Expecting one image file name"));
+    }
+    let name = &p.positional[0];
+    let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
+    let drop_top = p.has("d") || p.has("b");
+    let reg = registry();
+    // Read through the whole chain without taking write permission on any of it.
+    let view = OpenOptions { force_share: true, ..OpenOptions::default() };
+    let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
+    let progress = Progress::new(p.has("p") && !quiet, 1.0);
+    progress.set(0.0);
+    let result = commit(&reg, &top, p.value("b"), name, cache, &progress);
+    let result = result.and_then(|()| {
+        if drop_top {
+            return Ok(());
+        }
+        let fmt = top.format();
+        drop(top);
+        let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
+        let rw = img_open(&reg, &OpenRequest { name, fmt: Some(fmt), image_opts: p.has("image-opts"), opts })?;
+        if let Some(ops) = rw.backing_ops() {
+            ops.make_empty()?;
+        }
+        rw.close()?;
+        Ok(())
+    });
+    if result.is_ok() {
+        progress.set(100.0);
+    }
+    progress.end();
+    result?;
+    if !quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+fn commit(
+    reg: &formats::Registry,
+    top: &Arc<dyn BlockDriver>,
+    base_name: Option<&str>,
+    name: &str,
+    cache: CacheMode,
+    progress: &Progress,
+) -> Result<(), CliError> {
+    // Find the base and how deep it is in the chain.
+    let mut depth = 0u32;
+    let mut cur = top.clone();
+    let base = loop {
+        let Some(b) = cur.backing() else {
+            return Err(match base_name {
+                Some(bn) => CliError::new(format!("Did not find '{bn}' in the backing chain of '{name}'")),
+                None => CliError::new("Image does not have a backing file"),
+            });
+        };
+        depth += 1;
+        match base_name {
+            None => break b,
+            Some(bn) if same_file(bn, b.filename()) => break b,
+            Some(_) => cur = b,
+        }
+    };
+    let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
+    let base_rw = reg
+        .open(base.filename(), Some(base.format()), &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())))?
+        .driver;
+    if base_rw.size() < top.size() {
+        base_rw.resize(top.size(), &ResizeOptions::default())?;
+    }
+    let copy = Copy {
+        src: top.as_ref(),
+        src_offset: 0,
+        dst: base_rw.as_ref(),
+        dst_offset: 0,
+        len: top.size(),
+        opts: CopyOptions {
+            detect_zeroes: false,
+            above: Some(depth),
+            buf_size: DEFAULT_BUF_SIZE,
+            ..CopyOptions::default()
+        },
+    };
+    let total = blockdev::copy::count_data(&copy)?;
+    let on_progress = |pr: CopyProgress| {
+        if total > 0 {
+            progress.set((pr.done as f64 * 100.0 / total as f64) as f32);
+        }
+    };
+    copy.run(&on_progress, &|_| {}, &AtomicBool::new(false), total)
+        .map_err(|e| CliError::new(format!("Block job failed: {}", e.message())))?;
+    base_rw.close()?;
+    Ok(())
+}
+
+/// Whether two names refer to the same file.
+fn same_file(a: &str, b: &str) -> bool {
+    a == b
+        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
+}

@@ -1,0 +1,212 @@
+//! `rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p]
+//! [-u] [-c] -b backing_file [-F backing_fmt] filename`
+//!
+//! Safe mode keeps what the guest sees: wherever the image itself allocates nothing, the old and
+//! new backing files are compared (in units of the image's subclusters, clusters when
+//! compressing) and differing units are copied from the old view into the image before the
+//! backing file name changes. Unsafe mode (`-u`) only changes the name.
+
+use std::io::IoSliceMut;
+use std::sync::Arc;
+
+use blockdev::{resolve_reference, BlockDriver, CacheMode, ExtentKind, OpenOptions, ZeroFlags};
+
+use crate::args::{flag, opt, parse, Opt};
+use crate::cmd::registry;
+use crate::common::{cache_mode, img_open, Objects, OpenRequest};
+use crate::progress::Progress;
+use crate::report::{error_report, CliError, CmdResult};
+
+const OPTS: &[Opt] = &[
+    opt("f", Some('f'), None),
+    opt("F", Some('F'), None),
+    opt("b", Some('b'), None),
+    flag("u", Some('u'), None),
+    flag("p", Some('p'), None),
+    opt("t", Some('t'), None),
+    opt("T", Some('T'), None),
+    flag("q", Some('q'), None),
+    flag("U", Some('U'), Some("force-share")),
+    flag("c", Some('c'), None),
+    opt("object", None, Some("object")),
+    flag("image-opts", None, Some("image-opts")),
+];
+
+/// Largest unit compared at once.
+const CHUNK: u64 = 2 << 20;
+
+/// Runs `rebase`.
+pub fn run(args: &[String]) -> CmdResult {
+    let p = parse(args, OPTS)?;
+    if p.has("help") {
+        return crate::cmd::help();
+    }
+    Objects::parse(p.values("object"))?;
+    let quiet = p.has("q");
+    if p.positional.len() != 1 {
+        return Err(CliError::usage("Expecting one image file name"));
+    }
+    let unsafe_mode = p.has("u");
+    let new_name = p.value("b");
+    if !unsafe_mode && new_name.is_none() {
+        return Err(CliError::usage("Must specify backing file (-b) or use unsafe mode (-u)"));
+    }
+    let name = &p.positional[0];
+    let progress = Progress::new(p.has("p") && !quiet, 2.0);
+    progress.add(0.0, 100.0);
+    let result = rebase(&p, name, new_name, unsafe_mode, &progress);
+    progress.end();
+    result
+}
+
+fn rebase(
+    p: &crate::args::Parsed,
+    name: &str,
+    new_name: Option<&str>,
+    unsafe_mode: bool,
+    progress: &Progress,
+) -> CmdResult {
+    let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
+    let src_cache = cache_mode(p.value("T"), CacheMode::Writeback, "source cache")?;
+    let reg = registry();
+    let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
+    let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts })?;
+    if p.has("c") && top.compressed().is_none() {
+        return Err(CliError::new("Compression not supported for this file format"));
+    }
+    let new_fmt = p.value("F");
+    if let Some(f) = new_fmt {
+        if reg.format(f).is_none() {
+            return Err(CliError::new(format!("Invalid format name: '{f}'")));
+        }
+    }
+    let new_name = new_name.filter(|n| !n.is_empty());
+    if !unsafe_mode {
+        let info = top.info()?;
+        let src = OpenOptions { cache: src_cache, force_share: true, ..OpenOptions::default() };
+        let old: Option<Arc<dyn BlockDriver>> = match &info.full_backing_filename {
+            Some(path) => Some(
+                reg.open(path, info.backing_filename_format.as_deref(), &src)
+                    .map_err(|e| CliError::new(format!("Could not open old backing file '{path}': {}", e.message())))?
+                    .driver,
+            ),
+            None => None,
+        };
+        let new: Option<Arc<dyn BlockDriver>> = match new_name {
+            Some(n) => {
+                let path = resolve_reference(name, n);
+                let src = OpenOptions { force_share: p.has("U") || src.force_share, ..src.clone() };
+                Some(
+                    reg.open(&path, new_fmt, &src)
+                        .map_err(|e| CliError::new(format!("Could not open new backing file '{n}': {}", e.message())))?
+                        .driver,
+                )
+            }
+            None => None,
+        };
+        copy_differences(&top, old.as_deref(), new.as_deref(), p.has("c"), progress)?;
+    }
+    let ops = top.backing_ops();
+    let result = match ops {
+        Some(o) => o.set_backing(new_name, new_fmt),
+        None => Err(blockdev::Error::from_errno("rebase", libc::ENOTSUP)),
+    };
+    let shown = new_name.unwrap_or("");
+    match result {
+        Err(e) if e.errno() == Some(libc::ENOSPC) => {
+            error_report(&format!("Could not change the backing file to '{shown}': No space left in the file header"));
+            return Ok(1);
+        }
+        Err(e) => {
+            error_report(&format!("Could not change the backing file to '{shown}': {}", e.message()));
+            return Ok(1);
+        }
+        Ok(()) => {}
+    }
+    progress.set(100.0);
+    top.close()?;
+    Ok(0)
+}
+
+/// Writes into `top`, wherever it allocates nothing, the units where the old backing view differs
+/// from the new one.
+fn copy_differences(
+    top: &Arc<dyn BlockDriver>,
+    old: Option<&dyn BlockDriver>,
+    new: Option<&dyn BlockDriver>,
+    compress: bool,
+    progress: &Progress,
+) -> Result<(), CliError> {
+    let size = top.size();
+    let unit = if compress {
+        top.compressed().map(|c| c.compressed_unit()).unwrap_or(65536)
+    } else {
+        top.cluster_size().map(|c| c.min(subcluster(top.as_ref(), c))).unwrap_or(512)
+    };
+    let old_size = old.map(|b| b.size()).unwrap_or(0);
+    let new_size = new.map(|b| b.size()).unwrap_or(0);
+    let mut a = vec![0u8; CHUNK as usize];
+    let mut b = vec![0u8; CHUNK as usize];
+    let mut offset = 0u64;
+    while offset < size {
+        let ext = top.block_status(offset, (size - offset).min(CHUNK))?;
+        let mut n = ext.len.clamp(1, size - offset);
+        if ext.kind != ExtentKind::Unallocated {
+            offset += n;
+            progress.add(n as f32 / size as f32 * 100.0, 100.0);
+            continue;
+        }
+        // Align the run to whole units (they are unallocated as a whole).
+        let start = offset / unit * unit;
+        n = ((offset + n).div_ceil(unit) * unit).min(size) - start;
+        let n_old = old_size.saturating_sub(start).min(n) as usize;
+        let n_new = new_size.saturating_sub(start).min(n) as usize;
+        read_view(old, start, &mut a[..n as usize], n_old)
+            .map_err(|_| CliError::new("error while reading from old backing file"))?;
+        read_view(new, start, &mut b[..n as usize], n_new)
+            .map_err(|_| CliError::new("error while reading from new backing file"))?;
+        let mut done = 0u64;
+        while done < n {
+            let len = unit.min(n - done) as usize;
+            let (x, y) = (&a[done as usize..done as usize + len], &b[done as usize..done as usize + len]);
+            if x != y {
+                let at = start + done;
+                let r = if at >= old_size {
+                    top.write_zeroes(at, len as u64, ZeroFlags::default())
+                } else if compress && len as u64 == unit {
+                    let cw = top.compressed().ok_or_else(|| blockdev::Error::unsupported("compression"))?;
+                    let c = cw.compress(x)?;
+                    cw.write_compressed(at, x, c.as_deref())
+                } else {
+                    top.write_at(at, &[std::io::IoSlice::new(x)])
+                };
+                r.map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
+            }
+            done += len as u64;
+        }
+        progress.add((start + n - offset) as f32 / size as f32 * 100.0, 100.0);
+        offset = start + n;
+    }
+    Ok(())
+}
+
+fn subcluster(top: &dyn BlockDriver, cluster: u64) -> u64 {
+    // Images with extended L2 entries allocate in 1/32 of a cluster.
+    match top.info() {
+        Ok(i)
+            if i.format_specific.as_ref().and_then(|(_, d)| d.get("extended-l2").cloned())
+                == Some(blockdev::qobject::Value::Bool(true)) =>
+        {
+            cluster / 32
+        }
+        _ => cluster,
+    }
+}
+
+fn read_view(d: Option<&dyn BlockDriver>, at: u64, buf: &mut [u8], valid: usize) -> blockdev::Result<()> {
+    buf[valid..].fill(0);
+    if let (Some(d), true) = (d, valid > 0) {
+        d.read_at(at, &mut [IoSliceMut::new(&mut buf[..valid])])?;
+    }
+    Ok(())
+}

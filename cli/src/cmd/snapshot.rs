@@ -1,0 +1,82 @@
+//! `snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot |
+//! -d snapshot] filename`
+
+use blockdev::OpenOptions;
+
+use crate::args::{flag, opt, parse, Opt};
+use crate::cmd::registry;
+use crate::common::{img_open, Objects, OpenRequest};
+use crate::infofmt::{snapshot_header, snapshot_line};
+use crate::report::{CliError, CmdResult};
+
+const OPTS: &[Opt] = &[
+    flag("l", Some('l'), None),
+    opt("a", Some('a'), None),
+    opt("c", Some('c'), None),
+    opt("d", Some('d'), None),
+    flag("q", Some('q'), None),
+    flag("U", Some('U'), Some("force-share")),
+    opt("object", None, Some("object")),
+    flag("image-opts", None, Some("image-opts")),
+];
+
+/// Runs `snapshot`.
+pub fn run(args: &[String]) -> CmdResult {
+    let p = parse(args, OPTS)?;
+    if p.has("help") {
+        return crate::cmd::help();
+    }
+    let actions =
+        ["l", "a", "c", "d"].iter().map(|a| if p.has(a) { p.values(a).len().max(1) } else { 0 }).sum::<usize>();
+    if actions > 1 {
+        return Err(CliError::usage("Cannot mix '-l', '-a', '-c', '-d'"));
+    }
+    Objects::parse(p.values("object"))?;
+    if p.positional.len() != 1 {
+        return Err(CliError::usage("Expecting one image file name"));
+    }
+    let name = &p.positional[0];
+    let list = p.has("l");
+    let opts = OpenOptions { read_only: list, force_share: p.has("U"), ..OpenOptions::default() };
+    let drv = img_open(&registry(), &OpenRequest { name, fmt: None, image_opts: p.has("image-opts"), opts })?;
+    let snaps = drv.snapshots();
+    if list {
+        if let Some(s) = snaps {
+            let all = s.list()?;
+            if !all.is_empty() {
+                println!("Snapshot list:");
+                println!("{}", snapshot_header());
+                for sn in &all {
+                    println!("{}", snapshot_line(sn));
+                }
+            }
+        }
+    } else if let Some(tag) = p.value("c") {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let r = match snaps {
+            Some(s) => s.create(tag, now.as_secs() as i64, (now.subsec_micros() * 1000) as i64),
+            None => Err(blockdev::Error::from_errno("snapshot", libc::ENOTSUP)),
+        };
+        r.map_err(|e| CliError::new(format!("Could not create snapshot '{tag}': {}", e.message())))?;
+    } else if let Some(tag) = p.value("a") {
+        let r = match snaps {
+            Some(s) => s.apply(tag),
+            None => Err(blockdev::Error::unsupported("Block driver does not support snapshots")),
+        };
+        r.map_err(|e| CliError::new(format!("Could not apply snapshot '{tag}': {}", e.message())))?;
+    } else if let Some(tag) = p.value("d") {
+        let found = match snaps {
+            Some(s) => s.list()?.into_iter().find(|sn| sn.id == tag || sn.name == tag),
+            None => None,
+        };
+        let Some(sn) = found else {
+            return Err(CliError::new(format!("Could not delete snapshot '{tag}': snapshot not found")));
+        };
+        if let Some(s) = snaps {
+            s.delete(&sn.id, &sn.name)
+                .map_err(|e| CliError::new(format!("Could not delete snapshot '{tag}': {}", e.message())))?;
+        }
+    }
+    drv.close()?;
+    Ok(0)
+}

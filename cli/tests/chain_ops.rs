@@ -1,0 +1,161 @@
+//! `commit`, `rebase` and `amend` on qcow2 chains, checked against what qemu-img does to an
+//! identical chain: same visible content, same allocation, clean `qemu-img check`.
+
+use std::path::{Path, PathBuf};
+
+use vdisk_tests::{qemu_img, qemu_io, s, tempdir, vdisk_as_qemu_img, Run};
+
+fn vdisk(args: &[&str]) -> Run {
+    vdisk_as_qemu_img(Path::new(env!("CARGO_BIN_EXE_vdisk")), args)
+}
+
+/// base (16M) <- mid <- top, each with some data; returns (base, mid, top).
+fn chain(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{tag}"));
+    let mid = dir.join(format!("mid.{tag}"));
+    let top = dir.join(format!("top.{tag}"));
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 4M", "-c", "write -P 2 8M 1M", s(&base)]).ok();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&mid)]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 5 2M 1M", "-c", "write -P 6 10M 64k", s(&mid)]).ok();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&mid), "-F", "qcow2", s(&top), "20M"]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 3 1M 1M", "-c", "write -z 8M 64k", "-c", "write -P 4 18M 1M", s(&top)])
+        .ok();
+    (base, mid, top)
+}
+
+fn flat(img: &Path, out: &Path) {
+    qemu_img(&["convert", "-O", "raw", s(img), s(out)]).ok();
+}
+
+fn map(img: &Path) -> String {
+    qemu_img(&["map", "--output=json", s(img)]).ok().stdout.replace(".q\"", "\"").replace(".v\"", "\"")
+}
+
+#[test]
+fn commit_like_qemu_img() {
+    let d = tempdir();
+    for extra in [&[][..], &["-d"], &["-b", "BASE"]] {
+        let (qb, _qm, qt) = chain(d.path(), "q");
+        let (vb, _vm, vt) = chain(d.path(), "v");
+        let want = d.path().join("want.raw");
+        flat(&vt, &want);
+        let qa: Vec<&str> = ["commit"]
+            .into_iter()
+            .chain(extra.iter().map(|a| if *a == "BASE" { s(&qb) } else { a }))
+            .chain([s(&qt)])
+            .collect();
+        let va: Vec<&str> = ["commit"]
+            .into_iter()
+            .chain(extra.iter().map(|a| if *a == "BASE" { s(&vb) } else { a }))
+            .chain([s(&vt)])
+            .collect();
+        let q = qemu_img(&qa);
+        let v = vdisk(&va);
+        assert_eq!((q.code, &q.stdout), (v.code, &v.stdout), "{extra:?}: {}", v.stderr);
+        for img in [&vb, &vt] {
+            qemu_img(&["check", s(img)]).ok();
+        }
+        qemu_img(&["compare", s(&vt), s(&want)]).ok();
+        assert_eq!(map(&qt), map(&vt), "top after commit {extra:?}");
+        let base_q = d.path().join("bq.raw");
+        let base_v = d.path().join("bv.raw");
+        flat(&qb, &base_q);
+        flat(&vb, &base_v);
+        assert!(std::fs::read(&base_q).unwrap() == std::fs::read(&base_v).unwrap(), "base content {extra:?}");
+    }
+    let lonely = d.path().join("lonely.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&lonely), "1M"]).ok();
+    let v = vdisk(&["commit", s(&lonely)]);
+    assert_eq!((v.code, v.stderr.as_str()), (1, "qemu-img: Image does not have a backing file\n"));
+}
+
+#[test]
+fn rebase_keeps_content_and_matches_qemu_img() {
+    let d = tempdir();
+    for (mode, compress) in [("safe", false), ("safe", true), ("flatten", false), ("unsafe", false)] {
+        let (qb, _qm, qt) = chain(d.path(), "q");
+        let (vb, _vm, vt) = chain(d.path(), "v");
+        let want = d.path().join("want.raw");
+        flat(&vt, &want);
+        let (qn, vn) = match mode {
+            "flatten" => (String::new(), String::new()),
+            _ => (s(&qb).to_string(), s(&vb).to_string()),
+        };
+        let mut qa = vec!["rebase", "-b", qn.as_str()];
+        let mut va = vec!["rebase", "-b", vn.as_str()];
+        if !qn.is_empty() {
+            qa.extend(["-F", "qcow2"]);
+            va.extend(["-F", "qcow2"]);
+        }
+        if mode == "unsafe" {
+            qa.push("-u");
+            va.push("-u");
+        }
+        if compress {
+            qa.push("-c");
+            va.push("-c");
+        }
+        qa.push(s(&qt));
+        va.push(s(&vt));
+        let q = qemu_img(&qa);
+        let v = vdisk(&va);
+        assert_eq!((q.code, &q.stdout, &q.stderr), (v.code, &v.stdout, &v.stderr), "{mode}");
+        qemu_img(&["check", s(&vt)]).ok();
+        let info_q = qemu_img(&["info", "--output=json", s(&qt)]).ok().stdout;
+        let info_v = qemu_img(&["info", "--output=json", s(&vt)]).ok().stdout;
+        let pick = |t: &str| {
+            t.lines()
+                .filter(|l| l.contains("backing-filename"))
+                .map(|l| l.replace(".q\"", "").replace(".v\"", ""))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(&info_q), pick(&info_v), "{mode}: backing");
+        if mode != "unsafe" {
+            qemu_img(&["compare", s(&vt), s(&want)]).ok();
+            assert_eq!(map(&qt), map(&vt), "{mode} {compress}: allocation");
+        }
+    }
+}
+
+#[test]
+fn amend_changes_what_qemu_img_changes() {
+    let d = tempdir();
+    for (create, amend) in [
+        ("compat=1.1", "compat=0.10"),
+        ("compat=0.10", "compat=1.1"),
+        ("compat=1.1", "refcount_bits=1"),
+        ("compat=1.1", "refcount_bits=64"),
+        ("compat=1.1", "lazy_refcounts=on"),
+        ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off"),
+        ("compat=1.1", "size=32M"),
+    ] {
+        let q = d.path().join("a.q");
+        let v = d.path().join("a.v");
+        for p in [&q, &v] {
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", create, s(p), "16M"]).ok();
+            qemu_io(&["-f", "qcow2", "-c", "write -P 9 0 1M", "-c", "write -z 4M 1M", "-c", "write -P 8 15M 1M", s(p)])
+                .ok();
+        }
+        let want = d.path().join("want.raw");
+        flat(&v, &want);
+        let qr = qemu_img(&["amend", "-o", amend, s(&q)]);
+        let vr = vdisk(&["amend", "-o", amend, s(&v)]);
+        assert_eq!((qr.code, &qr.stdout, &qr.stderr), (vr.code, &vr.stdout, &vr.stderr), "{amend}");
+        qemu_img(&["check", s(&v)]).ok();
+        let iq = qemu_img(&["info", s(&q)]).ok().stdout.replace("a.q", "X");
+        let iv = qemu_img(&["info", s(&v)]).ok().stdout.replace("a.v", "X");
+        let strip = |t: &str| {
+            t.lines().filter(|l| !l.contains("disk size") && !l.contains("file length")).collect::<Vec<_>>().join("\n")
+        };
+        assert_eq!(strip(&iq), strip(&iv), "{amend}");
+        qemu_img(&["compare", "-F", "raw", s(&v), s(&want)]).ok();
+    }
+    let v = d.path().join("b.v");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&v), "1M"]).ok();
+    for bad in ["compat=0.42", "foo=bar", "cluster_size=1k", "preallocation=on", "backing_file=/nonexistent"] {
+        let q = qemu_img(&["amend", "-o", bad, s(&v)]);
+        let r = vdisk(&["amend", "-o", bad, s(&v)]);
+        assert_eq!((q.code, &q.stderr), (r.code, &r.stderr), "{bad}");
+    }
+}
