@@ -58,6 +58,9 @@ pub struct OpenOptions {
     /// Open for `check`/repair: images marked corrupt or lacking structures may be opened (qemu's
     /// `BDRV_O_CHECK`), and dirty images are not repaired automatically.
     pub for_check: bool,
+    /// The external data file to use instead of the one the image records (qcow2's
+    /// `data-file.filename` option).
+    pub data_file: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +76,7 @@ impl Default for OpenOptions {
             no_backing: false,
             no_io: false,
             for_check: false,
+            data_file: None,
         }
     }
 }
@@ -92,7 +96,14 @@ impl OpenOptions {
     /// The options for an image referenced from one opened with `self` (backing files are opened
     /// read-only and never exclusively).
     pub fn for_backing(&self) -> Self {
-        OpenOptions { read_only: true, exclusive: false, no_backing: false, for_check: false, ..self.clone() }
+        OpenOptions {
+            read_only: true,
+            exclusive: false,
+            no_backing: false,
+            for_check: false,
+            data_file: None,
+            ..self.clone()
+        }
     }
 }
 

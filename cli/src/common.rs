@@ -112,6 +112,8 @@ pub struct ImageOpts {
     pub direct: bool,
     /// `cache.no-flush=on`.
     pub no_flush: bool,
+    /// `data-file.filename=` (qcow2's external data file, overriding the image's record).
+    pub data_file: Option<String>,
     /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
     pub other: Vec<(String, String)>,
 }
@@ -191,6 +193,7 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         } else if io.no_flush {
             opts.cache = CacheMode::Unsafe;
         }
+        opts.data_file = io.data_file.clone();
         (io.filename, io.driver)
     } else {
         (req.name.to_string(), req.fmt.map(str::to_string))

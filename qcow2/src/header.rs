@@ -402,7 +402,15 @@ pub fn parse_extensions(h: &Header, cluster: &[u8], backing_offset: u64, backing
                 exts.backing_format = Some(String::from_utf8_lossy(data).into_owned());
             }
             ext::FEATURE_TABLE => {
-                for e in data.chunks_exact(48) {
+                // A later table replaces an earlier one; a short last entry is zero-padded and
+                // the table ends at the first entry without a name (as qemu reads it).
+                exts.feature_table.clear();
+                let mut padded = data.to_vec();
+                padded.resize(len.div_ceil(48) * 48, 0);
+                for e in padded.chunks_exact(48) {
+                    if e[2] == 0 {
+                        break;
+                    }
                     let name_len = e[2..].iter().position(|&c| c == 0).unwrap_or(46);
                     exts.feature_table.push(FeatureName {
                         kind: e[0],

@@ -34,6 +34,7 @@ mod create;
 mod driver;
 mod entry;
 pub mod header;
+mod imrt;
 mod iov;
 pub mod limits;
 mod measure;

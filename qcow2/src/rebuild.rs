@@ -59,17 +59,124 @@ impl Meta {
             table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
         }
         let table_off = (first + blocks) * cs;
-        write_all_at(io, table_off, &table)?;
+        self.h.refcount_order = order;
+        self.switch_reftable(io, table_off, &table, table_clusters)
+    }
+
+    /// Writes a fully prepared refcount table at `table_off`, points the header at it (after a
+    /// flush, so the header never names a table that is not on disk) and reloads the refcounts.
+    fn switch_reftable(&mut self, io: &dyn Storage, table_off: u64, table: &[u8], table_clusters: u64) -> Result<()> {
+        write_all_at(io, table_off, table)?;
         io.flush()?;
         self.h.refcount_table_offset = table_off;
         self.h.refcount_table_clusters = table_clusters as u32;
-        self.h.refcount_order = order;
         self.write_header(io, false)?;
         io.flush()?;
+        let cs = self.geo.cluster_size();
         let tables = (crate::limits::DEFAULT_REFCOUNT_CACHE_BYTES / cs)
             .clamp(crate::limits::MIN_CACHE_TABLES as u64, 4096) as usize;
+        let order = self.h.refcount_order;
         self.rc = Refcounts::load(io, table_off, table_clusters, order, self.geo.cluster_bits, tables)?;
         self.frees.clear();
         Ok(())
+    }
+}
+
+/// First run of `n` free clusters at or after `*first_free` in `counts` (growing it past the end
+/// if needed); marks them used and returns the first cluster index.
+fn alloc_counted(counts: &mut Vec<u64>, n: u64, first_free: &mut u64) -> u64 {
+    let mut cluster = *first_free;
+    let mut run = 0u64;
+    let mut first_gap = true;
+    while (cluster as usize) < counts.len() && run < n {
+        if counts[cluster as usize] == 0 {
+            run += 1;
+            if first_gap {
+                *first_free = cluster;
+                first_gap = false;
+            }
+        } else {
+            run = 0;
+        }
+        cluster += 1;
+    }
+    if run < n {
+        let need = (cluster + n - run) as usize;
+        counts.resize(need.max(counts.len()), 0);
+    }
+    let start = cluster - run;
+    for c in start..start + n {
+        counts[c as usize] = 1;
+    }
+    start
+}
+
+impl Meta {
+    /// Rebuilds the refcount structure from recounted references the way qemu's repair does (new
+    /// refcount blocks in the first free clusters of the range they describe, then the table in the
+    /// first free run), so that a repaired image has qemu's layout. The header switches to the new
+    /// table only after the blocks and table are written and synced.
+    pub fn rebuild_refcounts(&mut self, io: &dyn Storage, counts: &mut Vec<u64>) -> Result<()> {
+        let cs = self.cluster_size();
+        let order = self.h.refcount_order;
+        let per = (cs * 8) >> order;
+        let mut table: Vec<u64> = Vec::new();
+        let write_blocks = |counts: &mut Vec<u64>, table: &mut Vec<u64>, first: u64, mut end: u64| -> Result<bool> {
+            let mut grown = false;
+            let mut first_free = 0u64;
+            let mut c = first;
+            while c < end {
+                if counts.get(c as usize).copied().unwrap_or(0) == 0 {
+                    c += 1;
+                    continue;
+                }
+                let bi = c / per;
+                let bstart = bi * per;
+                let off = match table.get(bi as usize) {
+                    Some(&o) if o != 0 => o,
+                    _ => {
+                        first_free = first_free.max(bstart);
+                        let at = alloc_counted(counts, 1, &mut first_free);
+                        if at >= end {
+                            end = at + 1;
+                        }
+                        if table.len() as u64 <= bi {
+                            let entries = ((bi + 1) * 8).div_ceil(cs) * cs / 8;
+                            table.resize(entries as usize, 0);
+                            grown = true;
+                        }
+                        table[bi as usize] = at * cs;
+                        at * cs
+                    }
+                };
+                let mut block = vec![0u8; cs as usize];
+                for i in 0..per {
+                    if let Some(&v) = counts.get((bstart + i) as usize) {
+                        write_entry(&mut block, order, i as usize, v);
+                    }
+                }
+                write_all_at(io, off, &block)?;
+                c = bstart + per;
+            }
+            Ok(grown)
+        };
+        let n = counts.len() as u64;
+        write_blocks(counts, &mut table, 0, n)?;
+        let (table_off, table_clusters) = loop {
+            let clusters = (table.len() as u64 * 8).div_ceil(cs);
+            let mut first_free = 0;
+            let start = alloc_counted(counts, clusters, &mut first_free);
+            if !write_blocks(counts, &mut table, start, start + clusters)? {
+                break (start * cs, clusters);
+            }
+        };
+        if table_clusters * cs > crate::limits::MAX_REFTABLE_SIZE {
+            return Err(Error::from_errno("rebuild refcounts", libc::EFBIG));
+        }
+        let mut raw = Vec::with_capacity(table.len() * 8);
+        for e in &table {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        self.switch_reftable(io, table_off, &raw, table_clusters)
     }
 }

@@ -46,8 +46,13 @@ pub fn run(args: &[String]) -> CmdResult {
     let output = output_format(p.value("output"))?;
     let cache = cache_mode(p.value("T"), CacheMode::Writeback, "source cache")?;
     let quiet = p.has("q");
-    let opts =
-        OpenOptions { read_only: repair == RepairMode::None, cache, force_share: p.has("U"), ..OpenOptions::default() };
+    let opts = OpenOptions {
+        read_only: repair == RepairMode::None,
+        cache,
+        force_share: p.has("U"),
+        for_check: true,
+        ..OpenOptions::default()
+    };
     let req = OpenRequest { name: filename, fmt: p.value("f"), image_opts: p.has("image-opts"), opts };
     let driver = img_open(&registry(), &req)?;
     let Some(checker) = driver.check() else {

@@ -76,7 +76,8 @@ fn rebase(
     }
     let new_fmt = p.value("F");
     if let Some(f) = new_fmt {
-        if reg.format(f).is_none() {
+        // Protocol drivers are valid backing formats too.
+        if reg.format(f).is_none() && f != "file" && f != "host_device" {
             return Err(CliError::new(format!("Invalid format name: '{f}'")));
         }
     }
@@ -107,6 +108,13 @@ fn rebase(
         copy_differences(&top, old.as_deref(), new.as_deref(), p.has("c"), progress)?;
     }
     let ops = top.backing_ops();
+    if new_name.is_some() && new_fmt.is_none() && ops.is_some() {
+        error_report(&format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            new_name.unwrap_or("")
+        ));
+        return Ok(1);
+    }
     let result = match ops {
         Some(o) => o.set_backing(new_name, new_fmt),
         None => Err(blockdev::Error::from_errno("rebase", libc::ENOTSUP)),
