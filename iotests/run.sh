@@ -212,13 +212,16 @@ reference() {
   echo "$1.out"
 }
 
+# With -j, check's workers share stdout and a result line can land glued to the end of another
+# ("ok qcow2 038ok qcow2 023"); split such lines before reading them.
+results=$(perl -pe "s/(?<=\\S)((?:not )?ok \\Q$fmt\\E )/\\n\$1/g" "$tap")
 passed=()
 failed=()
 skipped=()
 noresult=()
 for t in "${tests[@]}"; do
   name=${t##*/}
-  line=$(grep -E "^(not )?ok $fmt $name( |\$)" "$tap" | tail -n 1 || true)
+  line=$(grep -E "^(not )?ok $fmt $name( |\$)" <<<"$results" | tail -n 1 || true)
   case "$line" in
     "not ok "*) failed+=("$t") ;;
     *"# SKIP"*) skipped+=("$t") ;;

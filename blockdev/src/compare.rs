@@ -67,6 +67,7 @@ fn flags(d: &dyn BlockDriver, offset: u64, max: u64) -> crate::Result<(Flags, u6
     let f = match e.kind {
         ExtentKind::Data => Flags { data: true, zero: false, allocated: true, offset_valid: e.host.is_some() },
         ExtentKind::Zero => Flags { data: false, zero: true, allocated: true, offset_valid: e.host.is_some() },
+        ExtentKind::ZeroData => Flags { data: true, zero: true, allocated: true, offset_valid: e.host.is_some() },
         ExtentKind::Unallocated => Flags { data: false, zero: true, allocated: false, offset_valid: false },
     };
     Ok((f, e.len.clamp(1, max)))

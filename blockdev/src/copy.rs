@@ -167,7 +167,7 @@ impl Planner<'_> {
         let kind = match ext.kind {
             _ if below => JobKind::Skip,
             ExtentKind::Data => JobKind::Data,
-            ExtentKind::Zero => JobKind::Zero,
+            ExtentKind::Zero | ExtentKind::ZeroData => JobKind::Zero,
             ExtentKind::Unallocated if c.opts.above.is_some() => JobKind::Skip,
             ExtentKind::Unallocated => JobKind::Zero,
         };

@@ -30,6 +30,9 @@ pub enum ExtentKind {
     Data,
     /// The range reads as zeros, decided by this image (zero flag, hole, zeroed grain).
     Zero,
+    /// The range is allocated as data in this image, but its host range is a hole, so it reads as
+    /// zeros (qemu reports both "data" and "zero": a qcow2 image preallocated with metadata).
+    ZeroData,
     /// Nothing in this image: reads fall through to the backing image, or are zeros without one.
     Unallocated,
 }

@@ -61,6 +61,41 @@ pub struct OpenOptions {
     /// The external data file to use instead of the one the image records (qcow2's
     /// `data-file.filename` option).
     pub data_file: Option<String>,
+    /// Where a driver reports what it does on its own during open (the findings of the automatic
+    /// repair of a qcow2 image left dirty by lazy refcounts). Dropped when unset.
+    pub diagnostics: Diagnostics,
+}
+
+/// A function receiving diagnostic messages.
+type MessageFn = dyn Fn(&str) + Send + Sync;
+
+/// A sink for messages a driver emits without being asked (qemu prints these to stderr).
+#[derive(Clone, Default)]
+pub struct Diagnostics(Option<Arc<MessageFn>>);
+
+impl Diagnostics {
+    /// A sink calling `f` for each message.
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Diagnostics(Some(Arc::new(f)))
+    }
+
+    /// A sink writing each message as a line on stderr.
+    pub fn stderr() -> Self {
+        Diagnostics::new(|m| eprintln!("{m}"))
+    }
+
+    /// Reports one message.
+    pub fn report(&self, msg: &str) {
+        if let Some(f) = &self.0 {
+            f(msg);
+        }
+    }
+}
+
+impl std::fmt::Debug for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Diagnostics(sink)" } else { "Diagnostics(none)" })
+    }
 }
 
 impl Default for OpenOptions {
@@ -77,6 +112,7 @@ impl Default for OpenOptions {
             no_io: false,
             for_check: false,
             data_file: None,
+            diagnostics: Diagnostics::default(),
         }
     }
 }

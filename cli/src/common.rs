@@ -118,6 +118,29 @@ pub struct ImageOpts {
     pub other: Vec<(String, String)>,
 }
 
+/// qcow2 node options vdisk accepts in `--image-opts` (caches are sized by vdisk itself; the
+/// discard and overlap-check policies are fixed).
+const QCOW2_NODE_OPTIONS: &[&str] = &[
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-size",
+    "cache-clean-interval",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+    "overlap-check.template",
+    "auto-read-only",
+];
+
+/// Whether node options go to a qcow2 node: `driver=qcow2`, or no driver yet (probing decides).
+fn qcow2_node(o: &ImageOpts) -> bool {
+    o.driver.as_deref().is_none_or(|d| d == "qcow2")
+}
+
 /// Parses an `--image-opts` string (`driver=raw,file.filename=x`, or `file=x` / a bare name).
 pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
     let entries = split_options(s).ok_or_else(|| CliError::new("help is not available for --image-opts in vdisk"))?;
@@ -135,6 +158,9 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
                 o.other.push((k.clone(), v.clone()))
             }
             k if k.ends_with("key-secret") => o.other.push((k.to_string(), v.clone())),
+            "data-file" | "data-file.filename" if qcow2_node(&o) => o.data_file = Some(v.clone()),
+            "data-file.driver" if qcow2_node(&o) && (v == "file" || v == "host_device") => {}
+            k if qcow2_node(&o) && QCOW2_NODE_OPTIONS.contains(&k) => o.other.push((k.to_string(), v.clone())),
             _ if i == 0 && v == "on" && !s.contains('=') => o.filename = k.clone(),
             _ => {
                 let fmt = o.driver.clone().unwrap_or_else(|| "raw".into());
@@ -177,6 +203,7 @@ impl<'a> OpenRequest<'a> {
 /// read-write open of a probed raw image prints qemu's warning.
 pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
     let mut opts = req.opts.clone();
+    opts.diagnostics = blockdev::Diagnostics::stderr();
     let (filename, fmt) = if req.image_opts {
         if req.fmt.is_some() {
             return Err(CliError::new("--image-opts and --format are mutually exclusive"));

@@ -79,7 +79,6 @@ impl Amend for Qcow2 {
         if data_file_raw && !raw_now {
             return Err(bad("data-file-raw cannot be set on existing images"));
         }
-        progress(0.0);
         if new_version > old_version {
             self.upgrade()?;
         }
@@ -126,7 +125,6 @@ impl Amend for Qcow2 {
         if new_version < old_version {
             self.downgrade(progress)?;
         }
-        progress(1.0);
         Ok(())
     }
 }
@@ -241,7 +239,11 @@ impl Qcow2 {
         let l1_len = self.lock().l1.len();
         let entries = self.geo.l2_entries();
         for i in 0..l1_len {
-            progress(i as f32 / l1_len.max(1) as f32);
+            // Reported as each L1 entry is entered, after the first: the caller has printed 0%
+            // and prints 100% at the end, as qemu-img does.
+            if i > 0 {
+                progress(i as f32 / l1_len as f32);
+            }
             let mut m = self.lock();
             let io = self.file.as_ref();
             if m.l1[i] & OFFSET_MASK == 0 {
@@ -270,6 +272,7 @@ impl Qcow2 {
                 m.set_entry(io, gc, host | COPIED, 0)?;
             }
         }
+        progress(1.0);
         Ok(())
     }
 

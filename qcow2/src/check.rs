@@ -23,12 +23,19 @@ use crate::imrt::{walk_bitmaps, walk_l1, walk_refblocks, walk_snapshots, Imrt, S
 use crate::meta::Meta;
 
 impl Qcow2 {
-    /// Counts every reference in the image.
-    fn calculate(&self, m: &Meta, report: &mut dyn FnMut(&str), res: &mut CheckReport) -> Result<(Imrt, bool)> {
+    /// Counts every reference in the image; with `fix_errors`, repairs misaligned L2 entries that
+    /// hold no data on the way.
+    fn calculate(
+        &self,
+        m: &mut Meta,
+        fix_errors: bool,
+        report: &mut dyn FnMut(&str),
+        res: &mut CheckReport,
+    ) -> Result<(Imrt, bool)> {
         let io = self.file.as_ref();
         let cs = m.cluster_size();
         let mut imrt = Imrt::new(io.len()?, m.geo.cluster_bits, m.rc.max_value())?;
-        let mut sink = Sink { report, res, rebuild: false, frag: true };
+        let mut sink = Sink { report, res, rebuild: false, frag: true, fix_errors, l2_fixes: Vec::new() };
         imrt.inc(&mut sink, 0, cs);
         walk_l1(m, io, &mut imrt, &mut sink, &m.l1, m.h.l1_table_offset)?;
         sink.frag = false;
@@ -40,6 +47,11 @@ impl Qcow2 {
         walk_bitmaps(m, io, &mut imrt, &mut sink)?;
         walk_refblocks(m, &mut imrt, &mut sink);
         let rebuild = sink.rebuild;
+        for (at, value) in std::mem::take(&mut sink.l2_fixes) {
+            m.l2.remove(at / cs * cs);
+            write_all_at(io, at, &value.to_be_bytes())?;
+            io.flush()?;
+        }
         Ok((imrt, rebuild))
     }
 
@@ -217,7 +229,7 @@ impl Qcow2 {
         }
         let cs = m.cluster_size();
         let mut res = CheckReport { total_clusters: Some(self.disk_size().div_ceil(cs)), ..CheckReport::default() };
-        let (mut imrt, mut rebuild) = self.calculate(m, report, &mut res)?;
+        let (mut imrt, mut rebuild) = self.calculate(m, repair == RepairMode::All, report, &mut res)?;
         let pre = res.clone();
         let mut highest = self.compare(m, &imrt, RepairMode::None, &mut rebuild, report, &mut res);
         if rebuild && repair == RepairMode::All {
@@ -227,7 +239,7 @@ impl Qcow2 {
             res.corruptions = 0;
             res.leaks = 0;
             rebuild = false;
-            let (imrt2, _) = self.calculate(m, report, &mut res)?;
+            let (imrt2, _) = self.calculate(m, true, report, &mut res)?;
             let saved = std::mem::take(&mut res);
             let mut tmp = CheckReport::default();
             highest = self.compare(m, &imrt2, RepairMode::Leaks, &mut rebuild, report, &mut tmp);
@@ -271,8 +283,8 @@ impl Qcow2 {
     }
 
     /// Rebuilds refcounts of an image left dirty by lazy refcounts, then clears the dirty bit.
-    pub(crate) fn repair_after_crash(&self) -> Result<()> {
-        let mut sink = |_: &str| {};
+    pub(crate) fn repair_after_crash(&self, diagnostics: &blockdev::Diagnostics) -> Result<()> {
+        let mut sink = |m: &str| diagnostics.report(m);
         let r = self.check_image(RepairMode::All, &mut sink)?;
         if r.corruptions > 0 || r.check_errors > 0 {
             return Err(Error::corrupt("the image has errors that cannot be repaired automatically"));

@@ -15,8 +15,7 @@ use blockdev::info::ImageInfo;
 use blockdev::qobject::{Dict, Value};
 use blockdev::range_lock::RangeLock;
 use blockdev::{
-    check_request, iov_len_mut, BlockDriver, Check, Error, Extent, ExtentKind, ResizeOptions, Result, Storage,
-    ZeroFlags,
+    check_request, iov_len_mut, BlockDriver, Check, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags,
 };
 
 use crate::compress::decompress;
@@ -50,6 +49,9 @@ pub struct Qcow2 {
     pub(crate) reads_in_flight: AtomicUsize,
     pub(crate) closed: AtomicBool,
     pub(crate) backing_info: BackingInfo,
+    /// Whether the image is preallocated with metadata only (see `status.rs`): 0 not yet
+    /// known, 1 no, 2 yes.
+    pub(crate) metadata_prealloc: std::sync::atomic::AtomicU8,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -229,18 +231,7 @@ impl BlockDriver for Qcow2 {
         if max_len == 0 {
             return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
         }
-        let (sub, run) = self.lock().map(self.file.as_ref(), offset, max_len)?;
-        let run = run.clamp(1, max_len);
-        let name: Arc<str> = Arc::from(self.data.name());
-        let within = offset % self.cluster_size();
-        Ok(match sub {
-            Sub::Data { host, .. } => Extent::mapped(run, ExtentKind::Data, name, host + within),
-            Sub::Zero { host: Some(h) } => Extent::mapped(run, ExtentKind::Zero, name, h + within),
-            Sub::Zero { host: None } => Extent::new(run, ExtentKind::Zero),
-            Sub::Unallocated { .. } => Extent::new(run, ExtentKind::Unallocated),
-            Sub::Compressed { .. } => Extent { len: run, kind: ExtentKind::Data, host: None, compressed: true },
-            Sub::Invalid(why) => return Err(Error::corrupt(why)),
-        })
+        self.status_at(offset, max_len)
     }
 
     fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

@@ -41,6 +41,11 @@ pub struct Sink<'a> {
     pub rebuild: bool,
     /// Collect fragmentation statistics (active L1 only).
     pub frag: bool,
+    /// Repair what can be repaired in place (`-r all`).
+    pub fix_errors: bool,
+    /// L2 entries to rewrite: (file offset of the entry, new first word), for the caller to
+    /// write once the walk is over.
+    pub l2_fixes: Vec<(u64, u64)>,
 }
 
 impl Imrt {
@@ -122,12 +127,14 @@ pub fn walk_l1(
             sink.res.check_errors += 1;
             return Err(e);
         }
-        walk_l2(&geo, imrt, sink, &table, cs);
+        walk_l2(&geo, imrt, sink, &table, l2);
     }
     Ok(())
 }
 
-fn walk_l2(geo: &Geometry, imrt: &mut Imrt, sink: &mut Sink<'_>, table: &[u8], cs: u64) {
+fn walk_l2(geo: &Geometry, imrt: &mut Imrt, sink: &mut Sink<'_>, table: &[u8], table_offset: u64) {
+    let cs = geo.cluster_size();
+    let entry_size = if geo.extended { 16 } else { 8 };
     let mut next_contiguous = 0u64;
     for j in 0..geo.l2_entries() as usize {
         let (mut e, bm) =
@@ -192,9 +199,19 @@ fn walk_l2(geo: &Geometry, imrt: &mut Imrt, sink: &mut Sink<'_>, table: &[u8], c
                     "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
                 ));
             } else {
+                let verb = if sink.fix_errors { "Repairing" } else { "ERROR" };
                 (sink.report)(&format!(
-                    "ERROR offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                    "{verb} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
                 ));
+                if sink.fix_errors {
+                    // Nothing is stored there: the entry becomes a zero cluster (extended
+                    // entries keep their zero bits) and the host cluster is not counted.
+                    let fixed = if geo.extended { 0 } else { ZERO };
+                    sink.l2_fixes.push((table_offset + j as u64 * entry_size, fixed));
+                    sink.res.corruptions -= 1;
+                    sink.res.corruptions_fixed += 1;
+                    continue;
+                }
             }
         }
         if sink.frag {

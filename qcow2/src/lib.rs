@@ -43,6 +43,7 @@ mod open;
 mod rebuild;
 mod refcount;
 mod resize;
+mod status;
 mod write;
 
 use std::sync::Arc;

@@ -382,6 +382,8 @@ impl Meta {
     /// Applies queued frees (refcount decreases); space of guest-discarded clusters is released.
     pub fn apply_frees(&mut self, io: &dyn Storage, data: &dyn Storage) -> Result<()> {
         let cs = self.cluster_size();
+        // Space to release, adjacent ranges merged so the file system sees few large requests.
+        let mut releases: Vec<(u64, u64)> = Vec::new();
         for f in std::mem::take(&mut self.frees) {
             let mut released = 0u64;
             for c in 0..f.clusters {
@@ -392,8 +394,19 @@ impl Meta {
                 }
             }
             if f.discard && released == f.clusters {
-                data.discard(f.offset, f.clusters * cs)?;
+                releases.push((f.offset, f.clusters * cs));
             }
+        }
+        releases.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(releases.len());
+        for (off, len) in releases {
+            match merged.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => merged.push((off, len)),
+            }
+        }
+        for (off, len) in merged {
+            data.discard(off, len)?;
         }
         Ok(())
     }

@@ -194,10 +194,11 @@ impl Qcow2 {
             reads_in_flight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             backing_info,
+            metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
         });
         if repair_needed {
             // Lazy refcounts left the counts stale: rebuild them before anything is allocated.
-            q.repair_after_crash().map_err(|e| e.prefixed("Could not repair dirty image"))?;
+            q.repair_after_crash(&opts.diagnostics).map_err(|e| e.prefixed("Could not repair dirty image"))?;
         }
         Ok(q)
     }

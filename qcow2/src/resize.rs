@@ -10,7 +10,7 @@ use std::io::IoSlice;
 use blockdev::{Error, Prealloc, ResizeOptions, Result};
 
 use crate::driver::Qcow2;
-use crate::entry::{COPIED, OFFSET_MASK};
+use crate::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::limits::{MAX_L1_SIZE, MAX_VIRTUAL_SIZE};
 use crate::meta::Meta;
 
@@ -91,8 +91,15 @@ impl Qcow2 {
             io.flush()?;
         }
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        // An external data file grows with the disk (clusters map 1:1 onto it).
+        if self.geo.data_file && opts.prealloc == Prealloc::Off && self.data.len()? < new_size {
+            self.data.set_len(new_size, Prealloc::Off)?;
+        }
         if opts.prealloc != Prealloc::Off && new_size > old {
             self.preallocate(old, new_size, opts.prealloc)?;
+        } else if new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old) {
+            // The new area reads as zeros, not as what a longer backing file holds there.
+            self.zero_range(old, new_size - old, blockdev::ZeroFlags::default())?;
         }
         Ok(())
     }
@@ -107,8 +114,8 @@ impl Qcow2 {
             let mut m = self.lock();
             let io = self.file.as_ref();
             for gc in from / cs..old.div_ceil(cs) {
-                let (e, _) = m.entry(io, gc)?;
-                if e != 0 {
+                let (e, bitmap) = m.entry(io, gc)?;
+                if (e, bitmap) != (0, 0) {
                     m.set_entry(io, gc, 0, 0)?;
                     crate::write::queue_entry_free(&mut m, e, cs, true);
                 }
@@ -130,21 +137,81 @@ impl Qcow2 {
         m.h.size = new_size;
         m.write_header(self.file.as_ref(), false)?;
         self.file.flush()?;
+        // The file ends after its last cluster in use (freed clusters at the end go away).
+        if !self.geo.data_file {
+            let io = self.file.as_ref();
+            let len = io.len()?;
+            let mut end = len.div_ceil(cs);
+            while end > 0 && m.rc.get(io, end - 1)? == 0 {
+                end -= 1;
+            }
+            if end * cs < len {
+                io.set_len(end * cs, Prealloc::Off)?;
+            }
+        }
         drop(m);
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// The host cluster of guest cluster `gc` when it is a plain, solely owned data cluster of an
+    /// image without subclusters.
+    fn owned_host_cluster(&self, gc: u64) -> Result<Option<u64>> {
+        let mut m = self.lock();
+        if m.geo.extended {
+            return Ok(None);
+        }
+        let (e, _) = m.entry(self.file.as_ref(), gc)?;
+        let plain = e & COPIED != 0 && e & (COMPRESSED | ZERO) == 0 && e & OFFSET_MASK != 0;
+        Ok(plain.then_some(e & OFFSET_MASK))
+    }
+
+    /// Whether guest cluster `gc` has no host cluster and reads as zeros on its own.
+    fn partial_cluster_is_empty(&self, gc: u64) -> Result<bool> {
+        let mut m = self.lock();
+        if m.geo.extended {
+            return Ok(false);
+        }
+        let (e, _) = m.entry(self.file.as_ref(), gc)?;
+        Ok(e & (OFFSET_MASK | COMPRESSED) == 0 && (e & ZERO != 0 || self.backing.is_none()))
     }
 
     /// Allocates clusters for `[from, to)`: metadata only, or also the file space.
     pub(crate) fn preallocate(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {
         let cs = self.cluster_size();
         let mut gc = from.div_ceil(cs);
-        // A partial cluster at the old end is allocated by writing its zeros.
-        if from % cs != 0 {
+        // A partial cluster at the old end that has no data (and nothing from a backing file
+        // showing through) is preallocated like the clusters after it, its old part written as
+        // zeros first (so the file grows past it before the rest is allocated, as in qemu);
+        // otherwise its new part is written with zeros.
+        let mut head_zeros = 0;
+        if from % cs != 0 && self.partial_cluster_is_empty(from / cs)? {
+            gc = from / cs;
+            head_zeros = from % cs;
+        } else if from % cs != 0 {
             let end = (from.div_ceil(cs) * cs).min(to);
-            let zeros = vec![0u8; (end - from) as usize];
-            self.write_range(from, &[IoSlice::new(&zeros)])?;
+            match self.owned_host_cluster(from / cs)? {
+                // Allocated in place: its new part is zeroed in the file (left unwritten with
+                // falloc, written out only with full preallocation).
+                Some(host) if mode != Prealloc::Full => {
+                    let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
+                    target.write_zeroes(host + from % cs, end - from, false)?;
+                }
+                _ => {
+                    let zeros = vec![0u8; (end - from) as usize];
+                    self.write_range(from, &[IoSlice::new(&zeros)])?;
+                }
+            }
         }
+        // Extended entries mark no subcluster allocated, unless a backing file reaches into the
+        // new area: that must read as zeros, so the subclusters become zero (metadata) or
+        // allocated (falloc, full; the host clusters hold zeros).
+        let backing_reaches = self.backing.as_ref().is_some_and(|b| b.size() > from);
+        let prealloc_bitmap = match (self.geo.extended && backing_reaches, mode) {
+            (false, _) => 0,
+            (true, Prealloc::Metadata) => crate::write::ALL_ZERO_BITS,
+            (true, _) => 0xffff_ffff,
+        };
         let last = to.div_ceil(cs);
         while gc < last {
             let mut m = self.lock();
@@ -154,12 +221,20 @@ impl Qcow2 {
             let l1_index = gc / m.geo.l2_entries();
             m.writable_l2(io, l1_index)?;
             let host = if m.geo.data_file { gc * cs } else { m.alloc(io, n)? };
-            let bitmap = if m.geo.extended { 0xffff_ffff } else { 0 };
+            let bitmap = prealloc_bitmap;
             for i in 0..n {
                 m.set_entry(io, gc + i, (host + i * cs) | COPIED, bitmap)?;
             }
             drop(m);
             let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
+            if head_zeros > 0 {
+                blockdev::write_all_at(target, host, &vec![0u8; head_zeros as usize])?;
+                head_zeros = 0;
+                // Metadata and head reach the file before the rest is allocated, so the file
+                // system lays the image out as it does for qemu.
+                self.lock().flush(self.file.as_ref(), self.data.as_ref())?;
+                self.file.flush()?;
+            }
             let need = host + n * cs;
             if target.len()? < need {
                 target.set_len(need, if mode == Prealloc::Metadata { Prealloc::Off } else { mode })?;

@@ -19,7 +19,7 @@ use crate::iov;
 use crate::meta::Meta;
 
 /// All subclusters read as zeros (extended L2 bitmap).
-const ALL_ZERO_BITS: u64 = 0xffff_ffff << 32;
+pub(crate) const ALL_ZERO_BITS: u64 = 0xffff_ffff << 32;
 
 /// What a planned write step does.
 enum Step {
@@ -251,6 +251,9 @@ impl Qcow2 {
         let can_flag = version >= 3 && !raw_data;
         let start = offset.div_ceil(unit) * unit;
         let end = ((offset + len) / unit * unit).max(start);
+        if !can_flag && !raw_data && self.backing.is_none() {
+            return self.zero_without_flags(offset, len, flags);
+        }
         // Unaligned head and tail are written as zero data.
         if start > offset || !can_flag {
             let head_end = if can_flag { start.min(offset + len) } else { offset + len };
@@ -283,6 +286,39 @@ impl Qcow2 {
             let n = (len - done).min(chunk as u64) as usize;
             self.write_range(offset + done, &[IoSlice::new(&zeros[..n])])?;
             done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range of an image without zero flags (version 2) and without a backing file,
+    /// where an unallocated cluster already reads as zeros: whole clusters that are unallocated
+    /// stay so, allocated ones are deallocated when unmapping is allowed; the rest gets zero data.
+    fn zero_without_flags(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let c_end = ((pos / cs + 1) * cs).min(end);
+            let whole = pos % cs == 0 && (c_end % cs == 0 || c_end == self.disk_size());
+            if whole {
+                let _g = self.writes.lock(pos / cs, pos / cs + 1);
+                let mut m = self.lock();
+                let io = self.file.as_ref();
+                let (e, _) = m.entry(io, pos / cs)?;
+                if e & (OFFSET_MASK | COMPRESSED) == 0 {
+                    pos = c_end;
+                    continue;
+                }
+                if flags.may_unmap {
+                    m.set_entry(io, pos / cs, 0, 0)?;
+                    free_old(&mut m, e, cs);
+                    self.maybe_apply_frees(&mut m)?;
+                    pos = c_end;
+                    continue;
+                }
+            }
+            self.write_zero_data(pos, c_end - pos, flags)?;
+            pos = c_end;
         }
         Ok(())
     }

@@ -58,6 +58,47 @@ pub fn run(args: &[String]) -> CmdResult {
     let Some(checker) = driver.check() else {
         return Err(CliError::new("This image format does not support checks").with_code(63));
     };
+    let out = StdoutText::new();
+    let code = check_and_report(checker, repair, output, quiet, filename, driver.format(), &out);
+    out.emit();
+    code
+}
+
+/// Text for stdout. qemu-img's stdout is fully buffered when it is not a terminal, so there the
+/// summary comes out at exit, after every message on stderr; on a terminal it is written at once.
+struct StdoutText {
+    held: Option<std::cell::RefCell<String>>,
+}
+
+impl StdoutText {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        StdoutText { held: (!std::io::stdout().is_terminal()).then(Default::default) }
+    }
+
+    fn push(&self, text: &str) {
+        match &self.held {
+            Some(buf) => buf.borrow_mut().push_str(text),
+            None => print!("{text}"),
+        }
+    }
+
+    fn emit(self) {
+        if let Some(buf) = self.held {
+            print!("{}", buf.into_inner());
+        }
+    }
+}
+
+fn check_and_report(
+    checker: &dyn blockdev::Check,
+    repair: RepairMode,
+    output: OutputFormat,
+    quiet: bool,
+    filename: &str,
+    format: &str,
+    out: &StdoutText,
+) -> CmdResult {
     let mut print = |m: &str| eprintln!("{m}");
     let mut report = match checker.check(repair, &mut print) {
         Ok(r) => r,
@@ -68,10 +109,10 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     if report.corruptions_fixed > 0 || report.leaks_fixed > 0 {
         if output == OutputFormat::Human && !quiet {
-            print!(
+            out.push(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                 report.leaks_fixed, report.corruptions_fixed
-            );
+            ));
         }
         let (lf, cf) = (report.leaks_fixed, report.corruptions_fixed);
         report = match checker.check(RepairMode::None, &mut print) {
@@ -86,8 +127,8 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     if !quiet {
         match output {
-            OutputFormat::Human => print!("{}", human(&report)),
-            OutputFormat::Json => println!("{}", to_json_pretty(&json_value(&report, filename, driver.format()))),
+            OutputFormat::Human => out.push(&human(&report)),
+            OutputFormat::Json => out.push(&format!("{}\n", to_json_pretty(&json_value(&report, filename, format)))),
         }
     }
     if report.check_errors > 0 {

@@ -58,7 +58,7 @@ pub fn status(top: &Arc<dyn BlockDriver>, offset: u64, len: u64) -> blockdev::Re
         let e = cur.block_status(offset, len)?;
         len = e.len.clamp(1, len);
         match e.kind {
-            ExtentKind::Data | ExtentKind::Zero => {
+            ExtentKind::Data | ExtentKind::Zero | ExtentKind::ZeroData => {
                 let (filename, host) = match e.host {
                     Some((f, o)) => (Some(f), Some(o)),
                     None => (None, None),
@@ -68,8 +68,8 @@ pub fn status(top: &Arc<dyn BlockDriver>, offset: u64, len: u64) -> blockdev::Re
                     length: len,
                     depth,
                     present: true,
-                    zero: e.kind == ExtentKind::Zero,
-                    data: e.kind == ExtentKind::Data,
+                    zero: matches!(e.kind, ExtentKind::Zero | ExtentKind::ZeroData),
+                    data: matches!(e.kind, ExtentKind::Data | ExtentKind::ZeroData),
                     compressed: e.compressed,
                     offset: host,
                     filename,
