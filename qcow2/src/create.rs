@@ -215,8 +215,10 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         m.exts.backing_format = fmt.clone();
         m.write_header(file.as_ref(), true)?;
     }
-    if p.prealloc != Prealloc::Off {
-        q.preallocate(0, p.size, p.prealloc)?;
+    match p.prealloc {
+        Prealloc::Off => {}
+        Prealloc::Falloc | Prealloc::Full if p.data_file.is_none() => q.grow_allocated(0, p.size, p.prealloc)?,
+        mode => q.preallocate(0, p.size, mode)?,
     }
     blockdev::BlockDriver::close(q.as_ref())?;
     Ok(())

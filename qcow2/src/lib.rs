@@ -33,6 +33,7 @@ mod compressed;
 mod create;
 mod driver;
 mod entry;
+mod grow;
 pub mod header;
 mod imrt;
 mod iov;

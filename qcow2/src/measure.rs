@@ -13,8 +13,13 @@ use crate::limits::MAX_L1_SIZE;
 
 /// Bytes of refcount table and blocks needed to count `clusters` clusters (including themselves).
 pub fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
-    let per_table_cluster = cluster_size / 8;
-    let per_block = (cluster_size * 8) >> refcount_order;
+    let (blocks, table) = self_counting_refcounts(clusters, (cluster_size * 8) >> refcount_order, cluster_size / 8);
+    (blocks + table) * cluster_size
+}
+
+/// The smallest numbers of refcount blocks and refcount table clusters that count `clusters`
+/// clusters plus themselves, given entries per block and per table cluster.
+pub(crate) fn self_counting_refcounts(clusters: u64, per_block: u64, per_table_cluster: u64) -> (u64, u64) {
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;
@@ -22,10 +27,9 @@ pub fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: 
         table = blocks.div_ceil(per_table_cluster);
         n = clusters + blocks + table;
         if n == last {
-            break;
+            return (blocks, table);
         }
     }
-    (blocks + table) * cluster_size
 }
 
 /// Size of a fully allocated image of `total` bytes.

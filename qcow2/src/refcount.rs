@@ -345,21 +345,19 @@ impl Refcounts {
         new_table.resize((new_clusters * entries_per_cluster) as usize, 0);
         // New blocks, in order, for each uncovered range.
         let mut next_block = first + new_clusters;
+        let mut new_blocks = Vec::new();
         for bi in first / per..=(end - 1) / per {
             if new_table[bi as usize] & OFFSET_MASK == 0 {
+                new_blocks.push((bi, next_block));
                 new_table[bi as usize] = next_block << self.cluster_bits;
-                self.blocks.insert(next_block << self.cluster_bits);
-                let old = self.cache.insert(next_block << self.cluster_bits, vec![0u8; cs as usize], true);
-                if let Some(ev) = old {
-                    if ev.dirty {
-                        write_all_at(io, ev.offset, &ev.data)?;
-                    }
-                }
                 next_block += 1;
             }
         }
         let old_table = (self.table_offset, self.table_clusters);
         self.table = new_table;
+        for (bi, cluster) in new_blocks {
+            self.install_empty_block(io, bi, cluster)?;
+        }
         self.table_offset = first << self.cluster_bits;
         self.table_clusters = new_clusters;
         for c in first..end {
@@ -373,6 +371,20 @@ impl Refcounts {
         if old_table.1 > 0 {
             self.retired.push((old_table.0, old_table.1));
         }
+        Ok(())
+    }
+
+    /// Makes `table[block_index]` a new, empty refcount block at cluster `cluster` (cached, dirty;
+    /// written by the next [`Self::flush_blocks`]).
+    pub fn install_empty_block(&mut self, io: &dyn Storage, block_index: u64, cluster: u64) -> Result<()> {
+        let at = cluster << self.cluster_bits;
+        if let Some(ev) = self.cache.insert(at, vec![0u8; self.cluster_size() as usize], true) {
+            if ev.dirty {
+                write_all_at(io, ev.offset, &ev.data)?;
+            }
+        }
+        self.table[block_index as usize] = at;
+        self.blocks.insert(at);
         Ok(())
     }
 

@@ -95,7 +95,10 @@ impl Qcow2 {
         if self.geo.data_file && opts.prealloc == Prealloc::Off && self.data.len()? < new_size {
             self.data.set_len(new_size, Prealloc::Off)?;
         }
-        if opts.prealloc != Prealloc::Off && new_size > old {
+        let whole_run = matches!(opts.prealloc, Prealloc::Falloc | Prealloc::Full) && !self.geo.data_file;
+        if whole_run && new_size > old {
+            self.grow_allocated(old, new_size, opts.prealloc)?;
+        } else if opts.prealloc != Prealloc::Off && new_size > old {
             self.preallocate(old, new_size, opts.prealloc)?;
         } else if new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old) {
             // The new area reads as zeros, not as what a longer backing file holds there.
@@ -154,64 +157,63 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The host cluster of guest cluster `gc` when it is a plain, solely owned data cluster of an
-    /// image without subclusters.
+    /// The host cluster of guest cluster `gc` when it is a plain, solely owned data cluster.
     fn owned_host_cluster(&self, gc: u64) -> Result<Option<u64>> {
         let mut m = self.lock();
-        if m.geo.extended {
-            return Ok(None);
-        }
         let (e, _) = m.entry(self.file.as_ref(), gc)?;
         let plain = e & COPIED != 0 && e & (COMPRESSED | ZERO) == 0 && e & OFFSET_MASK != 0;
         Ok(plain.then_some(e & OFFSET_MASK))
     }
 
-    /// Whether guest cluster `gc` has no host cluster and reads as zeros on its own.
-    fn partial_cluster_is_empty(&self, gc: u64) -> Result<bool> {
-        let mut m = self.lock();
-        if m.geo.extended {
-            return Ok(false);
-        }
-        let (e, _) = m.entry(self.file.as_ref(), gc)?;
-        Ok(e & (OFFSET_MASK | COMPRESSED) == 0 && (e & ZERO != 0 || self.backing.is_none()))
-    }
-
-    /// Allocates clusters for `[from, to)`: metadata only, or also the file space.
+    /// Allocates clusters for `[from, to)` the way qemu's metadata preallocation does: the
+    /// cluster holding `from` keeps its host cluster when it has one of its own (its new part is
+    /// zeroed in place); otherwise it is allocated with the rest, its head copied. The file grows
+    /// to cover the clusters (with the file space itself allocated for falloc/full, used here for
+    /// images with an external data file).
     pub(crate) fn preallocate(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {
         let cs = self.cluster_size();
-        let mut gc = from.div_ceil(cs);
-        // A partial cluster at the old end that has no data (and nothing from a backing file
-        // showing through) is preallocated like the clusters after it, its old part written as
-        // zeros first (so the file grows past it before the rest is allocated, as in qemu);
-        // otherwise its new part is written with zeros.
-        let mut head_zeros = 0;
-        if from % cs != 0 && self.partial_cluster_is_empty(from / cs)? {
-            gc = from / cs;
-            head_zeros = from % cs;
-        } else if from % cs != 0 {
+        let mut gc = from / cs;
+        let unit = if self.geo.extended { self.geo.subcluster_size() } else { cs };
+        let mut head = Vec::new();
+        let mut head_at = 0;
+        if from % cs != 0 {
             let end = (from.div_ceil(cs) * cs).min(to);
             match self.owned_host_cluster(from / cs)? {
-                // Allocated in place: its new part is zeroed in the file (left unwritten with
-                // falloc, written out only with full preallocation).
                 Some(host) if mode != Prealloc::Full => {
+                    // Only what lies inside the file: the rest reads as zeros and stays sparse.
                     let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
-                    target.write_zeroes(host + from % cs, end - from, false)?;
+                    let zero_from = host + from % cs;
+                    let zero_to = (host + end - gc * cs).min(target.len()?);
+                    if zero_to > zero_from {
+                        target.write_zeroes(zero_from, zero_to - zero_from, false)?;
+                    }
+                    // Extended entries: the file covers the new units of the cluster.
+                    let covered = host + (end - gc * cs).next_multiple_of(unit);
+                    if self.geo.extended && target.len()? < covered {
+                        target.set_len(covered, Prealloc::Off)?;
+                    }
+                    if self.geo.extended && to % unit != 0 && to <= end {
+                        // The unit holding the new end gets its part past the end copied from
+                        // the backing file, as qemu's copy-on-write leaves it.
+                        let mut buf = vec![0u8; (unit - to % unit) as usize];
+                        self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
+                        blockdev::write_all_at(target, host + to % cs, &buf)?;
+                    }
+                    gc += 1;
                 }
-                _ => {
-                    let zeros = vec![0u8; (end - from) as usize];
-                    self.write_range(from, &[IoSlice::new(&zeros)])?;
+                Some(_) => {
+                    self.write_range(from, &[IoSlice::new(&vec![0u8; (end - from) as usize])])?;
+                    gc += 1;
+                }
+                None => {
+                    // Copy-on-write of the head, in whole units (clusters, or subclusters).
+                    let from_unit = from % cs / unit * unit;
+                    head = vec![0u8; (from % cs - from_unit) as usize];
+                    head_at = from_unit;
+                    self.read_range(gc * cs + from_unit, &mut [std::io::IoSliceMut::new(&mut head)])?;
                 }
             }
         }
-        // Extended entries mark no subcluster allocated, unless a backing file reaches into the
-        // new area: that must read as zeros, so the subclusters become zero (metadata) or
-        // allocated (falloc, full; the host clusters hold zeros).
-        let backing_reaches = self.backing.as_ref().is_some_and(|b| b.size() > from);
-        let prealloc_bitmap = match (self.geo.extended && backing_reaches, mode) {
-            (false, _) => 0,
-            (true, Prealloc::Metadata) => crate::write::ALL_ZERO_BITS,
-            (true, _) => 0xffff_ffff,
-        };
         let last = to.div_ceil(cs);
         while gc < last {
             let mut m = self.lock();
@@ -221,21 +223,34 @@ impl Qcow2 {
             let l1_index = gc / m.geo.l2_entries();
             m.writable_l2(io, l1_index)?;
             let host = if m.geo.data_file { gc * cs } else { m.alloc(io, n)? };
-            let bitmap = prealloc_bitmap;
             for i in 0..n {
+                // Extended entries keep their subcluster bits (none for a new cluster).
+                let (old, bitmap) = m.entry(io, gc + i)?;
                 m.set_entry(io, gc + i, (host + i * cs) | COPIED, bitmap)?;
+                if old & (OFFSET_MASK | COMPRESSED) != 0 {
+                    crate::write::queue_entry_free(&mut m, old, cs, false);
+                }
             }
             drop(m);
             let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
-            if head_zeros > 0 {
-                blockdev::write_all_at(target, host, &vec![0u8; head_zeros as usize])?;
-                head_zeros = 0;
+            // The unit holding the new end is completed with zeros past the end of the disk.
+            if to % unit != 0 && to.div_ceil(cs) == gc + n {
+                // Copy-on-write past the end reads what a backing file has there.
+                let tail = (to % cs, to % cs / unit * unit + unit);
+                let mut buf = vec![0u8; (tail.1 - tail.0) as usize];
+                self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
+                blockdev::write_all_at(target, host + (n - 1) * cs + tail.0, &buf)?;
+            }
+            if !head.is_empty() {
+                blockdev::write_all_at(target, host + head_at, &std::mem::take(&mut head))?;
                 // Metadata and head reach the file before the rest is allocated, so the file
                 // system lays the image out as it does for qemu.
                 self.lock().flush(self.file.as_ref(), self.data.as_ref())?;
                 self.file.flush()?;
             }
-            let need = host + n * cs;
+            // The file covers the chunk up to the new end of the disk (the last cluster may stay
+            // partly past the end of the file, as qemu leaves it).
+            let need = host + (to.min((gc + n) * cs) - gc * cs);
             if target.len()? < need {
                 target.set_len(need, if mode == Prealloc::Metadata { Prealloc::Off } else { mode })?;
             } else if mode == Prealloc::Full || mode == Prealloc::Falloc {
@@ -243,6 +258,11 @@ impl Qcow2 {
             }
             gc += n;
         }
-        Ok(())
+        // A backing file reaching into the new area must not show through: the new area is
+        // zeroed (zero flags; explicit zeros for a partial first unit), as qemu does.
+        if self.backing.as_ref().is_some_and(|b| b.size() > from) {
+            self.zero_range(from, to - from, blockdev::ZeroFlags::default())?;
+        }
+        self.lock().flush(self.file.as_ref(), self.data.as_ref())
     }
 }

@@ -175,9 +175,22 @@ impl Qcow2 {
         old: Vec<(u64, u64)>,
     ) -> Result<u64> {
         let cs = self.cluster_size();
-        let run_start = gc * cs;
-        let run_end = (gc + count) * cs;
-        let n = (run_end - pos).min(len);
+        let n = ((gc + count) * cs - pos).min(len);
+        // What is written: the whole run, or with extended entries only the subclusters the
+        // write touches when no old subcluster data has to move along.
+        let (run_start, run_end) = {
+            let m = self.lock();
+            let sc = m.geo.subcluster_size();
+            let keeps_data = fresh
+                && old.iter().any(|&(e, b)| {
+                    e & COMPRESSED != 0 || (0..32).any(|s| matches!(m.geo.subcluster(e, b, s), Sub::Data { .. }))
+                });
+            if m.geo.extended && !keeps_data {
+                (pos / sc * sc, (pos + n).div_ceil(sc) * sc)
+            } else {
+                (gc * cs, (gc + count) * cs)
+            }
+        };
         let head_len = pos - run_start;
         let tail_start = pos + n;
         let tail_len = run_end - tail_start;
@@ -195,7 +208,7 @@ impl Qcow2 {
         parts.push(IoSlice::new(&head));
         parts.extend(iov::slice(bufs, 0, n));
         parts.push(IoSlice::new(&tail));
-        let result = self.data.write_at(host, &parts);
+        let result = self.data.write_at(host + (run_start - gc * cs), &parts);
         let mut m = self.lock();
         let io = self.file.as_ref();
         if let Err(e) = result {
@@ -250,7 +263,17 @@ impl Qcow2 {
         let unit = if extended { self.geo.subcluster_size() } else { self.cluster_size() };
         let can_flag = version >= 3 && !raw_data;
         let start = offset.div_ceil(unit) * unit;
-        let end = ((offset + len) / unit * unit).max(start);
+        // At the end of the disk, a partial unit counts as whole; so does a partial last
+        // cluster when the range covers it from its start (qemu flags the whole cluster).
+        let end = if offset + len == self.disk_size() {
+            let cs = self.cluster_size();
+            let last_cluster = (offset + len - 1) / cs * cs;
+            let round = if offset <= last_cluster { cs } else { unit };
+            (offset + len).div_ceil(round) * round
+        } else {
+            (offset + len) / unit * unit
+        };
+        let end = end.max(start);
         if !can_flag && !raw_data && self.backing.is_none() {
             return self.zero_without_flags(offset, len, flags);
         }
