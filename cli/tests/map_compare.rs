@@ -30,7 +30,23 @@ fn map_matches_qemu_img() {
         .ok();
     let comp = d.path().join("c.qcow2");
     qemu_img(&["convert", "-c", "-O", "qcow2", s(&raw), s(&comp)]).ok();
-    for img in [&raw, &top, &base, &comp] {
+    // Extended L2 entries over a shorter backing file: unallocated subclusters of allocated
+    // clusters, inside and past the backing file.
+    let ext = d.path().join("x.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "extended_l2=on", "-b", s(&base), "-F", "qcow2", s(&ext), "20M"]).ok();
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 6 1K 7K",
+        "-c",
+        "write -P 6 6100K 3K",
+        "-c",
+        "write -P 6 17M 3K",
+        s(&ext),
+    ])
+    .ok();
+    for img in [&raw, &top, &base, &comp, &ext] {
         for out in ["--output=human", "--output=json"] {
             same(&["map", out, s(img)]);
             same(&["map", out, "--start-offset=1M", "--max-length=5M", s(img)]);

@@ -432,7 +432,12 @@ fn continues(first: Sub, next: Sub, start: u64, pos: u64, cs: u64) -> bool {
         (Sub::Zero { host: Some(h1) }, Sub::Zero { host: Some(h2) }) => {
             h2.wrapping_add(pos % cs) == h1.wrapping_add(start % cs).wrapping_add(pos - start)
         }
-        (Sub::Unallocated { .. }, Sub::Unallocated { .. }) => true,
+        (Sub::Unallocated { host: None }, Sub::Unallocated { host: None }) => true,
+        // Unallocated subclusters of an allocated cluster carry its host offset (qemu's map
+        // prints it), so runs of them end where the offsets stop being contiguous.
+        (Sub::Unallocated { host: Some(h1) }, Sub::Unallocated { host: Some(h2) }) => {
+            h2.wrapping_add(pos % cs) == h1.wrapping_add(start % cs).wrapping_add(pos - start)
+        }
         _ => false,
     }
 }

@@ -29,7 +29,8 @@ impl Qcow2 {
             Sub::Data { host, .. } => Extent::mapped(run, ExtentKind::Data, name, host + within),
             Sub::Zero { host: Some(h) } => Extent::mapped(run, ExtentKind::Zero, name, h + within),
             Sub::Zero { host: None } => Extent::new(run, ExtentKind::Zero),
-            Sub::Unallocated { .. } => Extent::new(run, ExtentKind::Unallocated),
+            Sub::Unallocated { host: Some(h) } => Extent::mapped(run, ExtentKind::Unallocated, name, h + within),
+            Sub::Unallocated { host: None } => Extent::new(run, ExtentKind::Unallocated),
             Sub::Compressed { .. } => Extent { len: run, kind: ExtentKind::Data, host: None, compressed: true },
             Sub::Invalid(why) => return Err(blockdev::Error::corrupt(why)),
         })

@@ -76,7 +76,7 @@ pub fn status(top: &Arc<dyn BlockDriver>, offset: u64, len: u64) -> blockdev::Re
                 });
             }
             ExtentKind::Unallocated => {
-                let zero_entry = |depth| Entry {
+                let zero_entry = |depth, host: Option<(std::sync::Arc<str>, u64)>| Entry {
                     start: offset,
                     length: len,
                     depth,
@@ -84,13 +84,15 @@ pub fn status(top: &Arc<dyn BlockDriver>, offset: u64, len: u64) -> blockdev::Re
                     zero: true,
                     data: false,
                     compressed: false,
-                    offset: None,
-                    filename: None,
+                    offset: host.as_ref().map(|h| h.1),
+                    filename: host.map(|h| h.0),
                 };
-                let Some(b) = cur.backing() else { return Ok(zero_entry(depth)) };
+                // Without a backing file, unallocated parts of an allocated cluster (extended
+                // L2 entries) still show their host offset, as qemu prints it.
+                let Some(b) = cur.backing() else { return Ok(zero_entry(depth, e.host)) };
                 if offset >= b.size() {
                     // Past the end of a shorter backing file: zeros, decided at this level.
-                    return Ok(zero_entry(depth));
+                    return Ok(zero_entry(depth, e.host));
                 }
                 depth += 1;
                 len = len.min(b.size() - offset);
