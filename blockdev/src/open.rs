@@ -61,9 +61,23 @@ pub struct OpenOptions {
     /// The external data file to use instead of the one the image records (qcow2's
     /// `data-file.filename` option).
     pub data_file: Option<String>,
+    /// Sizes of the metadata caches of formats that have them (qcow2's `cache-size`,
+    /// `l2-cache-size`, `refcount-cache-size`); unset parts take the driver's defaults.
+    pub metadata_cache: MetadataCacheSizes,
     /// Where a driver reports what it does on its own during open (the findings of the automatic
     /// repair of a qcow2 image left dirty by lazy refcounts). Dropped when unset.
     pub diagnostics: Diagnostics,
+}
+
+/// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetadataCacheSizes {
+    /// `cache-size`: L2 and refcount caches together.
+    pub total: Option<u64>,
+    /// `l2-cache-size`.
+    pub l2: Option<u64>,
+    /// `refcount-cache-size`.
+    pub refcount: Option<u64>,
 }
 
 /// A function receiving diagnostic messages.
@@ -112,6 +126,7 @@ impl Default for OpenOptions {
             no_io: false,
             for_check: false,
             data_file: None,
+            metadata_cache: MetadataCacheSizes::default(),
             diagnostics: Diagnostics::default(),
         }
     }

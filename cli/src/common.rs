@@ -114,17 +114,16 @@ pub struct ImageOpts {
     pub no_flush: bool,
     /// `data-file.filename=` (qcow2's external data file, overriding the image's record).
     pub data_file: Option<String>,
+    /// qcow2's `cache-size`, `l2-cache-size` and `refcount-cache-size`.
+    pub metadata_cache: blockdev::MetadataCacheSizes,
     /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
     pub other: Vec<(String, String)>,
 }
 
-/// qcow2 node options vdisk accepts in `--image-opts` (caches are sized by vdisk itself; the
-/// discard and overlap-check policies are fixed).
+/// qcow2 node options vdisk accepts in `--image-opts` besides the cache sizes (the cache entry
+/// size and cleaning interval, discard and overlap-check policies are vdisk's own).
 const QCOW2_NODE_OPTIONS: &[&str] = &[
-    "l2-cache-size",
     "l2-cache-entry-size",
-    "refcount-cache-size",
-    "cache-size",
     "cache-clean-interval",
     "lazy-refcounts",
     "pass-discard-request",
@@ -133,6 +132,16 @@ const QCOW2_NODE_OPTIONS: &[&str] = &[
     "discard-no-unref",
     "overlap-check",
     "overlap-check.template",
+    "auto-read-only",
+];
+
+/// The on/off ones among [`QCOW2_NODE_OPTIONS`].
+const QCOW2_BOOL_OPTIONS: &[&str] = &[
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
     "auto-read-only",
 ];
 
@@ -160,7 +169,20 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             k if k.ends_with("key-secret") => o.other.push((k.to_string(), v.clone())),
             "data-file" | "data-file.filename" if qcow2_node(&o) => o.data_file = Some(v.clone()),
             "data-file.driver" if qcow2_node(&o) && (v == "file" || v == "host_device") => {}
-            k if qcow2_node(&o) && QCOW2_NODE_OPTIONS.contains(&k) => o.other.push((k.to_string(), v.clone())),
+            "cache-size" | "l2-cache-size" | "refcount-cache-size" if qcow2_node(&o) => {
+                let bytes = Some(blockdev::options::parse_size_option(k, v)?);
+                match k.as_str() {
+                    "cache-size" => o.metadata_cache.total = bytes,
+                    "l2-cache-size" => o.metadata_cache.l2 = bytes,
+                    _ => o.metadata_cache.refcount = bytes,
+                }
+            }
+            k if qcow2_node(&o) && QCOW2_NODE_OPTIONS.contains(&k) => {
+                if QCOW2_BOOL_OPTIONS.contains(&k) {
+                    blockdev::options::parse_bool(k, v)?;
+                }
+                o.other.push((k.to_string(), v.clone()))
+            }
             _ if i == 0 && v == "on" && !s.contains('=') => o.filename = k.clone(),
             _ => {
                 let fmt = o.driver.clone().unwrap_or_else(|| "raw".into());
@@ -208,7 +230,8 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         if req.fmt.is_some() {
             return Err(CliError::new("--image-opts and --format are mutually exclusive"));
         }
-        let io = parse_image_opts(req.name)?;
+        let io = parse_image_opts(req.name)
+            .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
         if let Some(fs) = io.force_share {
             if opts.force_share && !fs {
                 return Err(CliError::new("--force-share/-U conflicts with image options"));
@@ -221,6 +244,7 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
             opts.cache = CacheMode::Unsafe;
         }
         opts.data_file = io.data_file.clone();
+        opts.metadata_cache = io.metadata_cache;
         (io.filename, io.driver)
     } else {
         (req.name.to_string(), req.fmt.map(str::to_string))

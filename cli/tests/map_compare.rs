@@ -93,3 +93,30 @@ fn compare_matches_qemu_img() {
     );
     same(&["compare", s(&a), s(&d.path().join("missing"))]);
 }
+
+/// `--image-opts` with qcow2's cache options: sizes are honoured or refused with qemu-img's words,
+/// and a bad value of any option fails the open as in qemu-img.
+#[test]
+fn image_opts_cache_sizes_and_bad_values_match_qemu_img() {
+    let d = tempdir();
+    let img = d.path().join("c.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=4096", s(&img), "64M"]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 9 0 1M", "-c", "write -P 8 40M 3M", s(&img)]).ok();
+    for extra in [
+        "cache-size=1M",
+        "cache-size=1M,l2-cache-size=8k",
+        "cache-size=1M,refcount-cache-size=8k",
+        "l2-cache-size=1,refcount-cache-size=1",
+        "cache-size=1M,l2-cache-size=512k,refcount-cache-size=256k",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "l2-cache-size=xyz",
+        "lazy-refcounts=maybe",
+        "force-share=xyz",
+        "no-such-option=1",
+    ] {
+        let opts = format!("driver=qcow2,file.filename={},{extra}", s(&img));
+        same(&["map", "--output=json", "--image-opts", &opts]);
+        same(&["check", "--image-opts", &opts]);
+    }
+}

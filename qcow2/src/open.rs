@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use blockdev::range_lock::RangeLock;
-use blockdev::{read_exact_at, resolve_reference, BlockDriver, Chain, Error, OpenOptions, Opener, Result, Storage};
+use blockdev::{
+    read_exact_at, resolve_reference, BlockDriver, Chain, Error, MetadataCacheSizes, OpenOptions, Opener, Result,
+    Storage,
+};
 
 use crate::cache::{get_u64, TableCache};
 use crate::driver::{BackingInfo, Qcow2};
@@ -104,7 +107,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; h.l1_size as usize * 8];
         read_exact_at(file.as_ref(), h.l1_table_offset, &mut raw).map_err(|e| e.prefixed("Could not read L1 table"))?;
         let l1: Vec<u64> = (0..h.l1_size as usize).map(|i| get_u64(&raw, i)).collect();
-        let rc_tables = (DEFAULT_REFCOUNT_CACHE_BYTES / cs).clamp(MIN_CACHE_TABLES as u64, 4096) as usize;
+        let (l2_tables, rc_tables) = cache_tables(&opts.metadata_cache, &geo, h.size, l1.len() as u64)?;
         let rc = Refcounts::load(
             file.as_ref(),
             h.refcount_table_offset,
@@ -113,8 +116,6 @@ impl Qcow2 {
             h.cluster_bits,
             rc_tables,
         )?;
-        let l2_tables =
-            (DEFAULT_L2_CACHE_BYTES / cs).min(l1.len() as u64 + 1).clamp(MIN_CACHE_TABLES as u64, 8192) as usize;
 
         // External data file.
         let data: Arc<dyn Storage> = if geo.data_file && !opts.no_io {
@@ -202,4 +203,33 @@ impl Qcow2 {
         }
         Ok(q)
     }
+}
+
+/// Numbers of L2 tables and refcount blocks to cache, from the requested sizes as qemu combines
+/// `cache-size`, `l2-cache-size` and `refcount-cache-size`; without a request, vdisk's defaults.
+/// Never more L2 tables than the image has, never fewer than the minimum.
+fn cache_tables(req: &MetadataCacheSizes, geo: &Geometry, disk_size: u64, l1_len: u64) -> Result<(usize, usize)> {
+    let cs = geo.cluster_size();
+    let entry_size = if geo.extended { 16 } else { 8 };
+    let max_l2_bytes = disk_size.div_ceil(cs).saturating_mul(entry_size).div_ceil(cs).saturating_mul(cs);
+    let min_rc_bytes = MIN_CACHE_TABLES as u64 * cs;
+    let invalid = |msg: &str| Err(Error::invalid_argument(msg.to_string()));
+    let (l2, rc) = match (req.total, req.l2, req.refcount) {
+        (None, None, None) => (DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES),
+        (Some(_), Some(_), Some(_)) => {
+            return invalid("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time")
+        }
+        (Some(total), Some(l2), None) if l2 > total => return invalid("l2-cache-size may not exceed cache-size"),
+        (Some(total), None, Some(rc)) if rc > total => return invalid("refcount-cache-size may not exceed cache-size"),
+        (Some(total), Some(l2), None) => (l2, total - l2),
+        (Some(total), None, Some(rc)) => (total - rc, rc),
+        (Some(total), None, None) => {
+            let l2 = max_l2_bytes.min(total.saturating_sub(min_rc_bytes));
+            (l2, total - l2)
+        }
+        (None, l2, rc) => (l2.unwrap_or(DEFAULT_L2_CACHE_BYTES), rc.unwrap_or(DEFAULT_REFCOUNT_CACHE_BYTES)),
+    };
+    let l2_tables = (l2 / cs).min(l1_len + 1).clamp(MIN_CACHE_TABLES as u64, 1 << 20);
+    let rc_tables = (rc / cs).clamp(MIN_CACHE_TABLES as u64, 1 << 20);
+    Ok((l2_tables as usize, rc_tables as usize))
 }
