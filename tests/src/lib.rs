@@ -123,3 +123,34 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn s(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
+
+/// A qcow2 image for model-based tests, made by vdisk: `size` bytes, `cluster_size`, optionally
+/// extended L2 entries and a raw backing file of `backing` bytes filled with `0x77` (made by
+/// qemu-img and qemu-io). Returns the image's path and the model of its initial content.
+pub fn model_qcow2(
+    dir: &Path,
+    reg: &formats::Registry,
+    size: u64,
+    cluster_size: &str,
+    extended: bool,
+    backing: Option<u64>,
+) -> blockdev::Result<(PathBuf, Vec<u8>)> {
+    let img = dir.join("model.qcow2");
+    let mut model = vec![0u8; size as usize];
+    let mut o = blockdev::options::CreateOptions::new();
+    o.set("size", &size.to_string());
+    o.set("cluster_size", cluster_size);
+    if extended {
+        o.set("extended_l2", "on");
+    }
+    if let Some(len) = backing {
+        let base = dir.join("backing.raw");
+        qemu_img(&["create", "-f", "raw", s(&base), &len.to_string()]).ok();
+        qemu_io(&["-f", "raw", "-c", &format!("write -P 0x77 0 {len}"), s(&base)]).ok();
+        model[..len as usize].fill(0x77);
+        o.set("backing_file", s(&base));
+        o.set("backing_fmt", "raw");
+    }
+    reg.create("qcow2", s(&img), &o)?;
+    Ok((img, model))
+}

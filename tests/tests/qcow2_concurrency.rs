@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use blockdev::options::CreateOptions;
 use blockdev::{BlockDriver, MetadataCacheSizes, OpenOptions, ZeroFlags};
 use formats::Registry;
-use vdisk_tests::{pseudo_random, qemu_img, qemu_io, s, tempdir};
+use vdisk_tests::{pseudo_random, qemu_img, s, tempdir};
 
 const SIZE: u64 = 24 << 20;
 const PIECE: u64 = 1024;
@@ -32,23 +31,8 @@ fn pattern(t: u64, p: u64, r: u64) -> Vec<u8> {
 fn run(cluster: &str, extended: bool, backing: bool) {
     let d = tempdir();
     let reg = Registry::new();
-    let img = d.path().join("c.qcow2");
-    let mut model = vec![0u8; SIZE as usize];
-    let mut o = CreateOptions::new();
-    o.set("size", &SIZE.to_string());
-    o.set("cluster_size", cluster);
-    if extended {
-        o.set("extended_l2", "on");
-    }
-    if backing {
-        let base = d.path().join("b.raw");
-        qemu_img(&["create", "-f", "raw", s(&base), "16M"]).ok();
-        qemu_io(&["-f", "raw", "-c", "write -P 0x5a 0 16M", s(&base)]).ok();
-        model[..16 << 20].fill(0x5a);
-        o.set("backing_file", s(&base));
-        o.set("backing_fmt", "raw");
-    }
-    reg.create("qcow2", s(&img), &o).unwrap();
+    let (img, mut model) =
+        vdisk_tests::model_qcow2(d.path(), &reg, SIZE, cluster, extended, backing.then_some(16 << 20)).unwrap();
     let mut opts = OpenOptions::read_write();
     // The smallest caches qemu accepts: every few steps evict a table.
     opts.metadata_cache = MetadataCacheSizes { total: None, l2: Some(1), refcount: Some(1) };

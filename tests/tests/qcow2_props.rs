@@ -2,11 +2,10 @@
 //! (with and without a backing file) must read back like an in-memory model, and the image must
 //! pass `qemu-img check` afterwards. proptest shrinks any failure to a minimal sequence.
 
-use blockdev::options::CreateOptions;
 use blockdev::{OpenOptions, ResizeOptions, ZeroFlags};
 use formats::Registry;
 use proptest::prelude::*;
-use vdisk_tests::{qemu_img, qemu_io, s, tempdir};
+use vdisk_tests::{qemu_img, s, tempdir};
 
 const SIZE: u64 = 4 << 20;
 
@@ -35,23 +34,9 @@ fn op() -> impl Strategy<Value = Op> {
 fn run(ops: &[Op], cluster: &str, backing: bool, extended: bool) -> Result<(), TestCaseError> {
     let d = tempdir();
     let reg = Registry::new();
-    let img = d.path().join("p.qcow2");
-    let mut model = vec![0u8; SIZE as usize];
-    let mut o = CreateOptions::new();
-    o.set("size", &SIZE.to_string());
-    o.set("cluster_size", cluster);
-    if extended {
-        o.set("extended_l2", "on");
-    }
-    if backing {
-        let base = d.path().join("b.raw");
-        qemu_img(&["create", "-f", "raw", s(&base), "3M"]).ok();
-        qemu_io(&["-f", "raw", "-c", "write -P 0x77 0 3M", s(&base)]).ok();
-        model[..3 << 20].fill(0x77);
-        o.set("backing_file", s(&base));
-        o.set("backing_fmt", "raw");
-    }
-    reg.create("qcow2", s(&img), &o).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let (img, mut model) =
+        vdisk_tests::model_qcow2(d.path(), &reg, SIZE, cluster, extended, backing.then_some(3 << 20))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut drv = vdisk_tests::open_image(&reg, &img, Some("qcow2"), &OpenOptions::read_write()).unwrap();
     let clamp = |off: u64, len: u64, size: u64| -> Option<(u64, u64)> {
         if off >= size {
