@@ -195,6 +195,10 @@ pub fn compare(
                         Job::Both(off, n) => {
                             let (x, y) = (&mut b1[..n as usize], &mut b2[..n as usize]);
                             read(0, off, x).and_then(|()| read(1, off, y)).map(|()| {
+                                // Equal slices compare with memcmp; only a mismatch is located.
+                                if x == y {
+                                    return None;
+                                }
                                 x.iter()
                                     .zip(y.iter())
                                     .position(|(p, q)| p != q)

@@ -25,8 +25,13 @@ use crate::driver::{chain_status, BlockDriver, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
-/// One compressed-write unit ready to store: its data (padded) and the compressed form if smaller.
-type PackedUnit = (Vec<u8>, Option<Vec<u8>>);
+/// One compressed-write unit ready to store: `None` for a zero unit left out, else its
+/// compressed form (`None` inside when compression did not make it smaller).
+type PackedUnit = Option<Option<Vec<u8>>>;
+
+/// Largest data job when compressing: compressed output is held per job until its turn to be
+/// written, so jobs stay small to keep memory near qemu-img's.
+const COMPRESS_JOB_BYTES: u64 = 256 << 10;
 
 /// Default size of one data job (qemu-img's IO_BUF_SIZE).
 pub const DEFAULT_BUF_SIZE: usize = 2 << 20;
@@ -201,11 +206,7 @@ impl Planner<'_> {
         }
         let as_data = kind == JobKind::Data || (kind == JobKind::Zero && c.opts.min_sparse == 0);
         if as_data {
-            let cap = match self.unit {
-                Some(u) => (c.opts.buf_size as u64 / u).max(1) * u,
-                None => c.opts.buf_size as u64,
-            };
-            len = len.min(cap);
+            len = len.min(c.job_capacity());
         }
         let job = Job { seq: self.seq, offset: self.pos, len, kind };
         self.seq += 1;
@@ -331,7 +332,7 @@ impl Copy<'_> {
             let Some(job) = job else { return Ok(()) };
             let as_data = job.kind == JobKind::Data || (job.kind == JobKind::Zero && self.opts.min_sparse == 0);
             let offload_now = job.kind == JobKind::Data && sh.offload.load(Ordering::Relaxed);
-            let b = buf.get_or_insert_with(|| AlignedBuf::new(self.opts.buf_size, mem_align));
+            let b = buf.get_or_insert_with(|| AlignedBuf::new(self.job_capacity() as usize, mem_align));
             if as_data && !offload_now {
                 let data = &mut b[..job.len as usize];
                 if job.kind == JobKind::Data {
@@ -349,7 +350,7 @@ impl Copy<'_> {
                 return Ok(());
             }
             let result = if let Some(units) = packed {
-                self.write_compressed_job(sh, job, units)
+                self.write_compressed_job(sh, job, &b[..job.len as usize], units)
             } else if offload_now {
                 self.offload_job(sh, job, b)
             } else if as_data {
@@ -400,9 +401,18 @@ impl Copy<'_> {
         self.dst.compressed().map(|c| c.compressed_unit()).filter(|u| *u > 0)
     }
 
-    /// Compresses each unit of a data job; `None` marks an all-zero unit. Units are padded to
-    /// full size (the disk's last cluster may be partial).
-    fn compress_job(&self, data: &[u8], unit: u64) -> Result<Vec<Option<PackedUnit>>> {
+    /// Largest data job: the buffer size, or when compressing whole units up to
+    /// [`COMPRESS_JOB_BYTES`] (at least one unit).
+    fn job_capacity(&self) -> u64 {
+        match self.compress_unit() {
+            Some(u) => (COMPRESS_JOB_BYTES.min(self.opts.buf_size as u64) / u).max(1) * u,
+            None => self.opts.buf_size as u64,
+        }
+    }
+
+    /// Compresses each unit of a data job. Units are compressed at full size (the disk's last
+    /// cluster may be partial: it is padded with zeros).
+    fn compress_job(&self, data: &[u8], unit: u64) -> Result<Vec<PackedUnit>> {
         let cw = self
             .dst
             .compressed()
@@ -413,31 +423,34 @@ impl Copy<'_> {
                 if self.opts.min_sparse != 0 && is_zero(chunk) {
                     return Ok(None);
                 }
-                let mut full = chunk.to_vec();
-                full.resize(unit as usize, 0);
-                let c = cw.compress(&full)?;
-                Ok(Some((full, c)))
+                let c =
+                    if chunk.len() as u64 == unit { cw.compress(chunk)? } else { cw.compress(&padded(chunk, unit))? };
+                Ok(Some(c))
             })
             .collect()
     }
 
-    fn write_compressed_job(&self, sh: &Shared<'_>, job: Job, units: Vec<Option<PackedUnit>>) -> Result<()> {
+    fn write_compressed_job(&self, sh: &Shared<'_>, job: Job, data: &[u8], units: Vec<PackedUnit>) -> Result<()> {
         let cw = self
             .dst
             .compressed()
             .ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
         let unit = cw.compressed_unit();
-        for (i, u) in units.into_iter().enumerate() {
+        for ((i, u), chunk) in units.into_iter().enumerate().zip(data.chunks(unit as usize)) {
             let off = self.dst_offset + job.offset + i as u64 * unit;
-            let len = unit.min(job.offset + job.len - (job.offset + i as u64 * unit));
+            let len = chunk.len() as u64;
             match u {
                 None if self.opts.target_zeroed => sh.add(|s| s.skipped += len),
                 None => {
                     self.dst.write_zeroes(off, len, ZeroFlags { may_unmap: true, no_fallback: false })?;
                     sh.add(|s| s.zeroed += len);
                 }
-                Some((data, compressed)) => {
-                    cw.write_compressed(off, &data, compressed.as_deref())?;
+                Some(compressed) => {
+                    if len == unit {
+                        cw.write_compressed(off, chunk, compressed.as_deref())?;
+                    } else {
+                        cw.write_compressed(off, &padded(chunk, unit), compressed.as_deref())?;
+                    }
                     sh.add(|s| s.written += len);
                 }
             }
@@ -594,6 +607,13 @@ fn allocated_sectors_min(buf: &[u8], min: usize, first_sector: u64, align: usize
         }
     }
     (true, used)
+}
+
+/// `chunk` followed by zeros up to `unit` bytes.
+fn padded(chunk: &[u8], unit: u64) -> Vec<u8> {
+    let mut full = chunk.to_vec();
+    full.resize(unit as usize, 0);
+    full
 }
 
 #[cfg(test)]

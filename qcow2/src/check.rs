@@ -68,7 +68,7 @@ impl Qcow2 {
     ) -> u64 {
         let io = self.file.as_ref();
         let mut highest = 0;
-        for i in 0..imrt.counts.len() as u64 {
+        for i in 0..imrt.counts.len() {
             let have = match m.rc.get(io, i) {
                 Ok(v) => v,
                 Err(e) => {
@@ -229,13 +229,13 @@ impl Qcow2 {
         }
         let cs = m.cluster_size();
         let mut res = CheckReport { total_clusters: Some(self.disk_size().div_ceil(cs)), ..CheckReport::default() };
-        let (mut imrt, mut rebuild) = self.calculate(m, repair == RepairMode::All, report, &mut res)?;
+        let (imrt, mut rebuild) = self.calculate(m, repair == RepairMode::All, report, &mut res)?;
         let pre = res.clone();
         let mut highest = self.compare(m, &imrt, RepairMode::None, &mut rebuild, report, &mut res);
         if rebuild && repair == RepairMode::All {
             let old = res.clone();
             report("Rebuilding refcount structure");
-            m.rebuild_refcounts(io, &mut imrt.counts)?;
+            m.rebuild_refcounts(io, &mut imrt.counts.to_wide())?;
             res.corruptions = 0;
             res.leaks = 0;
             rebuild = false;

@@ -22,7 +22,7 @@ const REFT_RESERVED: u64 = 0x1ff;
 /// Reference counts found by walking the image.
 pub struct Imrt {
     /// One count per cluster.
-    pub counts: Vec<u64>,
+    pub counts: Counts,
     /// Largest value a stored refcount can hold.
     pub max: u64,
     /// log2 cluster size.
@@ -55,7 +55,12 @@ impl Imrt {
         if n > MAX_IMRT_CLUSTERS {
             return Err(Error::out_of_range("image file too large to check"));
         }
-        Ok(Imrt { counts: vec![0; n as usize], max, cluster_bits, file_len })
+        let counts = if max <= u16::MAX as u64 {
+            Counts::Narrow(vec![0; n as usize])
+        } else {
+            Counts::Wide(vec![0; n as usize])
+        };
+        Ok(Imrt { counts, max, cluster_bits, file_len })
     }
 
     /// Counts one reference to every cluster of `[offset, offset + size)`.
@@ -74,23 +79,78 @@ impl Imrt {
         let first = offset >> self.cluster_bits;
         let last = (offset + size - 1) >> self.cluster_bits;
         for c in first..=last {
-            if c as usize >= self.counts.len() {
-                self.counts.resize(c as usize + 1, 0);
-            }
-            let slot = &mut self.counts[c as usize];
-            if *slot == self.max {
+            if !self.counts.increment(c, self.max) {
                 (sink.report)(&format!("ERROR: overflow cluster offset=0x{:x}", c << self.cluster_bits));
                 (sink.report)("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
                 sink.res.corruptions += 1;
-                continue;
             }
-            *slot += 1;
         }
     }
 
     /// Count of cluster `c`.
     pub fn get(&self, c: u64) -> u64 {
-        self.counts.get(c as usize).copied().unwrap_or(0)
+        self.counts.get(c)
+    }
+}
+
+/// Per-cluster counts, two bytes each when the image's refcount width fits in 16 bits (as
+/// qemu's check keeps them), else eight.
+pub enum Counts {
+    /// Counts of refcount widths up to 16 bits.
+    Narrow(Vec<u16>),
+    /// Counts of wider refcounts.
+    Wide(Vec<u64>),
+}
+
+impl Counts {
+    /// Number of clusters counted.
+    pub fn len(&self) -> u64 {
+        match self {
+            Counts::Narrow(v) => v.len() as u64,
+            Counts::Wide(v) => v.len() as u64,
+        }
+    }
+
+    /// Count of cluster `c` (0 beyond the end).
+    pub fn get(&self, c: u64) -> u64 {
+        match self {
+            Counts::Narrow(v) => v.get(c as usize).map_or(0, |&n| n as u64),
+            Counts::Wide(v) => v.get(c as usize).copied().unwrap_or(0),
+        }
+    }
+
+    /// Adds one to cluster `c`'s count (growing the table); false when it is already `max`.
+    fn increment(&mut self, c: u64, max: u64) -> bool {
+        let i = c as usize;
+        match self {
+            Counts::Narrow(v) => {
+                if i >= v.len() {
+                    v.resize(i + 1, 0);
+                }
+                if v[i] as u64 >= max {
+                    return false;
+                }
+                v[i] += 1;
+            }
+            Counts::Wide(v) => {
+                if i >= v.len() {
+                    v.resize(i + 1, 0);
+                }
+                if v[i] >= max {
+                    return false;
+                }
+                v[i] += 1;
+            }
+        }
+        true
+    }
+
+    /// The counts as eight-byte values (for rebuilding the refcount structure).
+    pub fn to_wide(&self) -> Vec<u64> {
+        match self {
+            Counts::Narrow(v) => v.iter().map(|&n| n as u64).collect(),
+            Counts::Wide(v) => v.clone(),
+        }
     }
 }
 
