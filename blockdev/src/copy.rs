@@ -276,7 +276,12 @@ impl Copy<'_> {
             dst_storage,
             ordered,
         };
-        let workers = self.opts.workers.clamp(1, 64);
+        let mut workers = self.opts.workers.clamp(1, 64);
+        if self.compress_unit().is_some() {
+            // Compression is bound by the CPU: more workers than cores only hold more buffers.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            workers = workers.min(cores);
+        }
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
