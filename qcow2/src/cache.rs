@@ -15,7 +15,7 @@ struct Slot {
 
 /// LRU cache of metadata tables.
 pub struct TableCache {
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<u64, Slot, foldhash::fast::RandomState>,
     capacity: usize,
     clock: u64,
 }
@@ -33,7 +33,7 @@ pub struct Evicted {
 impl TableCache {
     /// A cache holding at most `capacity` tables (at least 1).
     pub fn new(capacity: usize) -> TableCache {
-        TableCache { slots: HashMap::new(), capacity: capacity.max(1), clock: 0 }
+        TableCache { slots: HashMap::default(), capacity: capacity.max(1), clock: 0 }
     }
 
     /// The table at `offset`, if cached.

@@ -68,8 +68,21 @@ impl Qcow2 {
     ) -> u64 {
         let io = self.file.as_ref();
         let mut highest = 0;
+        // Stored refcounts are read a refcount block at a time; a block that cannot be read is
+        // retried cluster by cluster so that each one is reported.
+        let per = m.rc.block_entries();
+        let mut run = Vec::new();
+        let mut run_start = u64::MAX;
         for i in 0..imrt.counts.len() {
-            let have = match m.rc.get(io, i) {
+            if i % per == 0 || run_start == u64::MAX {
+                run_start = i;
+                run.resize((per - i % per).min(imrt.counts.len() - i) as usize, 0);
+                if m.rc.get_run(io, i, &mut run).is_err() {
+                    run.clear();
+                }
+            }
+            let stored = run.get((i - run_start) as usize).copied();
+            let have = match stored.map_or_else(|| m.rc.get(io, i), Ok) {
                 Ok(v) => v,
                 Err(e) => {
                     let why = if e.kind() == ErrorKind::Corrupt {

@@ -148,31 +148,46 @@ impl Meta {
     /// Status of the run starting at guest byte `offset`, at most `max` bytes long and within one
     /// L2 table: the status and the run's length. Data runs have contiguous host offsets.
     pub fn map(&mut self, io: &dyn Storage, offset: u64, max: u64) -> Result<(Sub, u64)> {
-        let cs = self.cluster_size();
-        let sc = self.geo.subcluster_size();
-        let table_end = (offset / self.geo.l2_coverage() + 1) * self.geo.l2_coverage();
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let sc = geo.subcluster_size();
+        let n = geo.l2_entries();
+        let table_end = (offset / geo.l2_coverage() + 1) * geo.l2_coverage();
         let end = offset.saturating_add(max).min(table_end);
+        // The run lies within one L2 table: look it up once, then walk its entries.
+        let l1_index = offset / cs / n;
+        let l2 = self.l2_offset(io, l1_index)?;
+        if let Some(off) = l2 {
+            self.load_l2(io, off)?;
+        }
+        let table = match l2 {
+            Some(off) => Some(self.l2.get(off).ok_or_else(|| Error::corrupt("L2 table vanished from the cache"))?),
+            None => None,
+        };
         let mut pos = offset;
         let mut first: Option<Sub> = None;
+        let mut bad: Option<String> = None;
         while pos < end {
             let gc = pos / cs;
-            let (e, bm) = self.entry(io, gc)?;
+            let i = (gc % n) as usize;
+            let (e, bm) = match table {
+                Some(t) if geo.extended => (get_u64(t, 2 * i), get_u64(t, 2 * i + 1)),
+                Some(t) => (get_u64(t, i), 0),
+                None => (0, 0),
+            };
             let index = ((pos % cs) / sc) as u32;
-            let sub = self.geo.subcluster(e, bm, index);
+            let sub = geo.subcluster(e, bm, index);
             if let Sub::Invalid(why) = sub {
-                return Err(self.corruption(io, true, format!("Invalid L2 entry for guest offset {pos:#x}: {why}")));
+                bad = Some(format!("Invalid L2 entry for guest offset {pos:#x}: {why}"));
+                break;
             }
             if let Sub::Data { host, .. } = sub {
                 if host % cs != 0 {
-                    let l2 = self.l1.get((gc / self.geo.l2_entries()) as usize).copied().unwrap_or(0) & OFFSET_MASK;
-                    return Err(self.corruption(
-                        io,
-                        true,
-                        format!(
-                            "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: {:#x})",
-                            gc % self.geo.l2_entries()
-                        ),
+                    let l2 = l2.unwrap_or(0);
+                    bad = Some(format!(
+                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: {i:#x})"
                     ));
+                    break;
                 }
             }
             let step_end = ((pos / sc) + 1) * sc;
@@ -187,6 +202,9 @@ impl Meta {
                 break;
             }
             pos = step_end;
+        }
+        if let Some(why) = bad {
+            return Err(self.corruption(io, true, why));
         }
         let first = first.unwrap_or(Sub::Unallocated { host: None });
         Ok((first, pos.min(end) - offset))

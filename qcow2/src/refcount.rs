@@ -131,6 +131,24 @@ impl Refcounts {
         Ok(read_entry(block, self.order, (index % per) as usize))
     }
 
+    /// The refcounts of clusters `[start, start + out.len())`, which must lie in one refcount
+    /// block, into `out` (zeros where no block exists).
+    pub fn get_run(&mut self, io: &dyn Storage, start: u64, out: &mut [u64]) -> Result<()> {
+        let per = self.block_entries();
+        let Some(off) = self.block_offset(start / per) else {
+            out.fill(0);
+            return Ok(());
+        };
+        self.load_block(io, off)?;
+        let order = self.order;
+        let block = self.cache.get(off).ok_or_else(|| Error::corrupt("refcount block vanished from the cache"))?;
+        let first = (start % per) as usize;
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = read_entry(block, order, first + i);
+        }
+        Ok(())
+    }
+
     /// Sets the refcount of cluster `index`; the covering block must exist (see [`Self::ensure_block`]).
     fn set_existing(&mut self, io: &dyn Storage, index: u64, value: u64) -> Result<()> {
         let per = self.block_entries();

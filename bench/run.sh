@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Benchmark vdisk against qemu-img on the same inputs; writes BENCHMARKS.md and
+# bench/results.json.  See the "How to run" section of BENCHMARKS.md.
+#
+# Environment knobs:
+#   BENCH_RUNS             timed runs per tool and case (default 3)
+#   BENCH_DROP_CACHES      0 (default): warm caches, sync before every timed run; 1: drop the page cache too
+#   BENCH_CASES            space-separated case ids to run (default: all)
+#   BENCH_DIR              input cache and work directory (default target/bench)
+#   BENCH_SPARSE_CLUSTERS  allocated clusters in the 1 TiB sparse qcow2 (default 100000)
+#   BENCH_LOAD_NOTE        free text added to the report next to the load average
+#   VDISK, QEMU_IMG, QEMU_IO  binaries (default: target/release/vdisk, built first; qemu-img, qemu-io)
+#   BENCH_OUT_MD, BENCH_OUT_JSON  report paths (default BENCHMARKS.md, bench/results.json)
+set -euo pipefail
+
+T_START=$(date +%s.%N)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+
+RUNS=${BENCH_RUNS:-3}
+DROP=${BENCH_DROP_CACHES:-0}
+BENCH_DIR=${BENCH_DIR:-$REPO/target/bench}
+SPARSE_CLUSTERS=${BENCH_SPARSE_CLUSTERS:-100000}
+VDISK_GIVEN=${VDISK:-}
+VDISK=${VDISK:-$REPO/target/release/vdisk}
+QEMU_IMG=${QEMU_IMG:-$(command -v qemu-img)}
+QEMU_IO=${QEMU_IO:-$(command -v qemu-io)}
+OUT_MD=${BENCH_OUT_MD:-$REPO/BENCHMARKS.md}
+OUT_JSON=${BENCH_OUT_JSON:-$REPO/bench/results.json}
+MEASURE=(python3 "$HERE/measure.py")
+cd "$REPO"   # command lines in the report are shown relative to the repository
+export QEMU_IMG
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if [[ -z ${VDISK_GIVEN:-} ]]; then
+    log "cargo build --release"
+    cargo build --release --quiet --bin vdisk
+fi
+[[ -x $VDISK ]] || { echo "vdisk binary not found at $VDISK (cargo build --release)" >&2; exit 1; }
+[[ -x $QEMU_IMG ]] || { echo "qemu-img not found" >&2; exit 1; }
+[[ -x $QEMU_IO ]] || { echo "qemu-io not found" >&2; exit 1; }
+command -v mke2fs >/dev/null || { echo "mke2fs not found" >&2; exit 1; }
+
+if [[ $DROP == 1 ]]; then
+    if ! { sync && echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+        log "cannot drop the page cache (not root?); measuring with warm caches"
+        DROP=0
+    fi
+fi
+
+mkdir -p "$BENCH_DIR"
+WORK=$BENCH_DIR/work
+rm -rf "$WORK"
+mkdir -p "$WORK"
+
+# Run a private copy of the binary, so that a rebuild during the benchmark
+# cannot mix two builds in one report.
+VDISK_ORIG=$VDISK
+VDISK=$WORK/vdisk
+cp "$VDISK_ORIG" "$VDISK"
+
+# ---------------------------------------------------------------------------
+# inputs (cached in $BENCH_DIR, reused when present)
+
+# Directories copied into the ext4 file system: shared libraries, binaries,
+# Python's standard library and /usr/share (many small files); about 1.5 GiB.
+STAGE_SRC=(/usr/lib/x86_64-linux-gnu /usr/bin /usr/lib/python3.11 /usr/share)
+STAGE=$BENCH_DIR/stage
+RAW=$BENCH_DIR/disk.raw
+QCOW=$BENCH_DIR/disk.qcow2
+SPARSE=$BENCH_DIR/sparse-1T.qcow2
+
+if [[ ! -f $RAW ]]; then
+    log "staging ${STAGE_SRC[*]} in $STAGE"
+    rm -rf "$STAGE"
+    mkdir -p "$STAGE"
+    for d in "${STAGE_SRC[@]}"; do
+        [[ -d $d ]] || continue
+        # hard links when on the same file system (fast), else a real copy
+        cp -al "$d" "$STAGE/" 2>/dev/null || cp -a "$d" "$STAGE/"
+    done
+    log "mke2fs -q -t ext4 -d $STAGE -F $RAW.tmp 4G"
+    mke2fs -q -t ext4 -d "$STAGE" -F "$RAW.tmp" 4G
+    mv "$RAW.tmp" "$RAW"
+fi
+if [[ ! -f $BENCH_DIR/stage.txt ]] || [[ $RAW -nt $BENCH_DIR/stage.txt ]]; then
+    if [[ -d $STAGE ]]; then
+        printf '%s files, %s' "$(find "$STAGE" | wc -l)" \
+            "$(du -sh --apparent-size "$STAGE" | cut -f1)" > "$BENCH_DIR/stage.txt"
+    else
+        echo "unknown" > "$BENCH_DIR/stage.txt"
+    fi
+fi
+STAGE_DESC=$(cat "$BENCH_DIR/stage.txt")
+
+if [[ ! -f $QCOW ]]; then
+    log "$QEMU_IMG convert -f raw -O qcow2 $RAW $QCOW"
+    "$QEMU_IMG" convert -f raw -O qcow2 "$RAW" "$QCOW.tmp"
+    mv "$QCOW.tmp" "$QCOW"
+fi
+
+if [[ ! -f $SPARSE ]]; then
+    log "creating 1 TiB qcow2 with $SPARSE_CLUSTERS scattered 4 KiB writes (qemu-io)"
+    "$QEMU_IMG" create -q -f qcow2 "$SPARSE.tmp" 1T
+    # one 4 KiB write into each of N distinct 64 KiB clusters picked at random
+    # (fixed seed) over the whole 1 TiB, written in random order
+    python3 - "$SPARSE_CLUSTERS" > "$BENCH_DIR/sparse-1T.qemu-io" <<'EOF'
+import random, sys
+n = int(sys.argv[1])
+r = random.Random(20260101)
+for i, c in enumerate(r.sample(range(1 << 24), n)):
+    print(f"write -P {i % 255 + 1} {c * 65536 + r.randrange(16) * 4096} 4k")
+EOF
+    "$QEMU_IO" -t unsafe -f qcow2 "$SPARSE.tmp" < "$BENCH_DIR/sparse-1T.qemu-io" > /dev/null
+    mv "$SPARSE.tmp" "$SPARSE"
+fi
+
+PREALLOC=$BENCH_DIR/prealloc-1T.qcow2
+if [[ ! -f $PREALLOC ]]; then
+    log "creating 1 TiB qcow2 with 1M allocated clusters (metadata preallocation of 64 GiB)"
+    "$QEMU_IMG" create -q -f qcow2 -o preallocation=metadata "$PREALLOC.tmp" 64G
+    "$QEMU_IMG" resize -q "$PREALLOC.tmp" 1T
+    mv "$PREALLOC.tmp" "$PREALLOC"
+fi
+
+# ---------------------------------------------------------------------------
+# metadata
+
+RESULTS=$WORK/results.jsonl
+META=$WORK/meta.json
+: > "$RESULTS"
+"${MEASURE[@]}" meta --out "$META" --repo "$REPO" --vdisk "$VDISK_ORIG" --vdisk-snapshot "$VDISK" --qemu-img "$QEMU_IMG" \
+    --bench-dir "$BENCH_DIR" --runs "$RUNS" --drop-caches "$DROP" \
+    --load-note "${BENCH_LOAD_NOTE:-}" \
+    --input "disk.raw|$RAW|raw image, 4 GiB, ext4 created with \`mke2fs -q -t ext4 -d <stage> -F disk.raw 4G\` ($(mke2fs -V 2>&1 | head -1)); <stage> = copy of ${STAGE_SRC[*]} ($STAGE_DESC)" \
+    --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
+    --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
+    --input "sparse-1T.qcow2|$SPARSE|qcow2, 1 TiB virtual size, 64 KiB clusters; \`qemu-io -t unsafe\` wrote 4 KiB into each of $SPARSE_CLUSTERS distinct clusters chosen at random (fixed seed) over the whole disk, in random order (commands in \`target/bench/sparse-1T.qemu-io\`)"
+
+# ---------------------------------------------------------------------------
+# cases
+
+want() { [[ -z ${BENCH_CASES:-} ]] || [[ " $BENCH_CASES " == *" $1 "* ]]; }
+
+# case ID TITLE KIND OUT_EXT OUT_FMT TEMPLATE INPUT...
+case_() {
+    local id=$1 title=$2 kind=$3 ext=$4 fmt=$5 template=$6
+    shift 6
+    want "$id" || return 0
+    log "case $id: $template"
+    local inputs=()
+    for i in "$@"; do inputs+=(--input "$i"); done
+    local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG")
+    if [[ $kind == none ]]; then tools=(--tool "cp=$(command -v cp)"); fi
+    "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
+        --id "$id" --title "$title" --kind "$kind" --out-ext "$ext" --out-fmt "$fmt" \
+        --template "$template" "${tools[@]}" "${inputs[@]}"
+}
+
+case_ convert_raw_raw "convert raw → raw" image .raw raw \
+    "{tool} convert -q -f raw -O raw $RAW {out}" "$RAW"
+case_ convert_raw_qcow2 "convert raw → qcow2" image .qcow2 qcow2 \
+    "{tool} convert -q -f raw -O qcow2 $RAW {out}" "$RAW"
+case_ convert_qcow2_raw "convert qcow2 → raw" image .raw raw \
+    "{tool} convert -q -f qcow2 -O raw $QCOW {out}" "$QCOW"
+case_ convert_zlib "convert -c raw → qcow2 (zlib)" image .qcow2 qcow2 \
+    "{tool} convert -q -c -f raw -O qcow2 $RAW {out}" "$RAW"
+case_ convert_zstd "convert -c -o compression_type=zstd raw → qcow2" image .qcow2 qcow2 \
+    "{tool} convert -q -c -o compression_type=zstd -f raw -O qcow2 $RAW {out}" "$RAW"
+case_ compare_raw_qcow2 "compare raw vs qcow2 (identical)" stdout "" raw \
+    "{tool} compare -f raw -F qcow2 $RAW $QCOW" "$RAW" "$QCOW"
+case_ map_qcow2 "map --output=json (disk.qcow2)" stdout "" raw \
+    "{tool} map --output=json -f qcow2 $QCOW" "$QCOW"
+case_ check_sparse "check (1 TiB sparse qcow2)" stdout "" raw \
+    "{tool} check -f qcow2 $SPARSE" "$SPARSE"
+case_ check_1m "check (1 TiB qcow2, 1M allocated clusters)" stdout "" raw \
+    "{tool} check -f qcow2 $PREALLOC" "$PREALLOC"
+case_ map_1m "map --output=json (1 TiB qcow2, 1M allocated clusters)" stdout "" raw \
+    "{tool} map --output=json -f qcow2 $PREALLOC" "$PREALLOC"
+case_ map_sparse "map --output=json (1 TiB sparse qcow2)" stdout "" raw \
+    "{tool} map --output=json -f qcow2 $SPARSE" "$SPARSE"
+case_ cp_floor "floor: cp --sparse=always raw → raw" none .raw raw \
+    "{tool} --sparse=always $RAW {out}" "$RAW"
+
+# ---------------------------------------------------------------------------
+# report
+
+T_END=$(date +%s.%N)
+TOTAL=$(python3 -c "print($T_END - $T_START)")
+"${MEASURE[@]}" report --results "$RESULTS" --meta "$META" --md "$OUT_MD" --json "$OUT_JSON" \
+    --total-runtime "$TOTAL"
+log "done in ${TOTAL%.*} s; wrote $OUT_MD and $OUT_JSON"
