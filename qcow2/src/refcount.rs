@@ -223,6 +223,8 @@ impl Refcounts {
         if place / per == bi {
             self.set_existing(io, place, 1)?;
         } else {
+            // Not yet counted: keep the block that will count it from landing on it too.
+            self.free_hint = self.free_hint.max(place + 1);
             self.update(io, place, 1)?;
         }
         Ok(())
@@ -278,53 +280,24 @@ impl Refcounts {
 
     /// Allocates `n` contiguous clusters (refcount 1) and returns the host offset of the first.
     ///
-    /// Refcount blocks that the run needs are placed right before it, in the same free area, so
-    /// that a run crossing into uncovered ranges never chases its own blocks.
+    /// qemu's order, so that images come out laid out as qemu lays them out: the run is taken
+    /// first (the free-cluster hint moves past it), then counted cluster by cluster; a refcount
+    /// block the run needs is created on the first free cluster after the run (and counted by
+    /// itself, or by a block created after it in turn).
     pub fn alloc(&mut self, io: &dyn Storage, n: u64) -> Result<u64> {
         if n == 0 {
             return Err(Error::invalid_argument("allocation of zero clusters"));
         }
-        let per = self.block_entries();
-        let mut extra = 0u64;
-        loop {
-            let start = self.find_free_run(io, n + extra)?;
-            let end = start + n + extra;
-            let missing: Vec<u64> =
-                (start / per..=(end - 1) / per).filter(|&bi| self.block_offset(bi).is_none()).collect();
-            if missing.len() as u64 > extra {
-                extra = missing.len() as u64;
-                continue;
-            }
-            if let Some(&top) = missing.last() {
-                if top as usize >= self.table.len() {
-                    self.grow_table(io, top + 1)?;
-                    extra = 0;
-                    continue;
-                }
-            }
-            let cs = self.cluster_size() as usize;
-            for (j, &bi) in missing.iter().enumerate() {
-                let at = (start + j as u64) << self.cluster_bits;
-                if let Some(ev) = self.cache.insert(at, vec![0u8; cs], true) {
-                    if ev.dirty {
-                        write_all_at(io, ev.offset, &ev.data)?;
-                    }
-                }
-                self.table[bi as usize] = at;
-                self.blocks.insert(at);
-                self.dirty_entries.insert(bi as usize);
-            }
-            let used_end = start + missing.len() as u64 + n;
-            for c in start..used_end {
-                self.update(io, c, 1)?;
-            }
-            let first_data = start + missing.len() as u64;
-            let off = first_data << self.cluster_bits;
-            if off + (n << self.cluster_bits) > crate::limits::MAX_CLUSTER_OFFSET {
-                return Err(Error::from_errno("allocate", libc::EFBIG));
-            }
-            return Ok(off);
+        let start = self.find_free_run(io, n)?;
+        let end = start + n;
+        if end > (crate::limits::MAX_CLUSTER_OFFSET >> self.cluster_bits) {
+            return Err(Error::from_errno("allocate", libc::EFBIG));
         }
+        self.free_hint = self.free_hint.max(end);
+        for c in start..end {
+            self.update(io, c, 1)?;
+        }
+        Ok(start << self.cluster_bits)
     }
 
     /// Replaces the table with a larger one able to hold `min_entries` entries. The new table and
@@ -342,8 +315,9 @@ impl Refcounts {
                 return Err(Error::from_errno("grow refcount table", libc::EFBIG));
             }
         }
-        // Place the table after everything in use; blocks for the new region follow it.
-        let first = self.end_of_used(io)?;
+        // Place the table after everything in use or taken by an allocation under way (the
+        // hint is past it); blocks for the new region follow it.
+        let first = self.end_of_used(io)?.max(self.free_hint);
         let mut blocks = 0u64;
         loop {
             let end = first + new_clusters + blocks;

@@ -49,8 +49,12 @@ pub fn grow_l1(m: &mut Meta, io: &dyn blockdev::Storage, entries: u64) -> Result
     m.h.l1_size = entries as u32;
     m.write_header(io, false)?;
     io.flush()?;
+    // The header names the new table durably: the old one is free at once (as in qemu, so the
+    // next allocation may take its clusters).
     if old.0 != 0 && old.1 > 0 {
-        m.queue_free(old.0, old.1, false);
+        for c in 0..old.1 {
+            m.rc.update(io, old.0 / cs + c, -1)?;
+        }
     }
     Ok(())
 }
