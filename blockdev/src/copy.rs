@@ -428,9 +428,7 @@ impl Copy<'_> {
                 if self.opts.min_sparse != 0 && is_zero(chunk) {
                     return Ok(None);
                 }
-                let c =
-                    if chunk.len() as u64 == unit { cw.compress(chunk)? } else { cw.compress(&padded(chunk, unit))? };
-                Ok(Some(c))
+                Ok(Some(cw.compress(&whole_unit(chunk, unit))?))
             })
             .collect()
     }
@@ -451,11 +449,7 @@ impl Copy<'_> {
                     sh.add(|s| s.zeroed += len);
                 }
                 Some(compressed) => {
-                    if len == unit {
-                        cw.write_compressed(off, chunk, compressed.as_deref())?;
-                    } else {
-                        cw.write_compressed(off, &padded(chunk, unit), compressed.as_deref())?;
-                    }
+                    cw.write_compressed(off, &whole_unit(chunk, unit), compressed.as_deref())?;
                     sh.add(|s| s.written += len);
                 }
             }
@@ -614,11 +608,14 @@ fn allocated_sectors_min(buf: &[u8], min: usize, first_sector: u64, align: usize
     (true, used)
 }
 
-/// `chunk` followed by zeros up to `unit` bytes.
-fn padded(chunk: &[u8], unit: u64) -> Vec<u8> {
+/// `chunk` as a whole unit: itself, or (the disk's partial last unit) a copy padded with zeros.
+fn whole_unit(chunk: &[u8], unit: u64) -> std::borrow::Cow<'_, [u8]> {
+    if chunk.len() as u64 == unit {
+        return std::borrow::Cow::Borrowed(chunk);
+    }
     let mut full = chunk.to_vec();
     full.resize(unit as usize, 0);
-    full
+    std::borrow::Cow::Owned(full)
 }
 
 #[cfg(test)]

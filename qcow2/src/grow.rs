@@ -49,9 +49,7 @@ impl Meta {
         for (i, &bi) in missing.iter().enumerate() {
             self.rc.install_empty_block(io, bi, start + i as u64)?;
         }
-        for c in start..end {
-            self.rc.update(io, c, 1)?;
-        }
+        self.rc.update_range(io, start, end - start, 1)?;
         self.rc.flush_blocks(io)?;
         self.rc.write_table(io)?;
         io.flush()?;
@@ -60,9 +58,7 @@ impl Meta {
         self.h.refcount_table_clusters = table_clusters as u32;
         self.write_header(io, false)?;
         io.flush()?;
-        for c in 0..old_table.1 {
-            self.rc.update(io, old_table.0 / cs + c, -1)?;
-        }
+        self.rc.update_range(io, old_table.0 / cs, old_table.1, -1)?;
         Ok(end)
     }
 }
@@ -90,9 +86,7 @@ impl Qcow2 {
             let used_end = m.rc.end_of_used(io)?;
             let area = if used_end > 0 { used_end } else { io.len()?.div_ceil(cs) };
             let start = m.refcount_area(io, area, count + l2_tables)?;
-            for c in start..start + count {
-                m.rc.update(io, c, 1)?;
-            }
+            m.rc.update_range(io, start, count, 1)?;
             m.flush(io, self.data.as_ref())?;
             start
         };

@@ -186,6 +186,14 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Adds `delta` to the refcounts of clusters `[first, first + count)` (see [`Self::update`]).
+    pub fn update_range(&mut self, io: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
+        for c in first..first + count {
+            self.update(io, c, delta)?;
+        }
+        Ok(())
+    }
+
     /// Makes sure a refcount block covers cluster `index`, creating one (and growing the table) if
     /// needed. New blocks describe themselves.
     pub fn ensure_block(&mut self, io: &dyn Storage, index: u64) -> Result<()> {
@@ -294,9 +302,7 @@ impl Refcounts {
             return Err(Error::from_errno("allocate", libc::EFBIG));
         }
         self.free_hint = self.free_hint.max(end);
-        for c in start..end {
-            self.update(io, c, 1)?;
-        }
+        self.update_range(io, start, n, 1)?;
         Ok(start << self.cluster_bits)
     }
 
@@ -352,9 +358,7 @@ impl Refcounts {
         }
         self.table_offset = first << self.cluster_bits;
         self.table_clusters = new_clusters;
-        for c in first..end {
-            self.update(io, c, 1)?;
-        }
+        self.update_range(io, first, end - first, 1)?;
         // Durability: blocks, then the new table; the header update follows (by the caller).
         self.flush_blocks(io)?;
         self.write_table(io)?;

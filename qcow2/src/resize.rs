@@ -51,10 +51,8 @@ pub fn grow_l1(m: &mut Meta, io: &dyn blockdev::Storage, entries: u64) -> Result
     io.flush()?;
     // The header names the new table durably: the old one is free at once (as in qemu, so the
     // next allocation may take its clusters).
-    if old.0 != 0 && old.1 > 0 {
-        for c in 0..old.1 {
-            m.rc.update(io, old.0 / cs + c, -1)?;
-        }
+    if old.0 != 0 {
+        m.rc.update_range(io, old.0 / cs, old.1, -1)?;
     }
     Ok(())
 }
@@ -169,6 +167,15 @@ impl Qcow2 {
         Ok(plain.then_some(e & OFFSET_MASK))
     }
 
+    /// Completes the unit (cluster or subcluster) holding the new disk end `to`, whose cluster
+    /// is at `host` in `target`: its part past the end gets what a backing file has there (zeros
+    /// without one), as qemu's copy-on-write leaves it.
+    fn copy_tail_past_end(&self, target: &dyn blockdev::Storage, host: u64, to: u64, unit: u64) -> Result<()> {
+        let mut buf = vec![0u8; (unit - to % unit) as usize];
+        self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
+        blockdev::write_all_at(target, host + to % self.cluster_size(), &buf)
+    }
+
     /// Allocates clusters for `[from, to)` the way qemu's metadata preallocation does: the
     /// cluster holding `from` keeps its host cluster when it has one of its own (its new part is
     /// zeroed in place); otherwise it is allocated with the rest, its head copied. The file grows
@@ -197,11 +204,7 @@ impl Qcow2 {
                         target.set_len(covered, Prealloc::Off)?;
                     }
                     if self.geo.extended && to % unit != 0 && to <= end {
-                        // The unit holding the new end gets its part past the end copied from
-                        // the backing file, as qemu's copy-on-write leaves it.
-                        let mut buf = vec![0u8; (unit - to % unit) as usize];
-                        self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
-                        blockdev::write_all_at(target, host + to % cs, &buf)?;
+                        self.copy_tail_past_end(target, host, to, unit)?;
                     }
                     gc += 1;
                 }
@@ -237,13 +240,8 @@ impl Qcow2 {
             }
             drop(m);
             let target = if self.geo.data_file { self.data.as_ref() } else { self.file.as_ref() };
-            // The unit holding the new end is completed with zeros past the end of the disk.
             if to % unit != 0 && to.div_ceil(cs) == gc + n {
-                // Copy-on-write past the end reads what a backing file has there.
-                let tail = (to % cs, to % cs / unit * unit + unit);
-                let mut buf = vec![0u8; (tail.1 - tail.0) as usize];
-                self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
-                blockdev::write_all_at(target, host + (n - 1) * cs + tail.0, &buf)?;
+                self.copy_tail_past_end(target, host + (n - 1) * cs, to, unit)?;
             }
             if !head.is_empty() {
                 blockdev::write_all_at(target, host + head_at, &std::mem::take(&mut head))?;

@@ -178,18 +178,18 @@ impl Qcow2 {
         let n = ((gc + count) * cs - pos).min(len);
         // What is written: the whole run, or with extended entries only the subclusters the
         // write touches when no old subcluster data has to move along.
-        let (run_start, run_end) = {
-            let m = self.lock();
-            let sc = m.geo.subcluster_size();
-            let keeps_data = fresh
+        let geo = self.geo;
+        let keeps_data = || {
+            fresh
                 && old.iter().any(|&(e, b)| {
-                    e & COMPRESSED != 0 || (0..32).any(|s| matches!(m.geo.subcluster(e, b, s), Sub::Data { .. }))
-                });
-            if m.geo.extended && !keeps_data {
-                (pos / sc * sc, (pos + n).div_ceil(sc) * sc)
-            } else {
-                (gc * cs, (gc + count) * cs)
-            }
+                    e & COMPRESSED != 0 || (0..32).any(|s| matches!(geo.subcluster(e, b, s), Sub::Data { .. }))
+                })
+        };
+        let (run_start, run_end) = if geo.extended && !keeps_data() {
+            let sc = geo.subcluster_size();
+            (pos / sc * sc, (pos + n).div_ceil(sc) * sc)
+        } else {
+            (gc * cs, (gc + count) * cs)
         };
         let head_len = pos - run_start;
         let tail_start = pos + n;
