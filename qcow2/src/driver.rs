@@ -54,6 +54,10 @@ pub struct Qcow2 {
     pub(crate) metadata_prealloc: std::sync::atomic::AtomicU8,
 }
 
+/// Queued cluster frees beyond which a write flushes metadata itself, so the queue (and the space
+/// it holds back) stays bounded when the guest does not flush.
+pub(crate) const MAX_QUEUED_FREES: usize = 1024;
+
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2").field("file", &self.file.name()).field("size", &self.size).finish()
@@ -144,10 +148,13 @@ impl Qcow2 {
         decompress(self.compression, &input, out)
     }
 
-    /// Applies queued frees if no read could still be looking at the clusters.
-    pub(crate) fn maybe_apply_frees(&self, m: &mut Meta) -> Result<()> {
-        if self.reads_in_flight.load(Ordering::Acquire) == 0 && !m.frees.is_empty() {
-            m.apply_frees(self.file.as_ref(), self.data.as_ref())?;
+    /// Flushes metadata, which applies the queued frees, once [`MAX_QUEUED_FREES`] are queued and
+    /// no read could still be looking at the clusters. Frees are never applied before such a
+    /// flush: until the L2 changes that dropped the references are durable, the clusters are
+    /// still in use on disk, so neither their decreased refcounts nor new data may reach them.
+    pub(crate) fn flush_if_many_frees(&self, m: &mut Meta) -> Result<()> {
+        if m.frees.len() >= MAX_QUEUED_FREES && self.reads_in_flight.load(Ordering::Acquire) == 0 {
+            m.flush(self.file.as_ref(), self.data.as_ref())?;
         }
         Ok(())
     }

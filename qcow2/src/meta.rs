@@ -6,12 +6,14 @@
 //!
 //! Update order (see the crate docs for the reasoning):
 //! 1. a data cluster is written before its L2 entry is set (the driver does this);
-//! 2. [`Meta::flush`] writes refcount blocks and refcount table entries, syncs, then writes L2 tables,
-//!    syncs again if L1 entries changed, writes L1 entries and syncs; with lazy refcounts the first
-//!    sync is skipped because the dirty bit is already durable;
-//! 3. refcount decreases are queued and applied only after that flush, when nothing on disk refers
-//!    to the cluster any more; an evicted dirty L2 table is written only after the refcounts are
-//!    flushed;
+//! 2. [`Meta::flush`] writes refcount blocks and refcount table entries, syncs (the data file
+//!    too, if there is one), then writes L2 tables, syncs again if L1 entries changed, writes L1
+//!    entries and syncs. The first sync is kept with lazy refcounts too: it is also the barrier
+//!    between guest data (a copy-on-write, a zero cluster written in place) and the L2 entry that
+//!    exposes it; an evicted dirty L2 table is written after the same barrier;
+//! 3. refcount decreases are queued and applied only at the end of that flush, when nothing on
+//!    disk refers to the cluster any more (the freed cluster cannot be reused, nor its decreased
+//!    refcount written, before the L2 change is durable);
 //! 4. header changes are written as the first sector after what they point to is durable.
 
 use std::collections::{BTreeSet, HashSet};
@@ -64,6 +66,9 @@ pub struct Meta {
     pub corruption_reported: bool,
     /// Where the next compressed cluster may start (0 = in a fresh cluster).
     pub free_byte_offset: u64,
+    /// The external data file, when guest data lives outside the image file: it is synced
+    /// before any L2 table that points into it is written.
+    pub external_data: Option<std::sync::Arc<dyn Storage>>,
 }
 
 impl Meta {
@@ -127,8 +132,9 @@ impl Meta {
     fn insert_l2(&mut self, io: &dyn Storage, off: u64, data: Vec<u8>, dirty: bool) -> Result<()> {
         if let Some(ev) = self.l2.insert(off, data, dirty) {
             if ev.dirty {
-                // An L2 table may only reach the disk after the refcounts it depends on.
-                self.flush_refcounts(io, true)?;
+                // An L2 table may only reach the disk after the refcounts and data it exposes.
+                self.flush_refcounts(io, false)?;
+                self.barrier(io)?;
                 write_all_at(io, ev.offset, &ev.data)?;
             }
         }
@@ -355,10 +361,24 @@ impl Meta {
         Ok(())
     }
 
+    /// Makes guest data and everything written to the image file so far durable: the barrier
+    /// between data (and refcount increases) and the L2 entries that expose them.
+    fn barrier(&self, io: &dyn Storage) -> Result<()> {
+        if let Some(d) = &self.external_data {
+            d.flush()?;
+        }
+        io.flush()
+    }
+
     /// Makes all metadata durable in the documented order, then applies queued frees.
     pub fn flush(&mut self, io: &dyn Storage, data: &dyn Storage) -> Result<()> {
         let tables_dirty = self.l2.has_dirty() || !self.l1_dirty.is_empty();
-        self.flush_refcounts(io, tables_dirty && !self.lazy)?;
+        self.flush_refcounts(io, false)?;
+        if tables_dirty {
+            // Also with lazy refcounts: data copied on write, or written into a cluster that
+            // was a zero cluster, must be durable before the L2 entry exposing it.
+            self.barrier(io)?;
+        }
         for off in self.l2.dirty() {
             if let Some(t) = self.l2.peek(off) {
                 write_all_at(io, off, t)?;

@@ -147,12 +147,14 @@ impl Qcow2 {
 
         let lazy = writable && h.compatible & crate::header::compat::LAZY_REFCOUNTS != 0;
         let dirty = h.incompatible & incompat::DIRTY != 0;
+        let external_data = (!Arc::ptr_eq(&data, &file)).then(|| data.clone());
         let l2_set: HashSet<u64> = l1.iter().map(|e| e & OFFSET_MASK).filter(|o| *o != 0).collect();
         let mut meta = Meta {
             h,
             exts,
             geo,
             l1,
+            external_data,
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new(l2_tables),
             rc,

@@ -245,7 +245,7 @@ impl Qcow2 {
             }
         }
         if fresh {
-            self.maybe_apply_frees(&mut m)?;
+            self.flush_if_many_frees(&mut m)?;
         }
         Ok(n)
     }
@@ -335,7 +335,7 @@ impl Qcow2 {
                 if flags.may_unmap {
                     m.set_entry(io, pos / cs, 0, 0)?;
                     free_old(&mut m, e, cs);
-                    self.maybe_apply_frees(&mut m)?;
+                    self.flush_if_many_frees(&mut m)?;
                     pos = c_end;
                     continue;
                 }
@@ -393,7 +393,7 @@ impl Qcow2 {
             }
             pos = c_end;
         }
-        self.maybe_apply_frees(&mut m)
+        self.flush_if_many_frees(&mut m)
     }
 
     /// Discards whole clusters in `[offset, offset+len)` (partial clusters are left alone).
@@ -435,7 +435,7 @@ impl Qcow2 {
                 }
             }
         }
-        self.maybe_apply_frees(&mut m)
+        self.flush_if_many_frees(&mut m)
     }
 }
 

@@ -3,6 +3,8 @@
 //! qemu-img, qemu-io and qemu-nbd are the oracle. Tests that need them fail (never skip) when they
 //! are missing, so a CI machine without QEMU turns red instead of passing vacuously.
 
+pub mod crash;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -101,17 +103,35 @@ pub fn qemu_io_write(image: &Path, fmt: &str, pattern: u8, offset: u64, len: u64
     qemu_io(&["-f", fmt, "-c", &cmd, image.to_str().expect("utf-8 path")]).ok();
 }
 
-/// A deterministic pseudo-random buffer (xorshift), so tests need no RNG crate.
+/// A deterministic pseudo-random generator (xorshift64), so tests need no RNG crate.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator started from `seed`.
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed | 1)
+    }
+
+    /// The next value.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `[0, n)` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A deterministic pseudo-random buffer.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut x = XorShift::new(seed);
+    (0..len).map(|_| x.next() as u8).collect()
 }
 
 /// A fresh temporary directory.

@@ -1,0 +1,582 @@
+//! Crash-consistency harness: a recording container, crash images built from any cut of what was
+//! written, and a guest-level model that says which bytes every crash image must hold.
+//!
+//! How it works:
+//! 1. A workload (a list of [`GuestOp`]s) runs against an image opened on a [`RecordingStorage`].
+//!    The storage keeps every change it receives — writes, zeroes, discards, length changes — and
+//!    every flush, in one log ([`Event`]s), next to the bytes the file held before the workload.
+//!    The runner notes where in the log each guest request started and ended, and the guest-visible
+//!    content after every completed guest flush.
+//! 2. [`crash_states`] enumerates crash images: every prefix of the log (a crash after any write),
+//!    every prefix followed by a torn multi-sector write (only its first sector, or all but its last
+//!    sector, reached the disk: 512-byte sectors are the unit a disk writes atomically), and, when
+//!    asked, random subsets of the writes between two flushes on top of everything up to the first
+//!    (a disk's volatile cache may write back in any order; only flush orders writes).
+//! 3. [`verify`] opens every crash image, lets a format-specific check judge its metadata (qcow2:
+//!    vdisk's check and `qemu-img check` must find no corruption; leaks are allowed), and reads the
+//!    whole disk back: every sector must hold what it held at the last guest flush that completed
+//!    before the crash, or a value that a guest request in flight since then was writing.
+//!
+//! The model is one byte value per 512-byte sector: workloads write whole sectors, each filled with
+//! one value, so any correct crash image has uniform sectors, and a sector mixing values is a torn
+//! copy-on-write or a misdirected write.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use blockdev::{BlockDriver, MemStorage, Prealloc, ResizeOptions, Result, Storage, ZeroFlags};
+
+/// The unit a disk writes atomically, and the unit of the guest model.
+pub const SECTOR: u64 = 512;
+
+/// One change a [`RecordingStorage`] received, or a flush.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Bytes written at `offset`.
+    Write {
+        /// Where.
+        offset: u64,
+        /// What.
+        data: Vec<u8>,
+    },
+    /// `[offset, offset + len)` zeroed (the container grows to cover it).
+    Zeroes {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// `[offset, offset + len)` discarded: zeros within the current length.
+    Discard {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// The length set.
+    SetLen(u64),
+    /// Everything before this is durable.
+    Flush,
+}
+
+impl Event {
+    /// Applies the whole change to `img`.
+    pub fn apply(&self, img: &mut Vec<u8>) {
+        match self {
+            Event::Write { offset, data } => {
+                let (o, end) = (*offset as usize, *offset as usize + data.len());
+                if img.len() < end {
+                    img.resize(end, 0);
+                }
+                img[o..end].copy_from_slice(data);
+            }
+            Event::Zeroes { offset, len } => {
+                let (o, end) = (*offset as usize, (*offset + *len) as usize);
+                if img.len() < end {
+                    img.resize(end, 0);
+                }
+                img[o..end].fill(0);
+            }
+            Event::Discard { offset, len } => {
+                let end = ((*offset + *len) as usize).min(img.len());
+                if (*offset as usize) < end {
+                    img[*offset as usize..end].fill(0);
+                }
+            }
+            Event::SetLen(len) => img.resize(*len as usize, 0),
+            Event::Flush => {}
+        }
+    }
+
+    /// The sectors a write covers (0 for anything else, which is never torn).
+    fn write_sectors(&self) -> u64 {
+        match self {
+            Event::Write { offset, data } if !data.is_empty() => {
+                (offset + data.len() as u64 - 1) / SECTOR - offset / SECTOR + 1
+            }
+            _ => 0,
+        }
+    }
+
+    /// Applies only the first `sectors` sectors of a write (a torn write).
+    fn apply_torn(&self, img: &mut Vec<u8>, sectors: u64) {
+        if let Event::Write { offset, data } = self {
+            let end = ((offset / SECTOR + sectors) * SECTOR).min(offset + data.len() as u64);
+            Event::Write { offset: *offset, data: data[..(end - offset) as usize].to_vec() }.apply(img);
+        }
+    }
+}
+
+/// A [`Storage`] in memory that logs every change and flush (see the module docs).
+#[derive(Debug)]
+pub struct RecordingStorage {
+    current: MemStorage,
+    initial: Vec<u8>,
+    log: Mutex<Vec<Event>>,
+}
+
+impl RecordingStorage {
+    /// A container holding `bytes`, named `name` (the image's path, so that relative backing file
+    /// names resolve as they would for the file).
+    pub fn new(name: &str, bytes: Vec<u8>) -> RecordingStorage {
+        RecordingStorage { current: MemStorage::new(name, bytes.clone()), initial: bytes, log: Mutex::new(Vec::new()) }
+    }
+
+    /// How many events the log holds.
+    pub fn position(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// The bytes before the first event.
+    pub fn initial(&self) -> &[u8] {
+        &self.initial
+    }
+
+    /// A copy of the log.
+    pub fn events(&self) -> Vec<Event> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The container's current bytes (every event applied).
+    pub fn current(&self) -> Vec<u8> {
+        self.current.snapshot()
+    }
+
+    fn record(&self, e: Event) {
+        self.log.lock().unwrap().push(e);
+    }
+}
+
+impl Storage for RecordingStorage {
+    fn len(&self) -> Result<u64> {
+        self.current.len()
+    }
+
+    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        self.current.read_at(offset, bufs)
+    }
+
+    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        // Hold the log across the write so the log's order is the order the bytes changed in.
+        let mut log = self.log.lock().unwrap();
+        self.current.write_at(offset, bufs)?;
+        log.push(Event::Write { offset, data: bufs.iter().flat_map(|b| b.iter().copied()).collect() });
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.current.flush()?;
+        self.record(Event::Flush);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64, prealloc: Prealloc) -> Result<()> {
+        let mut log = self.log.lock().unwrap();
+        self.current.set_len(len, prealloc)?;
+        log.push(Event::SetLen(len));
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let mut log = self.log.lock().unwrap();
+        self.current.write_zeroes(offset, len, may_unmap)?;
+        log.push(Event::Zeroes { offset, len });
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut log = self.log.lock().unwrap();
+        self.current.discard(offset, len)?;
+        log.push(Event::Discard { offset, len });
+        Ok(())
+    }
+
+    fn data_status(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        self.current.data_status(offset, max_len)
+    }
+
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    fn has_zero_init(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &str {
+        self.current.name()
+    }
+
+    fn protocol(&self) -> &'static str {
+        "file"
+    }
+}
+
+/// One guest request of a workload. Offsets and lengths are multiples of [`SECTOR`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestOp {
+    /// Fill `[offset, offset + len)` with `byte`.
+    Write {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+        /// The fill value.
+        byte: u8,
+    },
+    /// Write zeroes, optionally letting the format deallocate.
+    Zeroes {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+        /// Whether the range may be unmapped.
+        unmap: bool,
+    },
+    /// Discard (the range may then read as zeros or as the backing file).
+    Discard {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// Flush: everything before it must survive any later crash.
+    Flush,
+    /// Grow the disk to this size.
+    Grow(u64),
+}
+
+/// The guest-visible content: one value per sector, and the disk size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectorModel {
+    /// Disk size in bytes (a multiple of [`SECTOR`]).
+    pub size: u64,
+    /// The value every byte of each sector holds.
+    pub sectors: Vec<u8>,
+}
+
+impl SectorModel {
+    /// Reads a whole disk, which must consist of uniform sectors.
+    pub fn read(drv: &(dyn BlockDriver + 'static)) -> std::result::Result<SectorModel, String> {
+        let size = drv.size();
+        let mut sectors = Vec::with_capacity((size / SECTOR) as usize);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            drv.read_exact_at(pos, &mut buf[..n]).map_err(|e| format!("read at {pos}: {e}"))?;
+            for (i, s) in buf[..n].chunks(SECTOR as usize).enumerate() {
+                if s.iter().any(|&b| b != s[0]) {
+                    return Err(format!("sector at {} mixes values", pos + i as u64 * SECTOR));
+                }
+                sectors.push(s[0]);
+            }
+            pos += n as u64;
+        }
+        Ok(SectorModel { size, sectors })
+    }
+}
+
+/// A workload's run: the log, where each request sits in it, and the content at every flush.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The container's bytes before the workload.
+    pub initial: Vec<u8>,
+    /// Every change and flush the container received.
+    pub events: Vec<Event>,
+    /// Each request with the log positions where it started and ended.
+    pub ops: Vec<(GuestOp, usize, usize)>,
+    /// For each request index that was a completed flush (and for "before the first request",
+    /// index `usize::MAX`): the guest-visible content then.
+    pub durable: Vec<(usize, SectorModel)>,
+    /// The value discarded or newly grown sectors may reveal (the backing file's fill), if any.
+    pub backing_byte: Option<u8>,
+}
+
+/// Runs `ops` on `drv`, an image opened on `rec`, then closes it (recorded as a final flush); `backing_byte` is the fill of a backing file
+/// covering the whole disk, if there is one. Requests must stay inside the disk.
+pub fn record(
+    drv: &(dyn BlockDriver + 'static),
+    rec: &RecordingStorage,
+    ops: &[GuestOp],
+    backing_byte: Option<u8>,
+) -> std::result::Result<Recorded, String> {
+    let mut durable = vec![(usize::MAX, SectorModel::read(drv)?)];
+    let mut spans = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let start = rec.position();
+        let r = match *op {
+            GuestOp::Write { offset, len, byte } => drv.write_all_at(offset, &vec![byte; len as usize]),
+            GuestOp::Zeroes { offset, len, unmap } => {
+                drv.write_zeroes(offset, len, ZeroFlags { may_unmap: unmap, no_fallback: false })
+            }
+            GuestOp::Discard { offset, len } => drv.discard(offset, len),
+            GuestOp::Flush => drv.flush(),
+            GuestOp::Grow(size) => drv.resize(size, &ResizeOptions::default()),
+        };
+        r.map_err(|e| format!("request {i} ({op:?}): {e}"))?;
+        spans.push((*op, start, rec.position()));
+        if *op == GuestOp::Flush {
+            durable.push((i, SectorModel::read(drv)?));
+        }
+    }
+    // A clean close ends every workload: it is a flush too (and clears lazy refcounts' dirty bit).
+    let last = SectorModel::read(drv)?;
+    let start = rec.position();
+    drv.close().map_err(|e| format!("close: {e}"))?;
+    spans.push((GuestOp::Flush, start, rec.position()));
+    durable.push((ops.len(), last));
+    Ok(Recorded { initial: rec.initial().to_vec(), events: rec.events(), ops: spans, durable, backing_byte })
+}
+
+/// How a crash image was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// The first `n` events reached the disk.
+    Prefix(usize),
+    /// The first `n` events, then only the first `sectors` sectors of event `n`.
+    Torn {
+        /// Events applied whole.
+        n: usize,
+        /// Sectors of event `n` applied.
+        sectors: u64,
+    },
+    /// Events up to and including the flush at `flush`, then the events in `kept` (indices into
+    /// the log, all before the next flush).
+    Reordered {
+        /// Index of the flush event the disk had completed.
+        flush: usize,
+        /// The later events that reached the disk.
+        kept: Vec<usize>,
+    },
+}
+
+impl Cut {
+    /// `(a, b)`: events before `a` reached the disk, events from `b` on did not, and those in
+    /// between may have (partly).
+    pub fn window(&self) -> (usize, usize) {
+        match self {
+            Cut::Prefix(n) => (*n, *n),
+            Cut::Torn { n, .. } => (*n, n + 1),
+            Cut::Reordered { flush, kept } => (flush + 1, kept.last().map_or(flush + 1, |k| k + 1)),
+        }
+    }
+}
+
+/// Enumerates crash images: every prefix, the torn variants of every multi-sector write, and
+/// `reorder_samples` random subsets of every flush interval with at least two events.
+/// `visit` gets the cut and the file's bytes.
+pub fn crash_states(
+    rec: &Recorded,
+    reorder_samples: usize,
+    mut visit: impl FnMut(&Cut, &[u8]) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    let mut img = rec.initial.clone();
+    let events = &rec.events;
+    for n in 0..=events.len() {
+        visit(&Cut::Prefix(n), &img)?;
+        if let Some(e) = events.get(n) {
+            let sectors = e.write_sectors();
+            let mut torn_at = vec![];
+            if sectors > 1 {
+                torn_at.push(1);
+            }
+            if sectors > 2 {
+                torn_at.push(sectors - 1);
+            }
+            for s in torn_at {
+                let mut t = img.clone();
+                e.apply_torn(&mut t, s);
+                visit(&Cut::Torn { n, sectors: s }, &t)?;
+            }
+            e.apply(&mut img);
+        }
+    }
+    if reorder_samples == 0 {
+        return Ok(());
+    }
+    let flushes: Vec<usize> =
+        events.iter().enumerate().filter(|(_, e)| matches!(e, Event::Flush)).map(|(i, _)| i).collect();
+    let mut img = rec.initial.clone();
+    let mut applied = 0;
+    let mut rng = crate::XorShift::new(0x5eed_c4a5);
+    for (k, &f) in flushes.iter().enumerate() {
+        for e in &events[applied..=f] {
+            e.apply(&mut img);
+        }
+        applied = f + 1;
+        let next = flushes.get(k + 1).copied().unwrap_or(events.len());
+        if next - applied < 2 {
+            continue;
+        }
+        for _ in 0..reorder_samples {
+            let kept: Vec<usize> = (applied..next).filter(|_| rng.next() & 1 == 1).collect();
+            let mut t = img.clone();
+            for &i in &kept {
+                events[i].apply(&mut t);
+            }
+            visit(&Cut::Reordered { flush: f, kept }, &t)?;
+        }
+    }
+    Ok(())
+}
+
+/// What every crash image with events `window` may show: the content at the last guest flush
+/// completed before `a`, plus whatever requests in flight since then were writing.
+pub struct Allowed<'a> {
+    base: &'a SectorModel,
+    in_flight: Vec<GuestOp>,
+    backing_byte: Option<u8>,
+}
+
+impl<'a> Allowed<'a> {
+    /// The expectation for a crash whose events `[0, a)` reached the disk and `[b, ..)` did not.
+    pub fn new(rec: &'a Recorded, (a, b): (usize, usize)) -> Allowed<'a> {
+        // The last flush request whose events all reached the disk.
+        let (flush_op, base) = rec
+            .durable
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == usize::MAX || rec.ops[*i].2 <= a)
+            .map(|(i, m)| (*i, m))
+            .expect("the initial content is always durable");
+        let first = if flush_op == usize::MAX { 0 } else { flush_op + 1 };
+        let in_flight = rec.ops[first..].iter().filter(|(_, start, _)| *start < b).map(|(op, ..)| *op).collect();
+        Allowed { base, in_flight, backing_byte: rec.backing_byte }
+    }
+
+    /// Whether a disk of `size` bytes is possible.
+    pub fn size_ok(&self, size: u64) -> bool {
+        size == self.base.size || self.in_flight.contains(&GuestOp::Grow(size))
+    }
+
+    /// Whether sector `s` may hold `v`.
+    pub fn value_ok(&self, s: u64, v: u8) -> bool {
+        let pos = s * SECTOR;
+        let base = self.base.sectors.get(s as usize).copied();
+        if base == Some(v) {
+            return true;
+        }
+        // Beyond the durable size, a grown disk reads zeros or the backing file.
+        if base.is_none() && (v == 0 || Some(v) == self.backing_byte) {
+            return true;
+        }
+        self.in_flight.iter().any(|op| match *op {
+            GuestOp::Write { offset, len, byte } => (offset..offset + len).contains(&pos) && byte == v,
+            GuestOp::Zeroes { offset, len, .. } => (offset..offset + len).contains(&pos) && v == 0,
+            GuestOp::Discard { offset, len } => {
+                (offset..offset + len).contains(&pos) && (v == 0 || Some(v) == self.backing_byte)
+            }
+            GuestOp::Flush | GuestOp::Grow(_) => false,
+        })
+    }
+
+    /// Checks a crash image's content against the expectation.
+    pub fn check(&self, got: &SectorModel) -> std::result::Result<(), String> {
+        if !self.size_ok(got.size) {
+            return Err(format!("disk size {} (durable size {})", got.size, self.base.size));
+        }
+        for (s, &v) in got.sectors.iter().enumerate() {
+            if !self.value_ok(s as u64, v) {
+                return Err(format!(
+                    "sector at {} reads {v:#04x}; durable value {:?}, requests in flight {:?}",
+                    s as u64 * SECTOR,
+                    self.base.sectors.get(s),
+                    self.in_flight
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts of what [`verify`] tested.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CrashStats {
+    /// Events in the log.
+    pub events: usize,
+    /// Prefix crash images.
+    pub prefixes: usize,
+    /// Torn-write crash images.
+    pub torn: usize,
+    /// Reordered crash images.
+    pub reordered: usize,
+}
+
+impl CrashStats {
+    /// All crash images.
+    pub fn total(&self) -> usize {
+        self.prefixes + self.torn + self.reordered
+    }
+}
+
+/// Writes every crash image of `rec` to `path` and runs `judge` on it; `judge` opens the file,
+/// checks its metadata, and returns the content it reads. The content must be allowed.
+pub fn verify(
+    rec: &Recorded,
+    path: &Path,
+    reorder_samples: usize,
+    mut judge: impl FnMut(&Path) -> std::result::Result<SectorModel, String>,
+) -> std::result::Result<CrashStats, String> {
+    let mut stats = CrashStats { events: rec.events.len(), ..CrashStats::default() };
+    crash_states(rec, reorder_samples, |cut, bytes| {
+        std::fs::write(path, bytes).map_err(|e| e.to_string())?;
+        let verdict = judge(path).and_then(|got| Allowed::new(rec, cut.window()).check(&got));
+        if let Err(e) = verdict {
+            return Err(format!("{cut:?}: {e}{}\nlog around the cut:\n{}", keep(path, bytes), around(rec, cut)));
+        }
+        match cut {
+            Cut::Prefix(_) => stats.prefixes += 1,
+            Cut::Torn { .. } => stats.torn += 1,
+            Cut::Reordered { .. } => stats.reordered += 1,
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// The log's events near a cut, one line each, for failure messages.
+fn around(rec: &Recorded, cut: &Cut) -> String {
+    let (a, b) = cut.window();
+    let from = a.saturating_sub(12);
+    let to = (b + 2).min(rec.events.len());
+    let mut out = String::new();
+    for (i, e) in rec.events.iter().enumerate().take(to).skip(from) {
+        let line = match e {
+            Event::Write { offset, data } => format!("write {offset:#x} +{:#x}", data.len()),
+            Event::Zeroes { offset, len } => format!("zeroes {offset:#x} +{len:#x}"),
+            Event::Discard { offset, len } => format!("discard {offset:#x} +{len:#x}"),
+            Event::SetLen(len) => format!("set_len {len:#x}"),
+            Event::Flush => "flush".to_string(),
+        };
+        let op = rec.ops.iter().position(|(_, start, end)| (*start..*end).contains(&i));
+        out += &format!("  {i:4} {line:28} (request {op:?})\n");
+    }
+    out
+}
+
+/// With `VDISK_CRASH_KEEP=DIR`, saves a failing crash image there; returns a note saying where.
+fn keep(path: &Path, bytes: &[u8]) -> String {
+    let Some(dir) = std::env::var_os("VDISK_CRASH_KEEP") else { return String::new() };
+    let name = path.file_name().unwrap_or_default();
+    let to = Path::new(&dir).join(name);
+    match std::fs::write(&to, bytes) {
+        Ok(()) => format!(" (crash image kept at {})", to.display()),
+        Err(e) => format!(" (could not keep the crash image: {e})"),
+    }
+}
+
+/// Opens `path` on a fresh [`RecordingStorage`] through `format`'s driver.
+pub fn open_recording(
+    reg: &formats::Registry,
+    format: &str,
+    path: &Path,
+    opts: &blockdev::OpenOptions,
+) -> Result<(Arc<RecordingStorage>, Arc<dyn BlockDriver>)> {
+    let bytes = std::fs::read(path).map_err(|e| blockdev::Error::from(e).with_path(crate::s(path)))?;
+    let rec = Arc::new(RecordingStorage::new(crate::s(path), bytes));
+    let f = reg.format(format).ok_or_else(|| blockdev::Error::invalid_image(format!("no format {format}")))?;
+    let drv = f.open(rec.clone(), opts, &blockdev::Chain::new(), reg)?;
+    Ok((rec, drv))
+}

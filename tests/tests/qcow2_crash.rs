@@ -1,0 +1,279 @@
+//! Crash consistency of the qcow2 driver (harness: `vdisk_tests::crash`).
+//!
+//! Each workload runs on an image opened over a recording container. Then every crash image —
+//! every prefix of the writes, torn multi-sector writes, and sampled reorderings of the writes
+//! between two flushes — must open, pass vdisk's check and `qemu-img check` with no corruption
+//! (leaks allowed; images with lazy refcounts are first repaired by opening them read-write, as
+//! vdisk and qemu do with a dirty image), and read back every sector as it was at the last
+//! completed flush unless a request in flight since then was writing it.
+//!
+//! Workloads: a sequential fill, random overwrites, a mix of writes, zeroes and discards, and
+//! growth past the L1 table's and the refcount table's first cluster; with and without lazy
+//! refcounts and a backing file. `VDISK_CRASH_REORDER` sets the reordered samples per flush
+//! interval (default 2).
+
+use std::path::{Path, PathBuf};
+
+use blockdev::{OpenOptions, RepairMode};
+use formats::Registry;
+use vdisk_tests::crash::{self, GuestOp, SectorModel, SECTOR};
+use vdisk_tests::{qemu_img, qemu_io, s, tempdir, XorShift};
+
+/// The backing file's fill.
+const BACKING_BYTE: u8 = 0x77;
+
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    size: u64,
+    cluster: u64,
+    refcount_bits: u32,
+    lazy: bool,
+    backing: bool,
+}
+
+impl Setup {
+    fn small(lazy: bool, backing: bool) -> Setup {
+        Setup { size: 2 << 20, cluster: 4096, refcount_bits: 16, lazy, backing }
+    }
+}
+
+/// Creates the image (with vdisk) and, if asked, a raw backing file filled with [`BACKING_BYTE`].
+fn create(dir: &Path, reg: &Registry, st: Setup) -> PathBuf {
+    let img = dir.join("crash-source.qcow2");
+    let mut o = blockdev::options::CreateOptions::new();
+    o.set("size", &st.size.to_string());
+    o.set("cluster_size", &st.cluster.to_string());
+    o.set("refcount_bits", &st.refcount_bits.to_string());
+    o.set("lazy_refcounts", if st.lazy { "on" } else { "off" });
+    if st.backing {
+        let base = dir.join("base.raw");
+        // Larger than the disk will grow to, so all of it reads the backing file's fill.
+        let len = 8 << 20;
+        qemu_img(&["create", "-q", "-f", "raw", s(&base), &len.to_string()]).ok();
+        qemu_io(&["-f", "raw", "-c", &format!("write -P {BACKING_BYTE:#x} 0 {len}"), s(&base)]).ok();
+        o.set("backing_file", s(&base));
+        o.set("backing_fmt", "raw");
+    }
+    reg.create("qcow2", s(&img), &o).unwrap();
+    img
+}
+
+/// Opens a crash image, checks its metadata with vdisk and qemu-img, and returns its content.
+fn judge(reg: &Registry, path: &Path, lazy: bool) -> Result<SectorModel, String> {
+    let drv = vdisk_tests::open_image(reg, path, Some("qcow2"), &OpenOptions::default())
+        .map_err(|e| format!("vdisk cannot open the crash image: {e}"))?;
+    let content = SectorModel::read(&*drv)?;
+    drop(drv);
+    if lazy {
+        // A dirty image's refcounts are rebuilt when it is opened read-write.
+        let drv = vdisk_tests::open_image(reg, path, Some("qcow2"), &OpenOptions::read_write())
+            .map_err(|e| format!("vdisk cannot open the crash image read-write: {e}"))?;
+        drv.close().map_err(|e| format!("close after repair: {e}"))?;
+    }
+    let drv = vdisk_tests::open_image(reg, path, Some("qcow2"), &OpenOptions::default())
+        .map_err(|e| format!("vdisk cannot reopen the crash image: {e}"))?;
+    let report = drv
+        .check()
+        .expect("qcow2 has check")
+        .check(RepairMode::None, &mut |_| {})
+        .map_err(|e| format!("vdisk check: {e}"))?;
+    if report.corruptions > 0 || report.check_errors > 0 {
+        return Err(format!("vdisk check: {report:?}"));
+    }
+    drop(drv);
+    let q = qemu_img(&["check", "-f", "qcow2", s(path)]);
+    if q.code != 0 && q.code != 3 {
+        return Err(format!("qemu-img check exit {}:\n{}{}", q.code, q.stdout, q.stderr));
+    }
+    Ok(content)
+}
+
+fn reorder_samples() -> usize {
+    std::env::var("VDISK_CRASH_REORDER").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
+/// Runs `ops` on a fresh image made by `st` and verifies every crash image; returns the image's
+/// bytes before and after the workload.
+fn run(name: &str, st: Setup, ops: &[GuestOp]) -> (Vec<u8>, Vec<u8>) {
+    let d = tempdir();
+    let reg = Registry::new();
+    let img = create(d.path(), &reg, st);
+    let (rec, drv) = crash::open_recording(&reg, "qcow2", &img, &OpenOptions::read_write()).unwrap();
+    let recorded = crash::record(&*drv, &rec, ops, st.backing.then_some(BACKING_BYTE)).unwrap();
+    drop(drv);
+    // The workload itself left a clean image with the final content.
+    std::fs::write(&img, rec.current()).unwrap();
+    let q = qemu_img(&["check", "-f", "qcow2", s(&img)]);
+    assert_eq!(q.code, 0, "{name}: qemu-img check after the workload:\n{}{}", q.stdout, q.stderr);
+    let crash_img = d.path().join("crash.qcow2");
+    let stats = crash::verify(&recorded, &crash_img, reorder_samples(), |p| judge(&reg, p, st.lazy))
+        .unwrap_or_else(|e| panic!("{name} ({st:?}): {e}"));
+    assert!(stats.prefixes > 20, "{name}: too few cut points to mean anything: {stats:?}");
+    eprintln!(
+        "crash {name} lazy={} backing={}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
+        st.lazy,
+        st.backing,
+        stats.events,
+        stats.total(),
+        stats.prefixes,
+        stats.torn,
+        stats.reordered
+    );
+    (recorded.initial, rec.current())
+}
+
+/// The header's (L1 table offset, refcount table offset).
+fn table_offsets(image: &[u8]) -> (u64, u64) {
+    let be = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+    (be(40), be(48))
+}
+
+/// Runs the growth workload and checks that both tables really moved.
+fn run_growth(st: Setup) {
+    let (before, after) = run("growth", st, &growth(st));
+    let (l1_before, rt_before) = table_offsets(&before);
+    let (l1_after, rt_after) = table_offsets(&after);
+    assert_ne!(l1_before, l1_after, "the L1 table did not move");
+    assert_ne!(rt_before, rt_after, "the refcount table did not move");
+}
+
+/// Sequential 20 KiB writes starting half a sector-run into a cluster, so both ends copy on write.
+fn sequential_fill(size: u64) -> Vec<GuestOp> {
+    let mut ops = vec![];
+    let mut off = 3 * SECTOR;
+    let mut byte = 1u8;
+    while off + 20 * 1024 <= size / 2 {
+        ops.push(GuestOp::Write { offset: off, len: 20 * 1024, byte });
+        byte = byte.wrapping_add(1).max(1);
+        if ops.len() % 4 == 3 {
+            ops.push(GuestOp::Flush);
+        }
+        off += 20 * 1024;
+    }
+    ops
+}
+
+fn random_range(rng: &mut XorShift, size: u64, max_sectors: u64) -> (u64, u64) {
+    let len = (1 + rng.below(max_sectors)) * SECTOR;
+    let offset = rng.below((size - len) / SECTOR + 1) * SECTOR;
+    (offset, len)
+}
+
+/// Random writes of 1 to 24 sectors over a partly written disk, a flush every few requests.
+fn random_overwrite(size: u64, seed: u64) -> Vec<GuestOp> {
+    let mut rng = XorShift::new(seed);
+    let mut ops = vec![GuestOp::Write { offset: 0, len: size / 4, byte: 0xa0 }, GuestOp::Flush];
+    for i in 0..48u64 {
+        let (offset, len) = random_range(&mut rng, size / 2, 24);
+        ops.push(GuestOp::Write { offset, len, byte: (i % 250) as u8 + 2 });
+        if rng.below(5) == 0 {
+            ops.push(GuestOp::Flush);
+        }
+    }
+    ops
+}
+
+/// Writes, zeroes (with and without unmap) and discards of up to 6 clusters.
+fn discard_zeroes_mix(size: u64, cluster: u64, seed: u64) -> Vec<GuestOp> {
+    let mut rng = XorShift::new(seed);
+    let mut ops = vec![GuestOp::Write { offset: 0, len: size / 2, byte: 0xb0 }, GuestOp::Flush];
+    for i in 0..48u64 {
+        let (offset, len) = random_range(&mut rng, size / 2, 6 * cluster / SECTOR);
+        ops.push(match rng.below(4) {
+            0 | 1 => GuestOp::Write { offset, len, byte: (i % 250) as u8 + 2 },
+            2 => GuestOp::Zeroes { offset, len, unmap: rng.below(2) == 0 },
+            _ => GuestOp::Discard { offset, len },
+        });
+        if rng.below(4) == 0 {
+            ops.push(GuestOp::Flush);
+        }
+    }
+    ops
+}
+
+/// 512-byte clusters and 64-bit refcounts: the L1 table of a 1 MiB disk fits one cluster and
+/// one refcount table cluster covers 2 MiB of file. Filling the disk, growing it to 4 MiB (the
+/// L1 table moves) and filling that makes the file cross 2 MiB (the refcount table moves).
+fn growth(setup: Setup) -> Vec<GuestOp> {
+    let piece = 96 * 1024;
+    let mut ops = vec![];
+    let mut byte = 1u8;
+    let mut fill = |ops: &mut Vec<GuestOp>, from: u64, to: u64| {
+        let mut off = from;
+        while off < to {
+            let len = piece.min(to - off);
+            ops.push(GuestOp::Write { offset: off, len, byte });
+            byte = byte.wrapping_add(1).max(1);
+            if ops.len() % 3 == 2 {
+                ops.push(GuestOp::Flush);
+            }
+            off += len;
+        }
+    };
+    fill(&mut ops, 0, setup.size);
+    ops.push(GuestOp::Grow(4 << 20));
+    fill(&mut ops, setup.size - 8 * SECTOR, 3 << 20);
+    ops
+}
+
+fn growth_setup(lazy: bool, backing: bool) -> Setup {
+    Setup { size: 1 << 20, cluster: 512, refcount_bits: 64, lazy, backing }
+}
+
+#[test]
+fn sequential_fill_survives_every_crash() {
+    let st = Setup::small(false, false);
+    run("sequential fill", st, &sequential_fill(st.size));
+}
+
+#[test]
+fn sequential_fill_over_backing_file_with_lazy_refcounts_survives_every_crash() {
+    let st = Setup::small(true, true);
+    run("sequential fill", st, &sequential_fill(st.size));
+}
+
+#[test]
+fn random_overwrite_survives_every_crash() {
+    let st = Setup::small(false, false);
+    run("random overwrite", st, &random_overwrite(st.size, 11));
+}
+
+#[test]
+fn random_overwrite_over_backing_file_survives_every_crash() {
+    let st = Setup::small(false, true);
+    run("random overwrite", st, &random_overwrite(st.size, 12));
+}
+
+#[test]
+fn random_overwrite_with_lazy_refcounts_survives_every_crash() {
+    let st = Setup::small(true, false);
+    run("random overwrite", st, &random_overwrite(st.size, 13));
+}
+
+#[test]
+fn discard_zeroes_mix_survives_every_crash() {
+    let st = Setup::small(false, false);
+    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 21));
+}
+
+#[test]
+fn discard_zeroes_mix_over_backing_file_survives_every_crash() {
+    let st = Setup::small(false, true);
+    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 22));
+}
+
+#[test]
+fn discard_zeroes_mix_with_lazy_refcounts_survives_every_crash() {
+    let st = Setup::small(true, false);
+    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 23));
+}
+
+#[test]
+fn growth_past_l1_and_refcount_table_survives_every_crash() {
+    run_growth(growth_setup(false, false));
+}
+
+#[test]
+fn growth_over_backing_file_with_lazy_refcounts_survives_every_crash() {
+    run_growth(growth_setup(true, true));
+}
