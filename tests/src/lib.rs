@@ -4,6 +4,7 @@
 //! are missing, so a CI machine without QEMU turns red instead of passing vacuously.
 
 pub mod crash;
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

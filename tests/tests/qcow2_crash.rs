@@ -89,7 +89,7 @@ fn judge(reg: &Registry, path: &Path, lazy: bool) -> Result<SectorModel, String>
 }
 
 fn reorder_samples() -> usize {
-    std::env::var("VDISK_CRASH_REORDER").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+    vdisk_tests::model::env_number("VDISK_CRASH_REORDER").map_or(2, |n| n as usize)
 }
 
 /// Runs `ops` on a fresh image made by `st` and verifies every crash image; returns the image's

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blockdev::{ErrorKind, OpenOptions};
+use blockdev::{ErrorKind, OpenOptions, RepairMode};
 use formats::Registry;
 use vdisk_tests::{open_image, qemu_img, qemu_io, s, tempdir};
 
@@ -118,4 +118,69 @@ fn compressed_entries_with_absurd_sizes_are_bounded() {
         Ok(()) => assert!(buf.iter().all(|&b| b == 7)),
         Err(e) => assert_eq!(e.kind(), ErrorKind::Corrupt),
     }
+}
+
+#[test]
+fn repair_does_not_write_refcounts_over_metadata_past_the_end() {
+    // 512-byte clusters: header, refcount table, refcount block and L1 table in clusters 0 to 3.
+    // Cut after the refcount table, the refcount block and the L1 table lie past the end of the
+    // file: counting skips them, so their clusters look free to the rebuild of the refcount
+    // structure, which must not write the new one over them (found by fuzz/qcow2_tables: the
+    // repair claimed success and the next check read the new refcount block as the L1 table).
+    let d = tempdir();
+    let p = d.path().join("cut.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", s(&p), "1M"]).ok();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(1024).unwrap();
+    let reg = Registry::new();
+    let rw = OpenOptions { read_only: false, for_check: true, ..OpenOptions::default() };
+    let drv = open_image(&reg, &p, Some("qcow2"), &rw).unwrap();
+    let repaired = drv.check().unwrap().check(RepairMode::All, &mut |_| {});
+    drop(drv);
+    // qemu-img refuses this repair too ("ERROR writing refblock": the overlap check).
+    let e = repaired.expect_err("the rebuild must refuse to overwrite metadata");
+    assert!(e.message().contains("Preventing invalid write on metadata"), "{}", e.message());
+    // Nothing was switched to a half-written structure: the image checks as before.
+    let ro = OpenOptions { for_check: true, ..OpenOptions::default() };
+    let drv = open_image(&reg, &p, Some("qcow2"), &ro).unwrap();
+    let again = drv.check().unwrap().check(RepairMode::None, &mut |_| {}).unwrap();
+    assert!(again.corruptions > 0, "{again:?}");
+}
+
+#[test]
+fn check_refuses_an_absurd_snapshot_count() {
+    // An open for check does not validate the snapshot table; the check itself must refuse a count
+    // of 2^32 - 1 as qemu's does ("snapshot table too large", exit 1) instead of walking it
+    // (found by fuzz/qcow2_tables as a timeout).
+    let d = tempdir();
+    let p = base(d.path(), "snapshots");
+    patch(&p, 60, &u32::MAX.to_be_bytes());
+    let ro = OpenOptions { for_check: true, ..OpenOptions::default() };
+    let drv = open_image(&Registry::new(), &p, Some("qcow2"), &ro).unwrap();
+    let mut log = Vec::new();
+    let started = std::time::Instant::now();
+    let e = drv.check().unwrap().check(RepairMode::None, &mut |m| log.push(m.to_string())).unwrap_err();
+    assert!(started.elapsed().as_secs() < 10);
+    assert!(e.message().contains("File too large"), "{e}");
+    assert_eq!(log[0], "ERROR snapshot table too large");
+}
+
+#[test]
+fn repair_does_not_write_an_l1_table_over_the_header() {
+    // The L1 table offset says 0: the "L1 entries" are the header's bytes. Fixing their COPIED
+    // flags must not write them back over the header (found by fuzz/qcow2_tables: the repaired
+    // file no longer opened, its refcount table offset overwritten).
+    let d = tempdir();
+    let p = base(d.path(), "l1-on-header");
+    patch(&p, 40, &0u64.to_be_bytes());
+    // Eight entries: entry 6 is the refcount table offset, a cluster with refcount 1 and no COPIED.
+    patch(&p, 36, &8u32.to_be_bytes());
+    let before = std::fs::read(&p).unwrap()[..512].to_vec();
+    let rw = OpenOptions { read_only: false, for_check: true, ..OpenOptions::default() };
+    let drv = open_image(&Registry::new(), &p, Some("qcow2"), &rw).unwrap();
+    let _ = drv.check().unwrap().check(RepairMode::All, &mut |_| {});
+    drop(drv);
+    let after = std::fs::read(&p).unwrap();
+    // Only the incompatible feature bits may change (the corrupt bit is set, as qemu does).
+    assert_eq!(after[..72], before[..72], "the fixed header fields survive");
+    assert_eq!(after[80..512], before[80..512]);
 }
