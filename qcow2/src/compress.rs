@@ -9,6 +9,7 @@ use blockdev::{Error, Result};
 use flate2::{Decompress, FlushDecompress};
 
 use crate::header::CompressionType;
+use crate::limits::ZSTD_MAX_WINDOW_LOG;
 
 /// Deflate level vdisk compresses at (see [`compress`]).
 const DEFLATE_LEVEL: i32 = 9;
@@ -84,6 +85,8 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
         }
         CompressionType::Zstd => {
             let mut d = zstd::stream::raw::Decoder::new().map_err(|e| Error::corrupt(format!("zstd: {e}")))?;
+            d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(ZSTD_MAX_WINDOW_LOG))
+                .map_err(|e| Error::corrupt(format!("zstd: {e}")))?;
             let mut inb = zstd::stream::raw::InBuffer::around(input);
             let mut outb = zstd::stream::raw::OutBuffer::around(out);
             use zstd::stream::raw::Operation;

@@ -22,6 +22,7 @@ use crate::compress::decompress;
 use crate::entry::{Geometry, Sub};
 use crate::header::{autoclear, compat, incompat, CompressionType};
 use crate::iov;
+use crate::limits::MAX_COMPRESSED_SLACK;
 use crate::meta::Meta;
 
 /// Where a backing file name came from, for `info`.
@@ -53,10 +54,6 @@ pub struct Qcow2 {
     /// known, 1 no, 2 yes.
     pub(crate) metadata_prealloc: std::sync::atomic::AtomicU8,
 }
-
-/// Queued cluster frees beyond which a write flushes metadata itself, so the queue (and the space
-/// it holds back) stays bounded when the guest does not flush.
-pub(crate) const MAX_QUEUED_FREES: usize = 1024;
 
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,20 +137,19 @@ impl Qcow2 {
     /// Decompresses the cluster whose compressed bytes start at host byte `coff`.
     pub(crate) fn read_compressed(&self, coff: u64, size: u64, out: &mut [u8]) -> Result<()> {
         let cs = self.cluster_size();
-        // A compressed cluster never needs more than a cluster plus a sector of input; a larger
-        // count in a hostile entry is clamped rather than trusted.
-        let size = size.min(cs + 512);
+        // A larger count in a hostile entry is clamped rather than trusted.
+        let size = size.min(cs + MAX_COMPRESSED_SLACK);
         let mut input = vec![0u8; size as usize];
         blockdev::read_exact_at(self.file.as_ref(), coff, &mut input)?;
         decompress(self.compression, &input, out)
     }
 
-    /// Flushes metadata, which applies the queued frees, once [`MAX_QUEUED_FREES`] are queued and
+    /// Flushes metadata, which applies the queued frees, once [`MAX_QUEUED_FREES`](crate::limits::MAX_QUEUED_FREES) are queued and
     /// no read could still be looking at the clusters. Frees are never applied before such a
     /// flush: until the L2 changes that dropped the references are durable, the clusters are
     /// still in use on disk, so neither their decreased refcounts nor new data may reach them.
     pub(crate) fn flush_if_many_frees(&self, m: &mut Meta) -> Result<()> {
-        if m.frees.len() >= MAX_QUEUED_FREES && self.reads_in_flight.load(Ordering::Acquire) == 0 {
+        if m.frees.len() >= crate::limits::MAX_QUEUED_FREES && self.reads_in_flight.load(Ordering::Acquire) == 0 {
             m.flush(self.file.as_ref(), self.data.as_ref())?;
         }
         Ok(())

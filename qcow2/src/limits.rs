@@ -1,7 +1,9 @@
 //! Limits that keep hostile images from costing unbounded memory or time.
 //!
 //! Every count and size read from an image is checked against these before anything is allocated
-//! or read. The values match QEMU's implementation limits, so every image QEMU accepts is
+//! or read. Limits that are not qcow2's own: the backing chain depth
+//! ([`blockdev::DEFAULT_MAX_CHAIN_DEPTH`]) and the clusters `check` keeps counters for
+//! (`MAX_IMRT_CLUSTERS` in the check module). The values match QEMU's implementation limits, so every image QEMU accepts is
 //! accepted here and every image QEMU refuses for size reasons is refused with the same words.
 
 /// Smallest cluster size: 2^9 = 512 bytes.
@@ -18,6 +20,17 @@ pub const MAX_SNAPSHOTS: u64 = 65536;
 pub const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
 /// Longest backing file name, in bytes.
 pub const MAX_BACKING_NAME: u64 = 1023;
+/// A compressed cluster is read as at most one cluster plus this many bytes, whatever size its
+/// L2 entry claims: a compressor never needs more (qemu writes at most a cluster, and the
+/// descriptor's sector count can overstate that by less than a sector).
+pub const MAX_COMPRESSED_SLACK: u64 = 512;
+/// Largest zstd window a compressed cluster may ask for (2^22 bytes): twice the largest cluster,
+/// so a hostile frame cannot make the decoder allocate its default 128 MiB.
+pub const ZSTD_MAX_WINDOW_LOG: u32 = MAX_CLUSTER_BITS + 1;
+/// Cluster frees queued before a write flushes metadata by itself (frees wait for the flush that
+/// makes the L2 change dropping the reference durable; this bounds the queue when the guest never
+/// flushes).
+pub const MAX_QUEUED_FREES: usize = 1024;
 /// Default L2 cache budget in bytes (enough for 256 GiB of 64 KiB clusters); qemu's default.
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// Default refcount cache budget in bytes.
