@@ -1,10 +1,73 @@
 #!/bin/bash
-# Seeds corpus/qcow2_image from the reference images in ../testdata (see ../README.md).
+# Seeds the corpus of every fuzz target (corpus/<target>/seed-*) from the reference images in
+# ../testdata (see ../README.md) and from small hand-written inputs for the text parsers.
+# Idempotent: seed files are overwritten, inputs the fuzzer added are kept.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mkdir -p "$HERE/corpus/qcow2_image"
-for f in "$HERE"/../testdata/*.qcow2; do
-    # 0x01: open writable; 0x00: no operations; then the image.
-    { printf '\x01\x00'; cat "$f"; } > "$HERE/corpus/qcow2_image/seed-$(basename "$f" .qcow2)"
+TESTDATA="$HERE/../testdata"
+C="$HERE/corpus"
+mkdir -p "$C"/{qcow2_image,qcow2_header,qcow2_tables,probe,json_filename,image_opts}
+
+for f in "$TESTDATA"/*.qcow2; do
+    name=$(basename "$f" .qcow2)
+    # qcow2_image: 0x01 open writable, 0x00 no operations, then the image.
+    { printf '\x01\x00'; cat "$f"; } > "$C/qcow2_image/seed-$name"
+    # qcow2_header: the first cluster (the header never needs more than 64 KiB here).
+    head -c 65536 "$f" > "$C/qcow2_header/seed-$name"
 done
-echo "seeded $(ls "$HERE/corpus/qcow2_image" | wc -l) inputs in corpus/qcow2_image"
+
+# probe: a flag byte (bit 0 writable, bit 1 write sector 0, bit 2 inverted), then the container.
+for f in "$TESTDATA"/*.qcow2 "$TESTDATA"/*.raw "$TESTDATA"/*.data; do
+    name=$(basename "$f")
+    { printf '\x00'; cat "$f"; } > "$C/probe/seed-$name"
+    { printf '\x03'; head -c 4096 "$f"; } > "$C/probe/seed-w-$name"
+done
+printf '\x03' > "$C/probe/seed-empty"
+printf '\x03QFI\xfb\x00\x00\x00\x03' > "$C/probe/seed-short-qcow2"
+
+# qcow2_tables: base image N (see the target), no mutations. Keep the count in step with the
+# number of bases in fuzz_targets/qcow2_tables.rs.
+for i in $(seq 0 16); do
+    printf "\\x$(printf %02x "$i")\\x00" > "$C/qcow2_tables/seed-base$i"
+    # The same with one mutation (arbitrary bytes for the fuzzer to start from).
+    printf "\\x$(printf %02x "$i")\\x01\\x00\\x00\\x00\\x05\\x01\\x00" > "$C/qcow2_tables/seed-base$i-m"
+done
+
+# json_filename: the text after "json:".
+n=0
+while IFS= read -r line; do
+    printf '%s' "$line" > "$C/json_filename/seed-$n"
+    n=$((n + 1))
+done <<'JSON'
+{"driver":"qcow2","file":{"driver":"file","filename":"/x.qcow2"}}
+{"driver":"raw","file.filename":"y"}
+{"file":"a b,c.img"}
+{"filename":"z","driver":"qcow2","file.locking":"off","read-only":true}
+{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}
+{"driver":"qcow2","cache.direct":false,"file":{"filename":"\u00e9\n","aio":"threads"}}
+{"driver":1,"file":{"filename":2.5e3}}
+[1]
+{
+JSON
+
+# image_opts: a byte choosing the option list (0 qcow2 create, 1 raw create, 2 qcow2 amend,
+# 3 qcow2 + file create options), then the option string.
+n=0
+while IFS= read -r line; do
+    sel=${line%% *}
+    text=${line#* }
+    { printf "\\x0$sel"; printf '%s' "$text"; } > "$C/image_opts/seed-$n"
+    n=$((n + 1))
+done <<'OPTS'
+0 cluster_size=64k,compat=1.1,lazy_refcounts=on,refcount_bits=16,size=1G
+0 compression_type=zstd,extended_l2=on,preallocation=metadata,size=0x100000
+0 backing_file=a,,b.img,backing_fmt=qcow2,data_file=d,data_file_raw=off
+1 size=1.5M,preallocation=falloc,nocow
+2 compat=0.10,refcount_bits=1,size=2E
+3 size=18446744073709551615,cluster_size=2M,help
+3 ,,=,,=x,no,nonsense,?,size=-1,size=1e3
+OPTS
+
+for t in "$C"/*/; do
+    echo "seeded $(ls "$t" | grep -c '^seed-') inputs in corpus/$(basename "$t")"
+done

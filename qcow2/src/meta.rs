@@ -310,12 +310,18 @@ impl Meta {
     /// Like [`Self::overlaps_metadata`], optionally not counting L2 tables (to check an L2 table
     /// against everything else).
     pub fn overlaps(&self, off: u64, len: u64, with_l2: bool) -> Option<&'static str> {
+        self.overlaps_with(off, len, with_l2, true)
+    }
+
+    /// Like [`Self::overlaps`], optionally not counting the active L1 table either (to check a
+    /// write of L1 entries against everything else).
+    fn overlaps_with(&self, off: u64, len: u64, with_l2: bool, with_l1: bool) -> Option<&'static str> {
         let cs = self.cluster_size();
         let hit = |start: u64, size: u64| start < off + len && off < start + size;
         if hit(0, cs) {
             return Some("the header");
         }
-        if self.h.l1_size > 0 && hit(self.h.l1_table_offset, self.h.l1_size as u64 * 8) {
+        if with_l1 && self.h.l1_size > 0 && hit(self.h.l1_table_offset, self.h.l1_size as u64 * 8) {
             return Some("the active L1 table");
         }
         if hit(self.rc.table_offset, self.rc.table_clusters * cs) {
@@ -411,7 +417,13 @@ impl Meta {
             for e in &self.l1[first..last] {
                 buf.extend_from_slice(&e.to_be_bytes());
             }
-            write_all_at(io, self.h.l1_table_offset + first as u64 * 8, &buf)?;
+            let at = self.h.l1_table_offset + first as u64 * 8;
+            // An L1 table placed on other metadata (the header, say) must not be written there.
+            if let Some(what) = self.overlaps_with(at, buf.len() as u64, true, false) {
+                let msg = format!("Preventing invalid write on metadata (active L1 table overlaps with {what})");
+                return Err(self.corruption(io, true, msg));
+            }
+            write_all_at(io, at, &buf)?;
         }
         self.l1_dirty.clear();
         Ok(())

@@ -82,6 +82,18 @@ impl Meta {
     }
 }
 
+/// qemu's overlap check before each write of a rebuild: clusters the old metadata names (an L1
+/// table or refcount block beyond the end of the file, which counting skipped) may look free, and
+/// writing a new refcount structure over them would leave the image pointing at it.
+fn refuse_overlap(m: &Meta, off: u64, len: u64, what: &str) -> Result<()> {
+    match m.overlaps_metadata(off, len) {
+        Some(hit) => Err(Error::corrupt(format!(
+            "ERROR writing {what}: Preventing invalid write on metadata (overlaps with {hit})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// First run of `n` free clusters at or after `*first_free` in `counts` (growing it past the end
 /// if needed); marks them used and returns the first cluster index.
 fn alloc_counted(counts: &mut Vec<u64>, n: u64, first_free: &mut u64) -> u64 {
@@ -155,6 +167,7 @@ impl Meta {
                         write_entry(&mut block, order, i as usize, v);
                     }
                 }
+                refuse_overlap(self, off, cs, "refblock")?;
                 write_all_at(io, off, &block)?;
                 c = bstart + per;
             }
@@ -173,6 +186,7 @@ impl Meta {
         if table_clusters * cs > crate::limits::MAX_REFTABLE_SIZE {
             return Err(Error::from_errno("rebuild refcounts", libc::EFBIG));
         }
+        refuse_overlap(self, table_off, table_clusters * cs, "reftable")?;
         let mut raw = Vec::with_capacity(table.len() * 8);
         for e in &table {
             raw.extend_from_slice(&e.to_be_bytes());
