@@ -10,7 +10,7 @@
 //! Workloads: a sequential fill, random overwrites, a mix of writes, zeroes and discards, and
 //! growth past the L1 table's and the refcount table's first cluster; with and without lazy
 //! refcounts and a backing file. `VDISK_CRASH_REORDER` sets the reordered samples per flush
-//! interval (default 2).
+//! interval (default 2), `VDISK_CRASH_SEEDS` the seeds per random workload (default 1).
 
 use std::path::{Path, PathBuf};
 
@@ -86,6 +86,11 @@ fn judge(reg: &Registry, path: &Path, lazy: bool) -> Result<SectorModel, String>
         return Err(format!("qemu-img check exit {}:\n{}{}", q.code, q.stdout, q.stderr));
     }
     Ok(content)
+}
+
+/// Seeds per random workload (`VDISK_CRASH_SEEDS`, default 1; long runs use more).
+fn seeds() -> u64 {
+    vdisk_tests::model::env_number("VDISK_CRASH_SEEDS").unwrap_or(1)
 }
 
 fn reorder_samples() -> usize {
@@ -235,37 +240,49 @@ fn sequential_fill_over_backing_file_with_lazy_refcounts_survives_every_crash() 
 #[test]
 fn random_overwrite_survives_every_crash() {
     let st = Setup::small(false, false);
-    run("random overwrite", st, &random_overwrite(st.size, 11));
+    for k in 0..seeds() {
+        run("random overwrite", st, &random_overwrite(st.size, 11 + 1000 * k));
+    }
 }
 
 #[test]
 fn random_overwrite_over_backing_file_survives_every_crash() {
     let st = Setup::small(false, true);
-    run("random overwrite", st, &random_overwrite(st.size, 12));
+    for k in 0..seeds() {
+        run("random overwrite", st, &random_overwrite(st.size, 12 + 1000 * k));
+    }
 }
 
 #[test]
 fn random_overwrite_with_lazy_refcounts_survives_every_crash() {
     let st = Setup::small(true, false);
-    run("random overwrite", st, &random_overwrite(st.size, 13));
+    for k in 0..seeds() {
+        run("random overwrite", st, &random_overwrite(st.size, 13 + 1000 * k));
+    }
 }
 
 #[test]
 fn discard_zeroes_mix_survives_every_crash() {
     let st = Setup::small(false, false);
-    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 21));
+    for k in 0..seeds() {
+        run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 21 + 1000 * k));
+    }
 }
 
 #[test]
 fn discard_zeroes_mix_over_backing_file_survives_every_crash() {
     let st = Setup::small(false, true);
-    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 22));
+    for k in 0..seeds() {
+        run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 22 + 1000 * k));
+    }
 }
 
 #[test]
 fn discard_zeroes_mix_with_lazy_refcounts_survives_every_crash() {
     let st = Setup::small(true, false);
-    run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 23));
+    for k in 0..seeds() {
+        run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 23 + 1000 * k));
+    }
 }
 
 #[test]
