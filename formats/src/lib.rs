@@ -146,6 +146,13 @@ impl Registry {
                 let n = (len.min(PROBE_SIZE as u64)) as usize;
                 blockdev::read_exact_at(&file, 0, &mut head[..n])?;
                 let f = self.probe_bytes(&head[..n], filename);
+                if f.name() == "raw" && is_qcow1(&head[..n]) {
+                    // qemu probes this as its "qcow" driver (and fails on a damaged qcow2 header
+                    // whose version reads 1); treating it as raw would expose the metadata as data.
+                    return Err(Error::unsupported(
+                        "Image is in the qcow (version 1) format, which vdisk does not support",
+                    ));
+                }
                 (f, f.name() == "raw")
             }
         };
@@ -174,6 +181,13 @@ impl Registry {
             self.format(format).ok_or_else(|| Error::invalid_argument(format!("Unknown file format '{format}'")))?;
         f.create(filename, opts, self)
     }
+}
+
+/// True for a file that starts like QEMU's original qcow (version 1) format: qcow2's magic with
+/// version 1. qemu's `qcow` driver claims it; vdisk has no such driver and refuses it rather than
+/// probing it as raw.
+fn is_qcow1(head: &[u8]) -> bool {
+    head.len() >= 8 && head[..4] == *b"QFI\xfb" && head[4..8] == 1u32.to_be_bytes()
 }
 
 /// The permissions an open of `format` with `opts` holds and shares.

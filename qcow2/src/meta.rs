@@ -113,7 +113,7 @@ impl Meta {
             return Err(self.corruption(
                 io,
                 true,
-                format!("L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})"),
+                format!("L2 table offset {off:#x} unaligned (L1 index: {})", c_hex(l1_index)),
             ));
         }
         Ok(Some(off))
@@ -187,11 +187,16 @@ impl Meta {
                 bad = Some(format!("Invalid L2 entry for guest offset {pos:#x}: {why}"));
                 break;
             }
-            if let Sub::Data { host, .. } = sub {
+            // As qemu: any host offset the entry carries (data, preallocated zero, or the cluster
+            // of unallocated subclusters) must be cluster aligned.
+            if let Sub::Data { host, .. } | Sub::Zero { host: Some(host) } | Sub::Unallocated { host: Some(host) } = sub
+            {
                 if host % cs != 0 {
                     let l2 = l2.unwrap_or(0);
                     bad = Some(format!(
-                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: {i:#x})"
+                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {}, L2 index: {})",
+                        c_hex(l2),
+                        c_hex(i as u64)
                     ));
                     break;
                 }
@@ -489,5 +494,14 @@ fn continues(first: Sub, next: Sub, start: u64, pos: u64, cs: u64) -> bool {
             h2.wrapping_add(pos % cs) == h1.wrapping_add(start % cs).wrapping_add(pos - start)
         }
         _ => false,
+    }
+}
+
+/// `v` as C's `%#x` prints it (qemu's messages): `0x` and hex digits, but plain `0` for zero.
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
     }
 }
