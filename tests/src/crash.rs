@@ -1,17 +1,19 @@
-//! Crash-consistency harness: a recording container, crash images built from any cut of what was
+//! Crash-consistency harness: recording containers, crash images built from any cut of what was
 //! written, and a guest-level model that says which bytes every crash image must hold.
 //!
 //! How it works:
-//! 1. A workload (a list of [`GuestOp`]s) runs against an image opened on a [`RecordingStorage`].
-//!    The storage keeps every change it receives — writes, zeroes, discards, length changes — and
-//!    every flush, in one log ([`Event`]s), next to the bytes the file held before the workload.
-//!    The runner notes where in the log each guest request started and ended, and the guest-visible
-//!    content after every completed guest flush.
+//! 1. A workload (a list of [`GuestOp`]s) runs against an image opened on [`RecordingStorage`]s
+//!    (the image file, and its external data file if it has one: [`open_recording`]). They keep
+//!    every change they receive — writes, zeroes, discards, length changes — and every flush, in
+//!    one shared log ([`Event`]s tagged with the container), next to the bytes each held before
+//!    the workload. The runner notes where in the log each guest request started and ended, and
+//!    the guest-visible content after every completed guest flush.
 //! 2. [`crash_states`] enumerates crash images: every prefix of the log (a crash after any write),
 //!    every prefix followed by a torn multi-sector write (only its first sector, or all but its last
 //!    sector, reached the disk: 512-byte sectors are the unit a disk writes atomically), and, when
-//!    asked, random subsets of the writes between two flushes on top of everything up to the first
-//!    (a disk's volatile cache may write back in any order; only flush orders writes).
+//!    asked, reordered crashes: before each flush, every container's writes up to its own last
+//!    flush plus a random subset of its later ones (a disk's volatile cache may write back in any
+//!    order; only a flush orders, and only its own container's writes).
 //! 3. [`verify`] opens every crash image, lets a format-specific check judge its metadata (qcow2:
 //!    vdisk's check and `qemu-img check` must find no corruption; leaks are allowed), and reads the
 //!    whole disk back: every sector must hold what it held at the last guest flush that completed
@@ -108,19 +110,35 @@ impl Event {
     }
 }
 
-/// A [`Storage`] in memory that logs every change and flush (see the module docs).
+/// The log several recording containers share: each event with the index of its container.
+pub type Log = Arc<Mutex<Vec<(usize, Event)>>>;
+
+/// A [`Storage`] in memory that logs every change and flush (see the module docs). Containers of
+/// one image (the image file and its external data file) share one [`Log`], so its order is the
+/// order in which the bytes of all of them changed; a flush orders only its own container's writes.
 #[derive(Debug)]
 pub struct RecordingStorage {
     current: MemStorage,
     initial: Vec<u8>,
-    log: Mutex<Vec<Event>>,
+    file: usize,
+    log: Log,
 }
 
 impl RecordingStorage {
     /// A container holding `bytes`, named `name` (the image's path, so that relative backing file
-    /// names resolve as they would for the file).
+    /// names resolve as they would for the file), with a log of its own.
     pub fn new(name: &str, bytes: Vec<u8>) -> RecordingStorage {
-        RecordingStorage { current: MemStorage::new(name, bytes.clone()), initial: bytes, log: Mutex::new(Vec::new()) }
+        RecordingStorage::sharing(Log::default(), 0, name, bytes)
+    }
+
+    /// Container number `file` recording into `log`.
+    pub fn sharing(log: Log, file: usize, name: &str, bytes: Vec<u8>) -> RecordingStorage {
+        RecordingStorage { current: MemStorage::new(name, bytes.clone()), initial: bytes, file, log }
+    }
+
+    /// The shared log.
+    pub fn log(&self) -> Log {
+        self.log.clone()
     }
 
     /// How many events the log holds.
@@ -133,18 +151,9 @@ impl RecordingStorage {
         &self.initial
     }
 
-    /// A copy of the log.
-    pub fn events(&self) -> Vec<Event> {
-        self.log.lock().unwrap().clone()
-    }
-
     /// The container's current bytes (every event applied).
     pub fn current(&self) -> Vec<u8> {
         self.current.snapshot()
-    }
-
-    fn record(&self, e: Event) {
-        self.log.lock().unwrap().push(e);
     }
 }
 
@@ -161,34 +170,34 @@ impl Storage for RecordingStorage {
         // Hold the log across the write so the log's order is the order the bytes changed in.
         let mut log = self.log.lock().unwrap();
         self.current.write_at(offset, bufs)?;
-        log.push(Event::Write { offset, data: bufs.iter().flat_map(|b| b.iter().copied()).collect() });
+        log.push((self.file, Event::Write { offset, data: bufs.iter().flat_map(|b| b.iter().copied()).collect() }));
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         self.current.flush()?;
-        self.record(Event::Flush);
+        self.log.lock().unwrap().push((self.file, Event::Flush));
         Ok(())
     }
 
     fn set_len(&self, len: u64, prealloc: Prealloc) -> Result<()> {
         let mut log = self.log.lock().unwrap();
         self.current.set_len(len, prealloc)?;
-        log.push(Event::SetLen(len));
+        log.push((self.file, Event::SetLen(len)));
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let mut log = self.log.lock().unwrap();
         self.current.write_zeroes(offset, len, may_unmap)?;
-        log.push(Event::Zeroes { offset, len });
+        log.push((self.file, Event::Zeroes { offset, len }));
         Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut log = self.log.lock().unwrap();
         self.current.discard(offset, len)?;
-        log.push(Event::Discard { offset, len });
+        log.push((self.file, Event::Discard { offset, len }));
         Ok(())
     }
 
@@ -281,10 +290,10 @@ impl SectorModel {
 /// A workload's run: the log, where each request sits in it, and the content at every flush.
 #[derive(Debug)]
 pub struct Recorded {
-    /// The container's bytes before the workload.
-    pub initial: Vec<u8>,
-    /// Every change and flush the container received.
-    pub events: Vec<Event>,
+    /// Each container's bytes before the workload (index 0: the image file).
+    pub initial: Vec<Vec<u8>>,
+    /// Every change and flush the containers received, with the container's index.
+    pub events: Vec<(usize, Event)>,
     /// Each request with the log positions where it started and ended.
     pub ops: Vec<(GuestOp, usize, usize)>,
     /// For each request index that was a completed flush (and for "before the first request",
@@ -294,14 +303,16 @@ pub struct Recorded {
     pub backing_byte: Option<u8>,
 }
 
-/// Runs `ops` on `drv`, an image opened on `rec`, then closes it (recorded as a final flush); `backing_byte` is the fill of a backing file
+/// Runs `ops` on `drv`, an image opened on the containers `files` (which share one log; the image
+/// file first), then closes it (recorded as a final flush); `backing_byte` is the fill of a backing file
 /// covering the whole disk, if there is one. Requests must stay inside the disk.
 pub fn record(
     drv: &(dyn BlockDriver + 'static),
-    rec: &RecordingStorage,
+    files: &[Arc<RecordingStorage>],
     ops: &[GuestOp],
     backing_byte: Option<u8>,
 ) -> std::result::Result<Recorded, String> {
+    let rec = &files[0];
     let mut durable = vec![(usize::MAX, SectorModel::read(drv)?)];
     let mut spans = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
@@ -327,7 +338,9 @@ pub fn record(
     drv.close().map_err(|e| format!("close: {e}"))?;
     spans.push((GuestOp::Flush, start, rec.position()));
     durable.push((ops.len(), last));
-    Ok(Recorded { initial: rec.initial().to_vec(), events: rec.events(), ops: spans, durable, backing_byte })
+    let initial = files.iter().map(|f| f.initial().to_vec()).collect();
+    let events = rec.log.lock().unwrap().clone();
+    Ok(Recorded { initial, events, ops: spans, durable, backing_byte })
 }
 
 /// How a crash image was made.
@@ -342,12 +355,15 @@ pub enum Cut {
         /// Sectors of event `n` applied.
         sectors: u64,
     },
-    /// Events up to and including the flush at `flush`, then the events in `kept` (indices into
-    /// the log, all before the next flush).
+    /// A crash before event `at` with the disk's cache written back out of order: each
+    /// container's events up to its last flush before `at` reached the disk, and of its later
+    /// events only those in `kept`.
     Reordered {
-        /// Index of the flush event the disk had completed.
-        flush: usize,
-        /// The later events that reached the disk.
+        /// Events from here on did not reach the disk.
+        at: usize,
+        /// Where the durable part ends: before `durable_end`, every container had flushed.
+        durable_end: usize,
+        /// Unflushed events that reached the disk anyway (indices into the log).
         kept: Vec<usize>,
     },
 }
@@ -359,24 +375,24 @@ impl Cut {
         match self {
             Cut::Prefix(n) => (*n, *n),
             Cut::Torn { n, .. } => (*n, n + 1),
-            Cut::Reordered { flush, kept } => (flush + 1, kept.last().map_or(flush + 1, |k| k + 1)),
+            Cut::Reordered { at, durable_end, .. } => (*durable_end, *at),
         }
     }
 }
 
 /// Enumerates crash images: every prefix, the torn variants of every multi-sector write, and
-/// `reorder_samples` random subsets of every flush interval with at least two events.
-/// `visit` gets the cut and the file's bytes.
+/// `reorder_samples` reordered crashes before every flush (and at the end of the log) with at
+/// least two unflushed events. `visit` gets the cut and each container's bytes.
 pub fn crash_states(
     rec: &Recorded,
     reorder_samples: usize,
-    mut visit: impl FnMut(&Cut, &[u8]) -> std::result::Result<(), String>,
+    mut visit: impl FnMut(&Cut, &[Vec<u8>]) -> std::result::Result<(), String>,
 ) -> std::result::Result<(), String> {
-    let mut img = rec.initial.clone();
+    let mut imgs = rec.initial.clone();
     let events = &rec.events;
     for n in 0..=events.len() {
-        visit(&Cut::Prefix(n), &img)?;
-        if let Some(e) = events.get(n) {
+        visit(&Cut::Prefix(n), &imgs)?;
+        if let Some((f, e)) = events.get(n) {
             let sectors = e.write_sectors();
             let mut torn_at = vec![];
             if sectors > 1 {
@@ -386,37 +402,46 @@ pub fn crash_states(
                 torn_at.push(sectors - 1);
             }
             for s in torn_at {
-                let mut t = img.clone();
-                e.apply_torn(&mut t, s);
+                let mut t = imgs.clone();
+                e.apply_torn(&mut t[*f], s);
                 visit(&Cut::Torn { n, sectors: s }, &t)?;
             }
-            e.apply(&mut img);
+            e.apply(&mut imgs[*f]);
         }
     }
     if reorder_samples == 0 {
         return Ok(());
     }
-    let flushes: Vec<usize> =
-        events.iter().enumerate().filter(|(_, e)| matches!(e, Event::Flush)).map(|(i, _)| i).collect();
-    let mut img = rec.initial.clone();
-    let mut applied = 0;
     let mut rng = crate::XorShift::new(0x5eed_c4a5);
-    for (k, &f) in flushes.iter().enumerate() {
-        for e in &events[applied..=f] {
-            e.apply(&mut img);
+    let ends = events.iter().enumerate().filter(|(_, (_, e))| matches!(e, Event::Flush)).map(|(i, _)| i);
+    for at in ends.chain([events.len()]) {
+        // Each container's last flush before `at`.
+        let mut last_flush: Vec<Option<usize>> = vec![None; rec.initial.len()];
+        for (i, (f, e)) in events[..at].iter().enumerate() {
+            if matches!(e, Event::Flush) {
+                last_flush[*f] = Some(i);
+            }
         }
-        applied = f + 1;
-        let next = flushes.get(k + 1).copied().unwrap_or(events.len());
-        if next - applied < 2 {
+        let durable = |i: usize, f: usize| last_flush[f].is_some_and(|l| i < l);
+        let unflushed: Vec<usize> = (0..at).filter(|&i| !durable(i, events[i].0)).collect();
+        if unflushed.len() < 2 {
             continue;
         }
+        // Containers that were written but never flushed have no durable part at all.
+        let durable_end = (0..rec.initial.len())
+            .filter(|f| events[..at].iter().any(|(g, _)| g == f))
+            .map(|f| last_flush[f].map_or(0, |l| l + 1))
+            .min()
+            .unwrap_or(0);
         for _ in 0..reorder_samples {
-            let kept: Vec<usize> = (applied..next).filter(|_| rng.next() & 1 == 1).collect();
-            let mut t = img.clone();
-            for &i in &kept {
-                events[i].apply(&mut t);
+            let kept: Vec<usize> = unflushed.iter().copied().filter(|_| rng.next() & 1 == 1).collect();
+            let mut t = rec.initial.clone();
+            for (i, (f, e)) in events[..at].iter().enumerate() {
+                if durable(i, *f) || kept.binary_search(&i).is_ok() {
+                    e.apply(&mut t[*f]);
+                }
             }
-            visit(&Cut::Reordered { flush: f, kept }, &t)?;
+            visit(&Cut::Reordered { at, durable_end, kept }, &t)?;
         }
     }
     Ok(())
@@ -511,20 +536,24 @@ impl CrashStats {
     }
 }
 
-/// Writes every crash image of `rec` to `path` and runs `judge` on it; `judge` opens the file,
-/// checks its metadata, and returns the content it reads. The content must be allowed.
+/// Writes every crash image of `rec` (container `i` to `paths[i]`; the image file first) and runs
+/// `judge` on the image; `judge` opens it, checks its metadata, and returns the content it reads.
+/// The content must be allowed.
 pub fn verify(
     rec: &Recorded,
-    path: &Path,
+    paths: &[&Path],
     reorder_samples: usize,
     mut judge: impl FnMut(&Path) -> std::result::Result<SectorModel, String>,
 ) -> std::result::Result<CrashStats, String> {
+    assert_eq!(paths.len(), rec.initial.len(), "a path per container");
     let mut stats = CrashStats { events: rec.events.len(), ..CrashStats::default() };
-    crash_states(rec, reorder_samples, |cut, bytes| {
-        std::fs::write(path, bytes).map_err(|e| e.to_string())?;
-        let verdict = judge(path).and_then(|got| Allowed::new(rec, cut.window()).check(&got));
+    crash_states(rec, reorder_samples, |cut, files| {
+        for (path, bytes) in paths.iter().zip(files) {
+            std::fs::write(path, bytes).map_err(|e| e.to_string())?;
+        }
+        let verdict = judge(paths[0]).and_then(|got| Allowed::new(rec, cut.window()).check(&got));
         if let Err(e) = verdict {
-            return Err(format!("{cut:?}: {e}{}\nlog around the cut:\n{}", keep(path, bytes), around(rec, cut)));
+            return Err(format!("{cut:?}: {e}{}\nlog around the cut:\n{}", keep(paths, files), around(rec, cut)));
         }
         match cut {
             Cut::Prefix(_) => stats.prefixes += 1,
@@ -542,7 +571,7 @@ fn around(rec: &Recorded, cut: &Cut) -> String {
     let from = a.saturating_sub(12);
     let to = (b + 2).min(rec.events.len());
     let mut out = String::new();
-    for (i, e) in rec.events.iter().enumerate().take(to).skip(from) {
+    for (i, (file, e)) in rec.events.iter().enumerate().take(to).skip(from) {
         let line = match e {
             Event::Write { offset, data } => format!("write {offset:#x} +{:#x}", data.len()),
             Event::Zeroes { offset, len } => format!("zeroes {offset:#x} +{len:#x}"),
@@ -551,32 +580,78 @@ fn around(rec: &Recorded, cut: &Cut) -> String {
             Event::Flush => "flush".to_string(),
         };
         let op = rec.ops.iter().position(|(_, start, end)| (*start..*end).contains(&i));
-        out += &format!("  {i:4} {line:28} (request {op:?})\n");
+        out += &format!("  {i:4} file {file} {line:28} (request {op:?})\n");
     }
     out
 }
 
-/// With `VDISK_CRASH_KEEP=DIR`, saves a failing crash image there; returns a note saying where.
-fn keep(path: &Path, bytes: &[u8]) -> String {
+/// With `VDISK_CRASH_KEEP=DIR`, saves a failing crash image's files there; returns a note saying
+/// where.
+fn keep(paths: &[&Path], files: &[Vec<u8>]) -> String {
     let Some(dir) = std::env::var_os("VDISK_CRASH_KEEP") else { return String::new() };
-    let name = path.file_name().unwrap_or_default();
-    let to = Path::new(&dir).join(name);
-    match std::fs::write(&to, bytes) {
-        Ok(()) => format!(" (crash image kept at {})", to.display()),
-        Err(e) => format!(" (could not keep the crash image: {e})"),
+    for (path, bytes) in paths.iter().zip(files) {
+        let to = Path::new(&dir).join(path.file_name().unwrap_or_default());
+        if let Err(e) = std::fs::write(&to, bytes) {
+            return format!(" (could not keep the crash image: {e})");
+        }
     }
+    format!(" (crash image kept in {})", Path::new(&dir).display())
 }
 
-/// Opens `path` on a fresh [`RecordingStorage`] through `format`'s driver.
+/// What [`open_recording`] returns: the recording containers (the image file first) and the driver.
+pub type RecordingOpen = (Vec<Arc<RecordingStorage>>, Arc<dyn BlockDriver>);
+
+/// Opens `path` through `format`'s driver on a fresh [`RecordingStorage`]; the containers the
+/// image refers to (an external data file) are opened as recording containers sharing its log.
+/// Returns the containers (the image file first) and the driver.
 pub fn open_recording(
     reg: &formats::Registry,
     format: &str,
     path: &Path,
     opts: &blockdev::OpenOptions,
-) -> Result<(Arc<RecordingStorage>, Arc<dyn BlockDriver>)> {
-    let bytes = std::fs::read(path).map_err(|e| blockdev::Error::from(e).with_path(crate::s(path)))?;
-    let rec = Arc::new(RecordingStorage::new(crate::s(path), bytes));
+) -> Result<RecordingOpen> {
+    let image = Arc::new(RecordingStorage::new(crate::s(path), read_file(crate::s(path))?));
+    let opener = RecordingOpener { registry: reg, files: Mutex::new(vec![image.clone()]) };
     let f = reg.format(format).ok_or_else(|| blockdev::Error::invalid_image(format!("no format {format}")))?;
-    let drv = f.open(rec.clone(), opts, &blockdev::Chain::new(), reg)?;
-    Ok((rec, drv))
+    let drv = f.open(image, opts, &blockdev::Chain::new(), &opener)?;
+    let files = opener.files.into_inner().unwrap();
+    Ok((files, drv))
+}
+
+fn read_file(path: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| blockdev::Error::from(e).with_path(path))
+}
+
+/// Opens referenced images (backing files) through the registry, and referenced containers as
+/// recording containers sharing the first one's log.
+struct RecordingOpener<'a> {
+    registry: &'a formats::Registry,
+    files: Mutex<Vec<Arc<RecordingStorage>>>,
+}
+
+impl blockdev::Opener for RecordingOpener<'_> {
+    fn open_image(
+        &self,
+        referrer: &str,
+        name: &str,
+        format: Option<&str>,
+        opts: &blockdev::OpenOptions,
+        chain: &blockdev::Chain,
+    ) -> Result<Arc<dyn BlockDriver>> {
+        self.registry.open_image(referrer, name, format, opts, chain)
+    }
+
+    fn open_storage(&self, referrer: &str, name: &str, opts: &blockdev::OpenOptions) -> Result<Arc<dyn Storage>> {
+        blockdev::check_reference(opts.references, referrer, name)?;
+        let path = blockdev::resolve_reference(referrer, name);
+        let mut files = self.files.lock().unwrap();
+        let log = files[0].log();
+        let rec = Arc::new(RecordingStorage::sharing(log, files.len(), &path, read_file(&path)?));
+        files.push(rec.clone());
+        Ok(rec)
+    }
+
+    fn create_storage(&self, name: &str, opts: &blockdev::options::CreateOptions) -> Result<Arc<dyn Storage>> {
+        self.registry.create_storage(name, opts)
+    }
 }

@@ -9,8 +9,9 @@
 //!
 //! Workloads: a sequential fill, random overwrites, a mix of writes, zeroes and discards, and
 //! growth past the L1 table's and the refcount table's first cluster; with and without lazy
-//! refcounts and a backing file. `VDISK_CRASH_REORDER` sets the reordered samples per flush
-//! interval (default 2), `VDISK_CRASH_SEEDS` the seeds per random workload (default 1).
+//! refcounts, a backing file and an external data file (recorded in the same log).
+//! `VDISK_CRASH_REORDER` sets the reordered samples per crash point (default 2),
+//! `VDISK_CRASH_SEEDS` the seeds per random workload (default 1).
 
 use std::path::{Path, PathBuf};
 
@@ -29,12 +30,23 @@ struct Setup {
     refcount_bits: u32,
     lazy: bool,
     backing: bool,
+    /// Guest data in an external data file.
+    data_file: bool,
 }
 
 impl Setup {
     fn small(lazy: bool, backing: bool) -> Setup {
-        Setup { size: 2 << 20, cluster: 4096, refcount_bits: 16, lazy, backing }
+        Setup { size: 2 << 20, cluster: 4096, refcount_bits: 16, lazy, backing, data_file: false }
     }
+
+    fn with_data_file(self) -> Setup {
+        Setup { data_file: true, ..self }
+    }
+}
+
+/// The external data file next to the image.
+fn data_file_of(dir: &Path) -> PathBuf {
+    dir.join("crash-source.data")
 }
 
 /// Creates the image (with vdisk) and, if asked, a raw backing file filled with [`BACKING_BYTE`].
@@ -45,6 +57,9 @@ fn create(dir: &Path, reg: &Registry, st: Setup) -> PathBuf {
     o.set("cluster_size", &st.cluster.to_string());
     o.set("refcount_bits", &st.refcount_bits.to_string());
     o.set("lazy_refcounts", if st.lazy { "on" } else { "off" });
+    if st.data_file {
+        o.set("data_file", s(&data_file_of(dir)));
+    }
     if st.backing {
         let base = dir.join("base.raw");
         // Larger than the disk will grow to, so all of it reads the backing file's fill.
@@ -103,28 +118,36 @@ fn run(name: &str, st: Setup, ops: &[GuestOp]) -> (Vec<u8>, Vec<u8>) {
     let d = tempdir();
     let reg = Registry::new();
     let img = create(d.path(), &reg, st);
-    let (rec, drv) = crash::open_recording(&reg, "qcow2", &img, &OpenOptions::read_write()).unwrap();
-    let recorded = crash::record(&*drv, &rec, ops, st.backing.then_some(BACKING_BYTE)).unwrap();
+    let (files, drv) = crash::open_recording(&reg, "qcow2", &img, &OpenOptions::read_write()).unwrap();
+    assert_eq!(files.len(), if st.data_file { 2 } else { 1 }, "the data file is recorded too");
+    let recorded = crash::record(&*drv, &files, ops, st.backing.then_some(BACKING_BYTE)).unwrap();
     drop(drv);
     // The workload itself left a clean image with the final content.
-    std::fs::write(&img, rec.current()).unwrap();
+    std::fs::write(&img, files[0].current()).unwrap();
+    if st.data_file {
+        std::fs::write(data_file_of(d.path()), files[1].current()).unwrap();
+    }
     let q = qemu_img(&["check", "-f", "qcow2", s(&img)]);
     assert_eq!(q.code, 0, "{name}: qemu-img check after the workload:\n{}{}", q.stdout, q.stderr);
+    // Crash images of the data file replace it (the image names it).
     let crash_img = d.path().join("crash.qcow2");
-    let stats = crash::verify(&recorded, &crash_img, reorder_samples(), |p| judge(&reg, p, st.lazy))
+    let data = data_file_of(d.path());
+    let paths: Vec<&Path> = if st.data_file { vec![&crash_img, &data] } else { vec![&crash_img] };
+    let stats = crash::verify(&recorded, &paths, reorder_samples(), |p| judge(&reg, p, st.lazy))
         .unwrap_or_else(|e| panic!("{name} ({st:?}): {e}"));
     assert!(stats.prefixes > 20, "{name}: too few cut points to mean anything: {stats:?}");
     eprintln!(
-        "crash {name} lazy={} backing={}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
+        "crash {name} lazy={} backing={} data_file={}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
         st.lazy,
         st.backing,
+        st.data_file,
         stats.events,
         stats.total(),
         stats.prefixes,
         stats.torn,
         stats.reordered
     );
-    (recorded.initial, rec.current())
+    (recorded.initial[0].clone(), files[0].current())
 }
 
 /// The header's (L1 table offset, refcount table offset).
@@ -222,7 +245,7 @@ fn growth(setup: Setup) -> Vec<GuestOp> {
 }
 
 fn growth_setup(lazy: bool, backing: bool) -> Setup {
-    Setup { size: 1 << 20, cluster: 512, refcount_bits: 64, lazy, backing }
+    Setup { size: 1 << 20, cluster: 512, refcount_bits: 64, lazy, backing, data_file: false }
 }
 
 #[test]
@@ -293,4 +316,20 @@ fn growth_past_l1_and_refcount_table_survives_every_crash() {
 #[test]
 fn growth_over_backing_file_with_lazy_refcounts_survives_every_crash() {
     run_growth(growth_setup(true, true));
+}
+
+#[test]
+fn random_overwrite_with_external_data_file_survives_every_crash() {
+    let st = Setup::small(false, false).with_data_file();
+    for k in 0..seeds() {
+        run("random overwrite", st, &random_overwrite(st.size, 14 + 1000 * k));
+    }
+}
+
+#[test]
+fn discard_zeroes_mix_with_external_data_file_and_lazy_refcounts_survives_every_crash() {
+    let st = Setup::small(true, true).with_data_file();
+    for k in 0..seeds() {
+        run("discard/zeroes mix", st, &discard_zeroes_mix(st.size, st.cluster, 24 + 1000 * k));
+    }
 }
