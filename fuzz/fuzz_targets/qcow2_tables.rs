@@ -31,7 +31,8 @@
 //!    clean. (Only repaired images get this: on an image with too-low refcounts, data clusters can
 //!    legitimately alias, as they do in qemu.)
 //!
-//! Set `FUZZ_DEBUG=1` to print the decoded input (when reproducing a crash).
+//! Set `FUZZ_DEBUG=1` to print the decoded input (when reproducing a crash), and `FUZZ_DUMP=DIR` to
+//! save the repaired image and the image after the guest writes there.
 //!
 //! Memory is bounded: every container is a `MemStorage` with a limit, reads are capped.
 
@@ -491,9 +492,22 @@ fn write_and_verify(bytes: Vec<u8>, writes: &[Write]) {
     if img.close().is_err() {
         return;
     }
+    if let Some(dir) = std::env::var_os("FUZZ_DUMP") {
+        let _ = std::fs::write(std::path::Path::new(&dir).join("written.qcow2"), storage.snapshot());
+    }
     let Some((_, img)) = open(storage.snapshot(), true, true) else { panic!("written image does not reopen") };
-    if let Some(Ok(r)) = check(&img, RepairMode::None) {
-        assert!(clean(&r), "guest writes on a clean image left it unclean: {r:?}");
+    if let (Some(Ok(r)), log) = check_log(&img, RepairMode::None) {
+        // A hostile image can be clean and still alias a cluster (an L2 table that an L2 entry
+        // also names as data, both counted in its refcount of 2). A write then copies the L2
+        // table and drops one reference, and the remaining one lacks the COPIED flag its refcount
+        // of 1 calls for: qemu does the same, and its check reports the same finding, which
+        // costs an extra copy-on-write but no data. Any other finding is a bug.
+        let only_copied_flags =
+            log.lines().filter(|l| l.starts_with("ERROR")).all(|l| l.starts_with("ERROR OFLAG_COPIED"));
+        assert!(
+            clean(&r) || (r.check_errors == 0 && only_copied_flags),
+            "guest writes on a clean image left it unclean: {r:?}\n{log}"
+        );
     }
 }
 
@@ -545,5 +559,8 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // 3. Writes on the repaired image.
+    if let Some(dir) = std::env::var_os("FUZZ_DUMP") {
+        let _ = std::fs::write(std::path::Path::new(&dir).join("repaired.qcow2"), &repaired);
+    }
     write_and_verify(repaired, &writes);
 });

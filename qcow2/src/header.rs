@@ -458,7 +458,13 @@ pub fn parse_extensions(h: &Header, cluster: &[u8], backing_offset: u64, backing
         if stop > cluster.len() {
             return Err(Error::invalid_image("Backing file name too long"));
         }
-        exts.backing_file = Some(String::from_utf8_lossy(&cluster[start..stop]).into_owned());
+        // qemu keeps the name as a C string: it ends at the first NUL, and an empty name means
+        // no backing file.
+        let raw = &cluster[start..stop];
+        let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+        if !name.is_empty() {
+            exts.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+        }
     }
     Ok(exts)
 }

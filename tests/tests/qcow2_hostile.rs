@@ -187,3 +187,25 @@ fn repair_does_not_write_an_l1_table_over_the_header() {
     let ro = OpenOptions { for_check: true, ..OpenOptions::default() };
     open_image(&Registry::new(), &p, Some("qcow2"), &ro).expect("the repaired image opens for check");
 }
+
+/// qemu keeps the backing file name as a C string: an empty name (offset set, size 0) means no
+/// backing file, and a NUL ends the name. Found by the `qcow2_tables` fuzz target: vdisk tried
+/// to open a backing file called ''.
+#[test]
+fn backing_names_end_at_nul_and_empty_means_none() {
+    let d = tempdir();
+    for (name, bytes, want) in [("empty", &b""[..], None), ("nul", &b"ab\0cd"[..], Some("ab"))] {
+        let p = base(d.path(), &format!("{name}.qcow2"));
+        // qemu-img wrote no backing name; place one at byte 0x400 of the first cluster.
+        patch(&p, 0x400, bytes);
+        patch(&p, 8, &0x400u64.to_be_bytes());
+        patch(&p, 16, &(bytes.len() as u32).to_be_bytes());
+        let q = qemu_img(&["info", "--output=json", s(&p)]);
+        let v: serde_json::Value = serde_json::from_str(&q.ok().stdout).unwrap();
+        assert_eq!(v["backing-filename"].as_str(), want, "{name}: qemu-img's reading");
+        let mut opts = OpenOptions { no_backing: true, ..OpenOptions::default() };
+        opts.read_only = true;
+        let drv = open_image(&Registry::new(), &p, Some("qcow2"), &opts).unwrap();
+        assert_eq!(drv.info().unwrap().backing_filename.as_deref(), want, "{name}: vdisk's reading");
+    }
+}
