@@ -143,7 +143,7 @@ impl Qcow2 {
     fn change_refcount_order(&self, order: u32) -> Result<()> {
         let mut m = self.lock();
         let io = self.file.as_ref();
-        m.flush(io, self.data.as_ref())?;
+        m.flush(io)?;
         let end = m.rc.end_of_used(io)?;
         let mut counts = Vec::with_capacity(end as usize);
         for c in 0..end {
@@ -169,8 +169,8 @@ impl Qcow2 {
             m.lazy = true;
         } else {
             // Make the image clean first.
-            m.flush(io, self.data.as_ref())?;
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
+            m.flush(io)?;
             m.h.incompatible &= !incompat::DIRTY;
             m.dirty_on_disk = false;
             m.h.compatible &= !compat::LAZY_REFCOUNTS;
@@ -198,7 +198,7 @@ impl Qcow2 {
             let mut m = self.lock();
             let io = self.file.as_ref();
             if m.h.incompatible & incompat::DIRTY != 0 {
-                m.flush(io, self.data.as_ref())?;
+                m.flush(io)?;
                 m.h.incompatible &= !incompat::DIRTY;
                 m.dirty_on_disk = false;
                 m.write_header(io, false)?;
@@ -226,7 +226,7 @@ impl Qcow2 {
             m.h.incompatible &= !incompat::COMPRESSION;
             m.h.compression_type = 0;
         }
-        m.flush(io, self.data.as_ref())?;
+        m.flush(io)?;
         m.h.version = 2;
         m.h.unknown_fields.clear();
         m.write_header(io, true)?;

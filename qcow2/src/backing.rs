@@ -48,7 +48,7 @@ impl BackingOps for Qcow2 {
             }
         }
         let mut m = self.lock();
-        m.flush(self.file.as_ref(), self.data.as_ref())?;
-        m.flush(self.file.as_ref(), self.data.as_ref())
+        m.flush(self.file.as_ref())?;
+        m.flush(self.file.as_ref())
     }
 }

@@ -237,8 +237,8 @@ impl Qcow2 {
         let m = &mut *guard;
         let io = self.file.as_ref();
         if repair != RepairMode::None {
-            m.flush(io, self.data.as_ref())?;
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
+            m.flush(io)?;
         }
         let cs = m.cluster_size();
         let mut res = CheckReport { total_clusters: Some(self.disk_size().div_ceil(cs)), ..CheckReport::default() };
@@ -281,7 +281,7 @@ impl Qcow2 {
         self.check_copied(m, repair, report, &mut res)?;
         res.image_end_offset = Some((highest + 1) * cs);
         if repair != RepairMode::None {
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
             if res.check_errors == 0 && res.corruptions == 0 {
                 let before = m.h.incompatible;
                 m.h.incompatible &= !(incompat::DIRTY | incompat::CORRUPT);

@@ -150,7 +150,7 @@ impl Qcow2 {
     /// still in use on disk, so neither their decreased refcounts nor new data may reach them.
     pub(crate) fn flush_if_many_frees(&self, m: &mut Meta) -> Result<()> {
         if m.frees.len() >= crate::limits::MAX_QUEUED_FREES && self.reads_in_flight.load(Ordering::Acquire) == 0 {
-            m.flush(self.file.as_ref(), self.data.as_ref())?;
+            m.flush(self.file.as_ref())?;
         }
         Ok(())
     }
@@ -223,7 +223,7 @@ impl BlockDriver for Qcow2 {
         // Frees are applied by `flush` itself; hold them back while reads are in flight.
         let held =
             if self.reads_in_flight.load(Ordering::Acquire) > 0 { std::mem::take(&mut m.frees) } else { Vec::new() };
-        let r = m.flush(self.file.as_ref(), self.data.as_ref());
+        let r = m.flush(self.file.as_ref());
         m.frees.extend(held);
         r
     }
@@ -289,9 +289,9 @@ impl BlockDriver for Qcow2 {
         if !m.writable {
             return Ok(());
         }
-        m.flush(self.file.as_ref(), self.data.as_ref())?;
+        m.flush(self.file.as_ref())?;
         // Frees applied by that flush dirtied refcount blocks: write them too.
-        m.flush(self.file.as_ref(), self.data.as_ref())?;
+        m.flush(self.file.as_ref())?;
         if m.dirty_on_disk {
             m.h.incompatible &= !incompat::DIRTY;
             m.write_header(self.file.as_ref(), false)?;

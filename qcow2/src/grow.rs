@@ -82,12 +82,12 @@ impl Qcow2 {
         }
         let start = {
             let mut m = self.lock();
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
             let used_end = m.rc.end_of_used(io)?;
             let area = if used_end > 0 { used_end } else { io.len()?.div_ceil(cs) };
             let start = m.refcount_area(io, area, count + l2_tables)?;
             m.rc.update_range(io, start, count, 1)?;
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
             start
         };
         let host = start * cs;
@@ -112,6 +112,6 @@ impl Qcow2 {
                 crate::write::queue_entry_free(&mut m, old_entry, cs, false);
             }
         }
-        m.flush(io, self.data.as_ref())
+        m.flush(io)
     }
 }

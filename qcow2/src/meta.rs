@@ -382,7 +382,7 @@ impl Meta {
     }
 
     /// Makes all metadata durable in the documented order, then applies queued frees.
-    pub fn flush(&mut self, io: &dyn Storage, data: &dyn Storage) -> Result<()> {
+    pub fn flush(&mut self, io: &dyn Storage) -> Result<()> {
         let tables_dirty = self.l2.has_dirty() || !self.l1_dirty.is_empty();
         self.flush_refcounts(io, false)?;
         if tables_dirty {
@@ -400,12 +400,15 @@ impl Meta {
             io.flush()?;
             self.write_l1_entries(io)?;
         }
-        if !std::ptr::addr_eq(io as *const dyn Storage, data as *const dyn Storage) {
-            data.flush()?;
+        if !tables_dirty {
+            // (With dirty tables, the barrier above already synced the data file.)
+            if let Some(d) = &self.external_data {
+                d.flush()?;
+            }
         }
         io.flush()?;
         if !self.frees.is_empty() {
-            self.apply_frees(io, data)?;
+            self.apply_frees(io)?;
         }
         Ok(())
     }
@@ -435,7 +438,9 @@ impl Meta {
     }
 
     /// Applies queued frees (refcount decreases); space of guest-discarded clusters is released.
-    pub fn apply_frees(&mut self, io: &dyn Storage, data: &dyn Storage) -> Result<()> {
+    pub fn apply_frees(&mut self, io: &dyn Storage) -> Result<()> {
+        let external = self.external_data.clone();
+        let data = external.as_deref().unwrap_or(io);
         let cs = self.cluster_size();
         // Space to release, adjacent ranges merged so the file system sees few large requests.
         let mut releases: Vec<(u64, u64)> = Vec::new();

@@ -136,7 +136,7 @@ impl Qcow2 {
                     m.queue_free(t, 1, false);
                 }
             }
-            m.flush(io, self.data.as_ref())?;
+            m.flush(io)?;
         }
         let mut m = self.lock();
         m.h.size = new_size;
@@ -247,7 +247,7 @@ impl Qcow2 {
                 blockdev::write_all_at(target, host + head_at, &std::mem::take(&mut head))?;
                 // Metadata and head reach the file before the rest is allocated, so the file
                 // system lays the image out as it does for qemu.
-                self.lock().flush(self.file.as_ref(), self.data.as_ref())?;
+                self.lock().flush(self.file.as_ref())?;
                 self.file.flush()?;
             }
             // The file covers the chunk up to the new end of the disk (the last cluster may stay
@@ -265,6 +265,6 @@ impl Qcow2 {
         if self.backing.as_ref().is_some_and(|b| b.size() > from) {
             self.zero_range(from, to - from, blockdev::ZeroFlags::default())?;
         }
-        self.lock().flush(self.file.as_ref(), self.data.as_ref())
+        self.lock().flush(self.file.as_ref())
     }
 }
