@@ -119,11 +119,13 @@ impl Qcow2 {
 
         // External data file.
         let data: Arc<dyn Storage> = if geo.data_file && !opts.no_io {
-            let name = exts
-                .data_file
-                .clone()
-                .ok_or_else(|| Error::invalid_argument("'data-file' is required for this image"))?;
-            opener.open_storage(file.name(), &name, opts)?
+            // A data file given with the open options (`data-file.filename`) wins over the
+            // recorded name, and is a path of its own (not relative to the image).
+            match (&opts.data_file, &exts.data_file) {
+                (Some(given), _) => opener.open_storage("", given, opts)?,
+                (None, Some(name)) => opener.open_storage(file.name(), name, opts)?,
+                (None, None) => return Err(Error::invalid_argument("'data-file' is required for this image")),
+            }
         } else {
             file.clone()
         };
