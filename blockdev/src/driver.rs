@@ -199,19 +199,54 @@ pub trait BlockDriver: Send + Sync + Debug {
     }
 }
 
-/// Internal snapshots (`qemu-img snapshot`).
+/// What is recorded about a new internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotParams {
+    /// The tag.
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: i64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: i64,
+    /// The guest clock at the snapshot, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// The instruction count at the snapshot, when the VMM records one.
+    pub icount: Option<u64>,
+}
+
+/// Internal snapshots (`qemu-img snapshot`, and a VMM's savevm/loadvm).
+///
+/// Snapshot operations exclude guest I/O on the same image while they run (they wait for
+/// requests in flight and hold off new ones).
 pub trait Snapshots {
     /// The snapshots, in table order.
     fn list(&self) -> Result<Vec<crate::info::SnapshotInfo>>;
 
-    /// Takes a snapshot called `name` at the given wall-clock time.
-    fn create(&self, name: &str, date_sec: i64, date_nsec: i64) -> Result<()>;
+    /// Takes a disk-only snapshot called `name` at the given wall-clock time (`qemu-img snapshot
+    /// -c`: no VM state, guest clock and instruction count 0).
+    fn create(&self, name: &str, date_sec: i64, date_nsec: i64) -> Result<()> {
+        let params = SnapshotParams { name: name.to_string(), date_sec, date_nsec, vm_clock_nsec: 0, icount: Some(0) };
+        self.save(&params, &[])
+    }
 
-    /// Reverts the disk to the snapshot whose id or name is `id_or_name`.
+    /// Takes a snapshot that also stores `vm_state`, a VMM's saved machine state (`savevm`).
+    fn save(&self, params: &SnapshotParams, vm_state: &[u8]) -> Result<()>;
+
+    /// Reverts the disk to the snapshot whose id, else whose name, is `id_or_name`; afterwards
+    /// [`Snapshots::read_vm_state`] reads the VM state saved with it (`loadvm`).
     fn apply(&self, id_or_name: &str) -> Result<()>;
 
-    /// Deletes the snapshot with this id and name.
-    fn delete(&self, id: &str, name: &str) -> Result<()>;
+    /// Reads VM state bytes at `offset` of the state area of the current disk (after
+    /// [`Snapshots::apply`], the state saved with that snapshot; its size is in [`Snapshots::list`]).
+    fn read_vm_state(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Deletes the snapshot with this id and this name (either may be `None`, not both).
+    fn delete(&self, id: Option<&str>, name: Option<&str>) -> Result<()>;
+
+    /// Shows the snapshot with this id and/or name in place of the current disk, read-only, for
+    /// the rest of this open (`convert -l`, `measure -l`). The image must be open read-only. The
+    /// disk keeps its current size (as in qemu): past the snapshot's own size it reads zeros.
+    fn load_temporarily(&self, id: Option<&str>, name: Option<&str>) -> Result<()>;
 }
 
 /// Backing-file operations of formats that have backing files.

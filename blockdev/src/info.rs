@@ -125,6 +125,16 @@ impl ImageInfo {
     }
 }
 
+/// Marks a `check` report line that qemu prints as an error report (with the program name in
+/// front, `qemu-img: ERROR ...`) rather than as a plain line: [`Check::check`](crate::Check)
+/// implementations put it first, and callers strip it with [`error_report_line`].
+pub const ERROR_REPORT_MARK: char = '\u{1}';
+
+/// A report line to be printed as an error report (see [`ERROR_REPORT_MARK`]).
+pub fn error_report_line(message: &str) -> String {
+    format!("{ERROR_REPORT_MARK}{message}")
+}
+
 /// The result of a consistency check (QAPI ImageCheck plus the internal error count).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CheckReport {

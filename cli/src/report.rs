@@ -23,6 +23,22 @@ pub fn error_report(message: &str) {
     eprintln!("{}: {}", prog(), message);
 }
 
+/// The text qemu shows for a driver error reported as an errno: `strerror`, after printing the
+/// driver's own message on a line of its own when it says more (qemu's drivers report such
+/// details with error_report and return only the errno to the caller, which adds its prefix).
+pub fn errno_report(e: &blockdev::Error) -> String {
+    match e.errno() {
+        Some(n) => {
+            let text = blockdev::io_text(&std::io::Error::from_raw_os_error(n));
+            if text != e.message() {
+                error_report(e.message());
+            }
+            text
+        }
+        None => e.message().to_string(),
+    }
+}
+
 /// Prints `prog: warning: message` to stderr (qemu's warn_report).
 pub fn warn_report(message: &str) {
     eprintln!("{}: warning: {}", prog(), message);

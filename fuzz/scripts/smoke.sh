@@ -25,7 +25,7 @@ cargo fuzz build -O || exit 1
 max_len() {
     case $1 in
         qcow2_image | probe) echo 524288 ;;
-        qcow2_header) echo 65536 ;;
+        qcow2_header | qcow2_snapshot_table) echo 65536 ;;
         qcow2_tables) echo 512 ;;
         *) echo 4096 ;;
     esac

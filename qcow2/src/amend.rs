@@ -132,8 +132,14 @@ impl Amend for Qcow2 {
 impl Qcow2 {
     fn upgrade(&self) -> Result<()> {
         let mut m = self.lock();
-        if m.h.nb_snapshots > 0 {
-            return Err(Error::unsupported("Upgrading images with internal snapshots is not supported yet"));
+        let io = self.file.as_ref();
+        // Version 3 entries must record the VM state and disk sizes: rewrite the table (every
+        // entry is written with the full known extra data) before the header says version 3.
+        let min = crate::snapshot::V3_MIN_EXTRA_SIZE;
+        if m.snapshots.iter().any(|sn| sn.extra_data_size < min) {
+            let entries = m.snapshots.clone();
+            m.write_snapshot_table(io, entries).map_err(|e| e.prefixed("Failed to update the snapshot table"))?;
+            m.flush(io)?;
         }
         m.h.version = 3;
         m.write_header(self.file.as_ref(), true)?;
@@ -190,7 +196,10 @@ impl Qcow2 {
             if m.h.incompatible & incompat::DATA_FILE != 0 {
                 return bad("Cannot downgrade an image with a data file");
             }
-            if m.h.nb_snapshots > 0 {
+            // Version 2 readers would not know a snapshot's own disk size or a VM state over
+            // 32 bits.
+            let size = blockdev::BlockDriver::size(self);
+            if m.snapshots.iter().any(|sn| sn.vm_state_size > u32::MAX as u64 || sn.disk_size != size) {
                 return bad("Internal snapshots prevent downgrade of image");
             }
         }
@@ -233,46 +242,85 @@ impl Qcow2 {
         io.flush()
     }
 
-    /// Replaces zero clusters (which version 2 cannot express) in the active L1 table.
+    /// Replaces zero clusters (which version 2 cannot express) in the active L1 table and in
+    /// every snapshot's. L2 tables are changed in place, shared ones too: every table that
+    /// refers to them sees the same change, a zero-filled cluster in place of a zero flag (a new
+    /// cluster gets one reference per table referring to the L2 table).
     fn expand_zero_clusters(&self, progress: &mut dyn FnMut(f32)) -> Result<()> {
+        let (active, snapshots) = {
+            let m = self.lock();
+            (m.l1.clone(), m.snapshots.clone())
+        };
         let cs = self.cluster_size();
-        let l1_len = self.lock().l1.len();
-        let entries = self.geo.l2_entries();
-        for i in 0..l1_len {
-            // Reported as each L1 entry is entered, after the first: the caller has printed 0%
-            // and prints 100% at the end, as qemu-img does.
-            if i > 0 {
-                progress(i as f32 / l1_len as f32);
-            }
-            let mut m = self.lock();
-            let io = self.file.as_ref();
-            if m.l1[i] & OFFSET_MASK == 0 {
-                continue;
-            }
-            for j in 0..entries {
-                let gc = i as u64 * entries + j;
-                let (e, _) = m.entry(io, gc)?;
-                if e & ZERO == 0 || e & crate::entry::COMPRESSED != 0 {
-                    continue;
+        let mut tables = vec![active];
+        for sn in &snapshots {
+            tables.push(crate::snapshot::read_l1(self.file.as_ref(), sn, cs, 0)?);
+        }
+        let total: usize = tables.iter().map(Vec::len).sum();
+        let mut done = 0usize;
+        for l1 in &tables {
+            for &l1_entry in l1 {
+                // Reported as each L1 entry is entered, after the first: the caller has printed
+                // 0% and prints 100% at the end, as qemu-img does.
+                if done > 0 {
+                    progress(done as f32 / total as f32);
                 }
-                let host = e & OFFSET_MASK;
-                if host == 0 && self.backing.is_none() {
-                    m.set_entry(io, gc, 0, 0)?;
-                    continue;
+                done += 1;
+                let l2_off = l1_entry & OFFSET_MASK;
+                if l2_off != 0 {
+                    self.expand_zero_clusters_in(l2_off)?;
                 }
-                let host = if host == 0 { m.alloc(io, 1)? } else { host };
-                if let Some(what) = m.overlaps_metadata(host, cs) {
-                    return Err(m.corruption(
-                        io,
-                        true,
-                        format!("Preventing invalid write on metadata (overlaps with {what})"),
-                    ));
-                }
-                self.data.write_zeroes(host, cs, false)?;
-                m.set_entry(io, gc, host | COPIED, 0)?;
             }
         }
+        self.lock().flush(self.file.as_ref())?;
         progress(1.0);
+        Ok(())
+    }
+
+    /// Expands the zero clusters of the L2 table at `l2_off`.
+    fn expand_zero_clusters_in(&self, l2_off: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut m = self.lock();
+        let io = self.file.as_ref();
+        if l2_off % cs != 0 {
+            return Err(m.corruption(io, true, format!("L2 table offset {l2_off:#x} unaligned")));
+        }
+        let l2_refs = m.rc.get(io, l2_off / cs)?;
+        m.load_l2(io, l2_off)?;
+        let table = m.l2.peek(l2_off).map(<[u8]>::to_vec).unwrap_or_default();
+        for j in 0..self.geo.l2_entries() as usize {
+            let e = crate::cache::get_u64(&table, j);
+            if e & ZERO == 0 || e & crate::entry::COMPRESSED != 0 {
+                continue;
+            }
+            let host = e & OFFSET_MASK;
+            let new = if host == 0 && self.backing.is_none() {
+                0
+            } else {
+                let host = if host == 0 {
+                    let h = m.alloc(io, 1)?;
+                    if l2_refs > 1 {
+                        m.rc.update(io, h / cs, l2_refs as i64 - 1)?;
+                    }
+                    h
+                } else {
+                    host
+                };
+                if let Some(what) = m.overlaps_metadata(host, cs) {
+                    let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
+                    return Err(m.corruption(io, true, msg));
+                }
+                self.data.write_zeroes(host, cs, false)?;
+                if m.rc.get(io, host / cs)? == 1 {
+                    host | COPIED
+                } else {
+                    host
+                }
+            };
+            if let Some(t) = m.l2.get_mut(l2_off) {
+                crate::cache::set_u64(t, j, new);
+            }
+        }
         Ok(())
     }
 

@@ -36,6 +36,11 @@ impl TableCache {
         TableCache { slots: HashMap::default(), capacity: capacity.max(1), clock: 0 }
     }
 
+    /// How many tables the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The table at `offset`, if cached.
     pub fn get(&mut self, offset: u64) -> Option<&[u8]> {
         self.clock += 1;

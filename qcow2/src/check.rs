@@ -242,44 +242,15 @@ impl Qcow2 {
         }
         let cs = m.cluster_size();
         let mut res = CheckReport { total_clusters: Some(self.disk_size().div_ceil(cs)), ..CheckReport::default() };
-        let (imrt, mut rebuild) = self.calculate(m, repair == RepairMode::All, report, &mut res)?;
-        let pre = res.clone();
-        let mut highest = self.compare(m, &imrt, RepairMode::None, &mut rebuild, report, &mut res);
-        if rebuild && repair == RepairMode::All {
-            let old = res.clone();
-            report("Rebuilding refcount structure");
-            m.rebuild_refcounts(io, &mut imrt.counts.to_wide())?;
-            res.corruptions = 0;
-            res.leaks = 0;
-            rebuild = false;
-            let (imrt2, _) = self.calculate(m, true, report, &mut res)?;
-            let saved = std::mem::take(&mut res);
-            let mut tmp = CheckReport::default();
-            highest = self.compare(m, &imrt2, RepairMode::Leaks, &mut rebuild, report, &mut tmp);
-            if rebuild {
-                report("ERROR rebuilt refcount structure is still broken");
-            }
-            let fresh_leaks = tmp.leaks;
-            res = saved;
-            if res.corruptions < old.corruptions {
-                res.corruptions_fixed += old.corruptions - res.corruptions;
-            }
-            if res.leaks < old.leaks {
-                res.leaks_fixed += old.leaks - res.leaks;
-            }
-            res.leaks += fresh_leaks;
-        } else if repair != RepairMode::None {
-            if rebuild {
-                report("ERROR need to rebuild refcount structures");
-                return Err(Error::from_errno("check", libc::EIO));
-            }
-            if res.leaks > 0 || res.corruptions > 0 {
-                res = pre;
-                highest = self.compare(m, &imrt, repair, &mut rebuild, report, &mut res);
-            }
-        }
-        self.check_copied(m, repair, report, &mut res)?;
-        res.image_end_offset = Some((highest + 1) * cs);
+        let fix_errors = repair == RepairMode::All;
+        // The snapshot table's findings are kept apart and added at the end, after its repair.
+        let mut sn_res = CheckReport::default();
+        let r = self
+            .check_read_snapshot_table(m, fix_errors, report, &mut sn_res)
+            .and_then(|()| self.check_refcounts(m, repair, report, &mut res))
+            .and_then(|()| self.check_fix_snapshot_table(m, fix_errors, report, &mut sn_res));
+        add_findings(&mut res, &sn_res);
+        r?;
         if repair != RepairMode::None {
             m.flush(io)?;
             if res.check_errors == 0 && res.corruptions == 0 {
@@ -293,6 +264,58 @@ impl Qcow2 {
             }
         }
         Ok(res)
+    }
+
+    /// The refcount part of the check: count every reference, compare with the stored
+    /// refcounts, rebuild or repair, then check the COPIED flags.
+    fn check_refcounts(
+        &self,
+        m: &mut Meta,
+        repair: RepairMode,
+        report: &mut dyn FnMut(&str),
+        res: &mut CheckReport,
+    ) -> Result<()> {
+        let io = self.file.as_ref();
+        let cs = m.cluster_size();
+        let (imrt, mut rebuild) = self.calculate(m, repair == RepairMode::All, report, res)?;
+        let pre = res.clone();
+        let mut highest = self.compare(m, &imrt, RepairMode::None, &mut rebuild, report, res);
+        if rebuild && repair == RepairMode::All {
+            let old = res.clone();
+            report("Rebuilding refcount structure");
+            m.rebuild_refcounts(io, &mut imrt.counts.to_wide())?;
+            res.corruptions = 0;
+            res.leaks = 0;
+            rebuild = false;
+            let (imrt2, _) = self.calculate(m, true, report, res)?;
+            let saved = std::mem::take(res);
+            let mut tmp = CheckReport::default();
+            highest = self.compare(m, &imrt2, RepairMode::Leaks, &mut rebuild, report, &mut tmp);
+            if rebuild {
+                report("ERROR rebuilt refcount structure is still broken");
+            }
+            let fresh_leaks = tmp.leaks;
+            *res = saved;
+            if res.corruptions < old.corruptions {
+                res.corruptions_fixed += old.corruptions - res.corruptions;
+            }
+            if res.leaks < old.leaks {
+                res.leaks_fixed += old.leaks - res.leaks;
+            }
+            res.leaks += fresh_leaks;
+        } else if repair != RepairMode::None {
+            if rebuild {
+                report("ERROR need to rebuild refcount structures");
+                return Err(Error::from_errno("check", libc::EIO));
+            }
+            if res.leaks > 0 || res.corruptions > 0 {
+                *res = pre;
+                highest = self.compare(m, &imrt, repair, &mut rebuild, report, res);
+            }
+        }
+        self.check_copied(m, repair, report, res)?;
+        res.image_end_offset = Some((highest + 1) * cs);
+        Ok(())
     }
 
     /// Rebuilds refcounts of an image left dirty by lazy refcounts, then clears the dirty bit.
@@ -310,4 +333,14 @@ impl Check for Qcow2 {
     fn check(&self, repair: RepairMode, report: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         self.check_image(repair, report)
     }
+}
+
+/// Adds the counts of `more` to `res` (qemu's qcow2_add_check_result without the allocation
+/// figures).
+fn add_findings(res: &mut CheckReport, more: &CheckReport) {
+    res.corruptions += more.corruptions;
+    res.leaks += more.leaks;
+    res.check_errors += more.check_errors;
+    res.corruptions_fixed += more.corruptions_fixed;
+    res.leaks_fixed += more.leaks_fixed;
 }

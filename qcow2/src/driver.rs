@@ -259,6 +259,7 @@ impl BlockDriver for Qcow2 {
             backing_filename: self.backing_info.name.clone(),
             full_backing_filename: self.backing_info.full.clone(),
             backing_filename_format: self.backing_info.format.clone(),
+            snapshots: (!m.snapshots.is_empty()).then(|| crate::snapshot::infos(&m.snapshots)),
             format_specific: Some(("qcow2".into(), self.specific_info(&m))),
             children,
             ..ImageInfo::default()
@@ -314,6 +315,10 @@ impl BlockDriver for Qcow2 {
     }
 
     fn backing_ops(&self) -> Option<&dyn blockdev::BackingOps> {
+        Some(self)
+    }
+
+    fn snapshots(&self) -> Option<&dyn blockdev::Snapshots> {
         Some(self)
     }
 }

@@ -40,3 +40,7 @@ pub const MIN_CACHE_TABLES: usize = 4;
 /// Largest virtual size vdisk creates or resizes to: what an L1 table of `MAX_L1_SIZE` can map
 /// is checked separately; this is the absolute cap (2^63 - 512 like qemu's int64 byte counts).
 pub const MAX_VIRTUAL_SIZE: u64 = (i64::MAX as u64) & !511;
+/// Largest extra data of one snapshot table entry, known and unknown fields together.
+pub const MAX_SNAPSHOT_EXTRA_DATA: u64 = 1024;
+/// Largest snapshot table in bytes.
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS;

@@ -69,6 +69,11 @@ pub struct Meta {
     /// The external data file, when guest data lives outside the image file: it is synced
     /// before any L2 table that points into it is written.
     pub external_data: Option<std::sync::Arc<dyn Storage>>,
+    /// The internal snapshots, as the table on disk lists them (empty when opened for check,
+    /// which reads the table itself).
+    pub snapshots: Vec<crate::snapshot::SnapshotEntry>,
+    /// Bytes the snapshot table occupies at `h.snapshots_offset`.
+    pub snapshots_size: u64,
 }
 
 impl Meta {
@@ -287,16 +292,7 @@ impl Meta {
             self.dirty_on_disk = true;
         }
         let off = self.rc.alloc(io, n)?;
-        let header_changed = self.rc.table_offset != self.h.refcount_table_offset;
-        if header_changed {
-            self.h.refcount_table_offset = self.rc.table_offset;
-            self.h.refcount_table_clusters = self.rc.table_clusters as u32;
-            self.write_header(io, false)?;
-            io.flush()?;
-            for (o, c) in std::mem::take(&mut self.rc.retired) {
-                self.queue_free(o, c, false);
-            }
-        }
+        self.follow_reftable_move(io)?;
         if let Some(what) = self.overlaps_metadata(off, n * self.cluster_size()) {
             return Err(self.corruption(
                 io,
@@ -305,6 +301,21 @@ impl Meta {
             ));
         }
         Ok(off)
+    }
+
+    /// Points the header at the refcount table after the allocator moved it (it grows by moving),
+    /// and queues the old table's clusters for freeing.
+    pub fn follow_reftable_move(&mut self, io: &dyn Storage) -> Result<()> {
+        if self.rc.table_offset != self.h.refcount_table_offset {
+            self.h.refcount_table_offset = self.rc.table_offset;
+            self.h.refcount_table_clusters = self.rc.table_clusters as u32;
+            self.write_header(io, false)?;
+            io.flush()?;
+            for (o, c) in std::mem::take(&mut self.rc.retired) {
+                self.queue_free(o, c, false);
+            }
+        }
+        Ok(())
     }
 
     /// Names the metadata structure that `[off, off+len)` overlaps, if any.
@@ -316,6 +327,11 @@ impl Meta {
     /// against everything else).
     pub fn overlaps(&self, off: u64, len: u64, with_l2: bool) -> Option<&'static str> {
         self.overlaps_with(off, len, with_l2, true)
+    }
+
+    /// Like [`Self::overlaps_metadata`] without the active L1 table (to check a write over it).
+    pub fn overlaps_except_active_l1(&self, off: u64, len: u64) -> Option<&'static str> {
+        self.overlaps_with(off, len, true, false)
     }
 
     /// Like [`Self::overlaps`], optionally not counting the active L1 table either (to check a
@@ -332,8 +348,11 @@ impl Meta {
         if hit(self.rc.table_offset, self.rc.table_clusters * cs) {
             return Some("the refcount table");
         }
-        if self.h.nb_snapshots > 0 && hit(self.h.snapshots_offset, cs) {
+        if self.h.nb_snapshots > 0 && hit(self.h.snapshots_offset, self.snapshots_size.max(1)) {
             return Some("the snapshot table");
+        }
+        if self.snapshots.iter().any(|sn| sn.l1_size > 0 && hit(sn.l1_offset, sn.l1_size as u64 * 8)) {
+            return Some("an inactive L1 table");
         }
         let first = off / cs;
         let last = (off + len - 1) / cs;

@@ -167,7 +167,16 @@ impl Qcow2 {
             writable,
             corruption_reported: false,
             free_byte_offset: 0,
+            snapshots: Vec::new(),
+            snapshots_size: 0,
         };
+        if !opts.for_check {
+            // (check reads the table itself, repairing what it can.)
+            let (off, nb, size) = (meta.h.snapshots_offset, meta.h.nb_snapshots, meta.h.size);
+            let table = crate::snapshot::read_table(file.as_ref(), off, nb, size, false, &mut |_| {})?;
+            meta.snapshots = table.entries;
+            meta.snapshots_size = table.size;
+        }
         meta.check_l1().or_else(|e| if opts.for_check { Ok(()) } else { Err(e) })?;
         // Autoclear bits vdisk does not maintain must be cleared before the first write.
         if writable {

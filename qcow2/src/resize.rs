@@ -70,8 +70,9 @@ impl Qcow2 {
         let old = self.disk_size();
         {
             let m = self.lock();
-            if m.h.nb_snapshots > 0 {
-                return Err(Error::unsupported("Can't resize an image which has snapshots"));
+            // Version 2 snapshot entries need not record their disk size, so it must not change.
+            if m.h.nb_snapshots > 0 && m.h.version < 3 {
+                return Err(Error::unsupported("Can't resize a v2 image which has snapshots"));
             }
         }
         if new_size < old {
@@ -93,6 +94,12 @@ impl Qcow2 {
             io.flush()?;
         }
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        // Clusters past the old end can still be mapped (the VM state area of a snapshot that
+        // was applied): the grown disk must not show them.
+        let cs = self.cluster_size();
+        if new_size > old && self.maps_anything_from(old.div_ceil(cs))? {
+            self.discard_clusters(old.div_ceil(cs), new_size.div_ceil(cs))?;
+        }
         // An external data file grows with the disk (clusters map 1:1 onto it).
         if self.geo.data_file && opts.prealloc == Prealloc::Off && self.data.len()? < new_size {
             self.data.set_len(new_size, Prealloc::Off)?;
@@ -107,6 +114,24 @@ impl Qcow2 {
             self.zero_range(old, new_size - old, blockdev::ZeroFlags::default())?;
         }
         Ok(())
+    }
+
+    /// Whether the active tables map anything at or after guest cluster `first`.
+    fn maps_anything_from(&self, first: u64) -> Result<bool> {
+        let mut m = self.lock();
+        let io = self.file.as_ref();
+        let n = m.geo.l2_entries();
+        for i in (first / n) as usize..m.l1.len() {
+            if m.l1[i] & OFFSET_MASK == 0 {
+                continue;
+            }
+            for gc in (i as u64 * n).max(first)..(i as u64 + 1) * n {
+                if m.entry(io, gc)? != (0, 0) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn shrink(&self, new_size: u64) -> Result<()> {
@@ -125,11 +150,19 @@ impl Qcow2 {
                     crate::write::queue_entry_free(&mut m, e, cs, true);
                 }
             }
-            // L2 tables wholly past the end go too.
+            // L2 tables wholly past the end go too, with whatever they still map there (the
+            // VM state area of an applied snapshot): each mapping is one reference less.
             let keep = m.geo.l1_entries_for(new_size) as usize;
+            let stride = if m.geo.extended { 2 } else { 1 };
             for i in keep..m.l1.len() {
                 let t = m.l1[i] & OFFSET_MASK;
                 if t != 0 {
+                    m.load_l2(io, t)?;
+                    let table = m.l2.peek(t).map(<[u8]>::to_vec).unwrap_or_default();
+                    for j in 0..m.geo.l2_entries() as usize {
+                        let e = crate::cache::get_u64(&table, j * stride);
+                        crate::write::queue_entry_free(&mut m, e, cs, true);
+                    }
                     m.l1[i] = 0;
                     m.l1_dirty.insert(i);
                     m.l2_tables.remove(&t);

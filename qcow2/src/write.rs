@@ -349,8 +349,30 @@ impl Qcow2 {
     /// Sets zero flags (or subcluster zero bits) for whole units in `[start, end)`.
     fn zero_units(&self, start: u64, end: u64, may_unmap: bool) -> Result<()> {
         let cs = self.cluster_size();
-        let _g = self.writes.lock(start / cs, (end - 1) / cs + 1);
-        let mut m = self.lock();
+        // Parts of shared or compressed clusters that only zero data can express, written once
+        // the range lock is released (the write takes it itself).
+        let mut as_data: Vec<(u64, u64)> = Vec::new();
+        {
+            let _g = self.writes.lock(start / cs, (end - 1) / cs + 1);
+            let mut m = self.lock();
+            self.zero_units_locked(&mut m, start, end, may_unmap, &mut as_data)?;
+            self.flush_if_many_frees(&mut m)?;
+        }
+        for (from, to) in as_data {
+            self.write_zero_data(from, to - from, ZeroFlags::default())?;
+        }
+        Ok(())
+    }
+
+    fn zero_units_locked(
+        &self,
+        m: &mut Meta,
+        start: u64,
+        end: u64,
+        may_unmap: bool,
+        as_data: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
         let io = self.file.as_ref();
         let mut pos = start;
         while pos < end {
@@ -368,16 +390,13 @@ impl Qcow2 {
                     // Shared or compressed: only whole clusters can drop their host cluster.
                     if count == 32 {
                         m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
-                        free_old(&mut m, e, cs);
+                        free_old(m, e, cs);
                     } else {
-                        drop(m);
-                        let r = self.write_zero_data(pos, c_end - pos, ZeroFlags::default());
-                        m = self.lock();
-                        r?;
+                        as_data.push((pos, c_end));
                     }
                 } else if count == 32 && may_unmap && host != 0 {
                     m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
-                    free_old(&mut m, e, cs);
+                    free_old(m, e, cs);
                 } else {
                     m.set_entry(io, gc, e, (b & !mask) | (mask << 32))?;
                 }
@@ -387,13 +406,13 @@ impl Qcow2 {
                 if new != e {
                     m.set_entry(io, gc, new, 0)?;
                     if !keep {
-                        free_old(&mut m, e, cs);
+                        free_old(m, e, cs);
                     }
                 }
             }
             pos = c_end;
         }
-        self.flush_if_many_frees(&mut m)
+        Ok(())
     }
 
     /// Discards whole clusters in `[offset, offset+len)` (partial clusters are left alone).
@@ -407,11 +426,18 @@ impl Qcow2 {
         if end <= start {
             return Ok(());
         }
-        let _g = self.writes.lock(start / cs, end / cs);
+        self.discard_clusters(start / cs, end / cs)
+    }
+
+    /// Discards guest clusters `[first, end)`, which may lie past the end of the disk (the VM
+    /// state area): they read as zeros (or fall through to a missing backing file) afterwards.
+    pub(crate) fn discard_clusters(&self, first: u64, end: u64) -> Result<()> {
+        let _g = self.writes.lock(first, end);
         let mut m = self.lock();
         let io = self.file.as_ref();
         let has_backing = self.backing.is_some();
-        for gc in start / cs..end / cs {
+        let cs = self.cluster_size();
+        for gc in first..end {
             let (e, b) = m.entry(io, gc)?;
             let allocated = e & (OFFSET_MASK | COMPRESSED) != 0 || (m.geo.data_file && e & COPIED != 0);
             if !allocated && (b >> 32) == 0xffff_ffff {

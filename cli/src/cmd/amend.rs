@@ -86,6 +86,16 @@ pub fn run(args: &[String]) -> CmdResult {
         progress.set(100.0);
     }
     progress.end();
+    // Zero cluster expansion reports a driver's detail on its own line, then the errno.
+    const EXPAND: &str = "Failed to turn zero into data clusters: ";
+    let result = result.map_err(|e| match e.message().strip_prefix(EXPAND) {
+        Some(detail) if e.errno().is_some() => {
+            let inner = blockdev::Error::from_errno("amend", e.errno().unwrap_or(0)).with_message(detail);
+            let text = crate::report::errno_report(&inner);
+            blockdev::Error::new(e.kind(), format!("{EXPAND}{text}"))
+        }
+        _ => e,
+    });
     result?;
     drv.close()?;
     Ok(0)

@@ -99,7 +99,10 @@ fn check_and_report(
     format: &str,
     out: &StdoutText,
 ) -> CmdResult {
-    let mut print = |m: &str| eprintln!("{m}");
+    let mut print = |m: &str| match m.strip_prefix(blockdev::info::ERROR_REPORT_MARK) {
+        Some(line) => error_report(line),
+        None => eprintln!("{m}"),
+    };
     let mut report = match checker.check(repair, &mut print) {
         Ok(r) => r,
         Err(e) => {

@@ -175,16 +175,14 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
         let req = OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts };
         sources.push(img_open(&reg, &req)?);
     }
-    let total_size: u64 = sources.iter().map(|s| s.size().div_ceil(512) * 512).sum();
     if let Some(snap) = p.value("l") {
         if sources.len() > 1 && !snap.starts_with("snapshot.") {
             return Err(CliError::new("No support for concatenating multiple snapshot"));
         }
-        return Err(CliError::new(format!(
-            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-            sources[0].format()
-        )));
+        let param = crate::cmd::measure::parse_snapshot_param(snap)?;
+        crate::cmd::measure::load_snapshot(sources[0].as_ref(), &param)?;
     }
+    let total_size: u64 = sources.iter().map(|s| s.size().div_ceil(512) * 512).sum();
     // Target options.
     let mut create_opts = CreateOptions::new();
     let mut target_backing = p.value("B").map(str::to_string);

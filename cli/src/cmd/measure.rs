@@ -65,6 +65,31 @@ pub fn parse_snapshot_param(arg: &str) -> Result<SnapshotParam, CliError> {
     Ok(SnapshotParam::Options { id, name })
 }
 
+/// Shows the snapshot `param` names in place of the disk (qemu-img's `-l`), with its messages.
+pub fn load_snapshot(disk: &dyn blockdev::BlockDriver, param: &SnapshotParam) -> Result<(), CliError> {
+    let failed = |e: blockdev::Error| CliError::new(format!("Failed to load snapshot: {}", e.message()));
+    let Some(snaps) = disk.snapshots() else {
+        return Err(CliError::new(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading \
+             internal snapshots",
+            disk.format()
+        )));
+    };
+    match param {
+        SnapshotParam::Options { id: None, name: None } => {
+            Err(CliError::new("Failed to load snapshot: snapshot_id and snapshot_name are both NULL"))
+        }
+        SnapshotParam::Options { id, name } => snaps.load_temporarily(id.as_deref(), name.as_deref()).map_err(failed),
+        // By id first; when that finds nothing (or nothing valid), by name.
+        SnapshotParam::IdOrName(key) => match snaps.load_temporarily(Some(key), None) {
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::EINVAL)) => {
+                snaps.load_temporarily(None, Some(key)).map_err(failed)
+            }
+            r => r.map_err(failed),
+        },
+    }
+}
+
 /// Everything the command line says, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeasureArgs {
@@ -234,12 +259,8 @@ pub fn run(args: &[String]) -> CmdResult {
         Some(name) => {
             let req = OpenRequest::read_only(name, a.fmt.as_deref(), a.image_opts, a.force_share);
             let disk = img_open(&reg, &req)?;
-            if a.snapshot.is_some() {
-                return Err(CliError::new(format!(
-                    "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily \
-                     loading internal snapshots",
-                    disk.format()
-                )));
+            if let Some(sn) = &a.snapshot {
+                load_snapshot(disk.as_ref(), sn)?;
             }
             Some(disk)
         }

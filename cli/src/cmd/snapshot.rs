@@ -7,7 +7,7 @@ use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::registry;
 use crate::common::{img_open, Objects, OpenRequest};
 use crate::infofmt::{snapshot_header, snapshot_line};
-use crate::report::{CliError, CmdResult};
+use crate::report::{errno_report, CliError, CmdResult};
 
 const OPTS: &[Opt] = &[
     flag("l", Some('l'), None),
@@ -54,28 +54,30 @@ pub fn run(args: &[String]) -> CmdResult {
     } else if let Some(tag) = p.value("c") {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let r = match snaps {
-            Some(s) => s.create(tag, now.as_secs() as i64, (now.subsec_micros() * 1000) as i64),
+            Some(s) => s.create(tag, now.as_secs() as i64, now.subsec_micros() as i64 * 1000),
             None => Err(blockdev::Error::from_errno("snapshot", libc::ENOTSUP)),
         };
         r.map_err(|e| CliError::new(format!("Could not create snapshot '{tag}': {}", e.message())))?;
     } else if let Some(tag) = p.value("a") {
         let r = match snaps {
-            Some(s) => s.apply(tag),
+            Some(s) => s
+                .apply(tag)
+                .map_err(|e| blockdev::Error::new(e.kind(), format!("Failed to load snapshot: {}", errno_report(&e)))),
             None => Err(blockdev::Error::unsupported("Block driver does not support snapshots")),
         };
         r.map_err(|e| CliError::new(format!("Could not apply snapshot '{tag}': {}", e.message())))?;
     } else if let Some(tag) = p.value("d") {
-        let found = match snaps {
-            Some(s) => s.list()?.into_iter().find(|sn| sn.id == tag || sn.name == tag),
-            None => None,
+        // As qemu-img: the snapshot whose id is the tag, else the first whose name is.
+        let all = match snaps {
+            Some(s) => s.list().unwrap_or_default(),
+            None => Vec::new(),
         };
-        let Some(sn) = found else {
+        let found = all.iter().find(|sn| sn.id == *tag).or_else(|| all.iter().find(|sn| sn.name == *tag));
+        let (Some(sn), Some(s)) = (found, snaps) else {
             return Err(CliError::new(format!("Could not delete snapshot '{tag}': snapshot not found")));
         };
-        if let Some(s) = snaps {
-            s.delete(&sn.id, &sn.name)
-                .map_err(|e| CliError::new(format!("Could not delete snapshot '{tag}': {}", e.message())))?;
-        }
+        s.delete(Some(&sn.id), Some(&sn.name))
+            .map_err(|e| CliError::new(format!("Could not delete snapshot '{tag}': {}", e.message())))?;
     }
     drv.close()?;
     Ok(0)
