@@ -14,6 +14,7 @@
 
 pub mod file;
 pub mod json_name;
+pub mod overlay;
 pub mod raw;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use blockdev::{
 };
 
 pub use file::FILE_CREATE_OPTIONS;
+pub use overlay::{OverlayOptions, TemporaryOverlay};
 
 /// Bytes read from the start of a file to probe its format (qemu's BLOCK_PROBE_BUF_SIZE).
 pub const PROBE_SIZE: usize = 512;
