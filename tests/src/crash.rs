@@ -254,6 +254,18 @@ pub enum GuestOp {
     Flush,
     /// Grow the disk to this size.
     Grow(u64),
+    /// Take an internal snapshot called `s<n>` (a flush point once it completes).
+    Snapshot(u8),
+    /// Delete the snapshot `s<n>` (a flush point once it completes).
+    DeleteSnapshot(u8),
+    /// Revert the disk to the snapshot `s<n>` (a flush point once it completes; while in flight
+    /// the disk may read as before or as the snapshot).
+    ApplySnapshot(u8),
+}
+
+/// The name of snapshot `n` in workloads.
+pub fn snapshot_name(n: u8) -> String {
+    format!("s{n}")
 }
 
 /// The guest-visible content: one value per sector, and the disk size.
@@ -301,6 +313,26 @@ pub struct Recorded {
     pub durable: Vec<(usize, SectorModel)>,
     /// The value discarded or newly grown sectors may reveal (the backing file's fill), if any.
     pub backing_byte: Option<u8>,
+    /// The content of every snapshot the workload took, by name (snapshots never change).
+    pub snapshots: Vec<(String, SectorModel)>,
+}
+
+impl Recorded {
+    /// The content snapshot `name` was taken with.
+    pub fn snapshot(&self, name: &str) -> Option<&SectorModel> {
+        self.snapshots.iter().find(|(n, _)| n == name).map(|(_, m)| m)
+    }
+}
+
+/// Runs a snapshot request of a workload.
+fn snapshot_op(drv: &(dyn BlockDriver + 'static), op: GuestOp) -> blockdev::Result<()> {
+    let snaps = drv.snapshots().ok_or_else(|| blockdev::Error::unsupported("no internal snapshots"))?;
+    match op {
+        GuestOp::Snapshot(n) => snaps.create(&snapshot_name(n), 1_700_000_000, 0),
+        GuestOp::ApplySnapshot(n) => snaps.apply(&snapshot_name(n)),
+        GuestOp::DeleteSnapshot(n) => snaps.delete(None, Some(&snapshot_name(n))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `ops` on `drv`, an image opened on the containers `files` (which share one log; the image
@@ -314,6 +346,7 @@ pub fn record(
 ) -> std::result::Result<Recorded, String> {
     let rec = &files[0];
     let mut durable = vec![(usize::MAX, SectorModel::read(drv)?)];
+    let mut snapshots = Vec::new();
     let mut spans = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
         let start = rec.position();
@@ -325,11 +358,20 @@ pub fn record(
             GuestOp::Discard { offset, len } => drv.discard(offset, len),
             GuestOp::Flush => drv.flush(),
             GuestOp::Grow(size) => drv.resize(size, &ResizeOptions::default()),
+            GuestOp::Snapshot(_) | GuestOp::DeleteSnapshot(_) | GuestOp::ApplySnapshot(_) => snapshot_op(drv, *op),
         };
         r.map_err(|e| format!("request {i} ({op:?}): {e}"))?;
         spans.push((*op, start, rec.position()));
-        if *op == GuestOp::Flush {
-            durable.push((i, SectorModel::read(drv)?));
+        let flushes = matches!(
+            op,
+            GuestOp::Flush | GuestOp::Snapshot(_) | GuestOp::DeleteSnapshot(_) | GuestOp::ApplySnapshot(_)
+        );
+        if flushes {
+            let now = SectorModel::read(drv)?;
+            if let GuestOp::Snapshot(n) = op {
+                snapshots.push((snapshot_name(*n), now.clone()));
+            }
+            durable.push((i, now));
         }
     }
     // A clean close ends every workload: it is a flush too (and clears lazy refcounts' dirty bit).
@@ -340,7 +382,7 @@ pub fn record(
     durable.push((ops.len(), last));
     let initial = files.iter().map(|f| f.initial().to_vec()).collect();
     let events = rec.log.lock().unwrap().clone();
-    Ok(Recorded { initial, events, ops: spans, durable, backing_byte })
+    Ok(Recorded { initial, events, ops: spans, durable, backing_byte, snapshots })
 }
 
 /// How a crash image was made.
@@ -453,6 +495,8 @@ pub struct Allowed<'a> {
     base: &'a SectorModel,
     in_flight: Vec<GuestOp>,
     backing_byte: Option<u8>,
+    /// The contents an apply in flight may have switched the disk to.
+    applying: Vec<&'a SectorModel>,
 }
 
 impl<'a> Allowed<'a> {
@@ -467,20 +511,30 @@ impl<'a> Allowed<'a> {
             .map(|(i, m)| (*i, m))
             .expect("the initial content is always durable");
         let first = if flush_op == usize::MAX { 0 } else { flush_op + 1 };
-        let in_flight = rec.ops[first..].iter().filter(|(_, start, _)| *start < b).map(|(op, ..)| *op).collect();
-        Allowed { base, in_flight, backing_byte: rec.backing_byte }
+        let in_flight: Vec<GuestOp> =
+            rec.ops[first..].iter().filter(|(_, start, _)| *start < b).map(|(op, ..)| *op).collect();
+        let applying = in_flight
+            .iter()
+            .filter_map(|op| match op {
+                &GuestOp::ApplySnapshot(n) => rec.snapshot(&snapshot_name(n)),
+                _ => None,
+            })
+            .collect();
+        Allowed { base, in_flight, backing_byte: rec.backing_byte, applying }
     }
 
     /// Whether a disk of `size` bytes is possible.
     pub fn size_ok(&self, size: u64) -> bool {
-        size == self.base.size || self.in_flight.contains(&GuestOp::Grow(size))
+        size == self.base.size
+            || self.in_flight.contains(&GuestOp::Grow(size))
+            || self.applying.iter().any(|m| m.size == size)
     }
 
     /// Whether sector `s` may hold `v`.
     pub fn value_ok(&self, s: u64, v: u8) -> bool {
         let pos = s * SECTOR;
         let base = self.base.sectors.get(s as usize).copied();
-        if base == Some(v) {
+        if base == Some(v) || self.applying.iter().any(|m| m.sectors.get(s as usize) == Some(&v)) {
             return true;
         }
         // Beyond the durable size, a grown disk reads zeros or the backing file.
@@ -493,7 +547,11 @@ impl<'a> Allowed<'a> {
             GuestOp::Discard { offset, len } => {
                 (offset..offset + len).contains(&pos) && (v == 0 || Some(v) == self.backing_byte)
             }
-            GuestOp::Flush | GuestOp::Grow(_) => false,
+            GuestOp::Flush
+            | GuestOp::Grow(_)
+            | GuestOp::Snapshot(_)
+            | GuestOp::DeleteSnapshot(_)
+            | GuestOp::ApplySnapshot(_) => false,
         })
     }
 
