@@ -82,8 +82,16 @@ pub fn measure(size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions
     Ok(Measure {
         required: fully - virtual_size + required,
         fully_allocated: fully,
-        bitmaps: (p.version >= 3 && source.is_some_and(|s| s.format() == "qcow2")).then_some(0),
+        bitmaps: (p.version >= 3 && source.is_some_and(stores_bitmaps)).then_some(0),
     })
+}
+
+/// Whether a source image could hold persistent bitmaps (qemu asks the source: qcow2 version 3).
+fn stores_bitmaps(source: &dyn BlockDriver) -> bool {
+    source.format() == "qcow2"
+        && source.info().is_ok_and(|i| {
+            i.format_specific.is_some_and(|(_, d)| d.get("compat").is_some_and(|c| *c == "1.1".into()))
+        })
 }
 
 #[cfg(test)]

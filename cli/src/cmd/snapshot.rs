@@ -1,5 +1,5 @@
 //! `snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot |
-//! -d snapshot] filename`
+//! -d snapshot] filename` (and `-f fmt`, which qemu-img accepts too)
 
 use blockdev::OpenOptions;
 
@@ -14,6 +14,7 @@ const OPTS: &[Opt] = &[
     opt("a", Some('a'), None),
     opt("c", Some('c'), None),
     opt("d", Some('d'), None),
+    opt("f", Some('f'), None),
     flag("q", Some('q'), None),
     flag("U", Some('U'), Some("force-share")),
     opt("object", None, Some("object")),
@@ -38,7 +39,8 @@ pub fn run(args: &[String]) -> CmdResult {
     let name = &p.positional[0];
     let list = p.has("l");
     let opts = OpenOptions { read_only: list, force_share: p.has("U"), ..OpenOptions::default() };
-    let drv = img_open(&registry(), &OpenRequest { name, fmt: None, image_opts: p.has("image-opts"), opts })?;
+    let req = OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts };
+    let drv = img_open(&registry(), &req)?;
     let snaps = drv.snapshots();
     if list {
         if let Some(s) = snaps {
