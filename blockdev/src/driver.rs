@@ -216,8 +216,9 @@ pub struct SnapshotParams {
 
 /// Internal snapshots (`qemu-img snapshot`, and a VMM's savevm/loadvm).
 ///
-/// Snapshot operations exclude guest I/O on the same image while they run (they wait for
-/// requests in flight and hold off new ones).
+/// Snapshot operations wait for writes in flight on the same image and hold off new ones while
+/// they run. Reads are not held off: during `apply` and `delete`, which free clusters, the caller
+/// must have no reads in flight (a VMM pauses its guest for loadvm and delvm, as QEMU does).
 pub trait Snapshots {
     /// The snapshots, in table order.
     fn list(&self) -> Result<Vec<crate::info::SnapshotInfo>>;

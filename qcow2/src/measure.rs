@@ -89,9 +89,9 @@ pub fn measure(size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions
 /// Whether a source image could hold persistent bitmaps (qemu asks the source: qcow2 version 3).
 fn stores_bitmaps(source: &dyn BlockDriver) -> bool {
     source.format() == "qcow2"
-        && source.info().is_ok_and(|i| {
-            i.format_specific.is_some_and(|(_, d)| d.get("compat").is_some_and(|c| *c == "1.1".into()))
-        })
+        && source
+            .info()
+            .is_ok_and(|i| i.format_specific.is_some_and(|(_, d)| d.get("compat").is_some_and(|c| *c == "1.1".into())))
 }
 
 #[cfg(test)]

@@ -72,15 +72,18 @@ impl Snapshots for Qcow2 {
             vm_state_size: vm_state.len() as u64,
             icount: params.icount.unwrap_or(NO_ICOUNT),
         };
-        self.snapshot_create(&new)?;
+        let created = self.snapshot_create(&new);
         if !vm_state.is_empty() {
-            // The state is the snapshot's now; the active disk does not need it.
+            // The state is the snapshot's now (or, if taking it failed, nobody's): the active
+            // disk does not need it.
             let cs = self.cluster_size();
             let first = self.vm_state_offset() / cs;
-            self.discard_clusters(first, first + (vm_state.len() as u64).div_ceil(cs))?;
-            blockdev::BlockDriver::flush(self)?;
+            let dropped = self.discard_clusters(first, first + (vm_state.len() as u64).div_ceil(cs));
+            created?;
+            dropped?;
+            return blockdev::BlockDriver::flush(self);
         }
-        Ok(())
+        created
     }
 
     fn apply(&self, id_or_name: &str) -> Result<()> {

@@ -34,9 +34,9 @@ pub struct NewSnapshot {
     pub date_nsec: u32,
     /// Guest clock, nanoseconds.
     pub vm_clock_nsec: u64,
-    /// Bytes of VM state already written to the VM state area (see `vmstate.rs`).
+    /// Bytes of VM state already written to the VM state area (see `api.rs`).
     pub vm_state_size: u64,
-    /// Instruction count, or [`crate::snapshot::NO_ICOUNT`].
+    /// Instruction count, or [`NO_ICOUNT`](crate::snapshot::table::NO_ICOUNT).
     pub icount: u64,
 }
 
