@@ -1,6 +1,7 @@
 //! Opens fuzzed bytes as a qcow2 image (in memory; backing and data files are never opened) and
-//! runs a short sequence of reads, writes, zeroes, discards, flushes, block-status queries and a
-//! check on it. Any panic, hang or unbounded allocation is a bug: errors are fine.
+//! runs a short sequence of reads, writes, zeroes, discards, flushes, block-status queries,
+//! internal snapshot operations (list, create with or without VM state, apply, delete) and a check
+//! on it. Any panic, hang or unbounded allocation is a bug: errors are fine.
 
 #![no_main]
 
@@ -20,6 +21,9 @@ enum Op {
     Status { offset: u32, len: u32 },
     Flush,
     Check { repair: bool },
+    SnapshotCreate { vm_state: u16 },
+    SnapshotApply { index: u8 },
+    SnapshotDelete { index: u8 },
 }
 
 /// Input layout: a flag byte (bit 0: open writable), an operation count byte, the operations,
@@ -46,10 +50,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let registry = formats::Registry::new();
     let Ok(img) = qcow2::Qcow2::open(storage, &opts, &Chain::new(), &registry) else { return };
-    let size = img.size();
-    let clamp =
-        |offset: u64, len: u64| -> Option<(u64, u64)> { (offset < size).then(|| (offset, len.min(size - offset))) };
     for op in ops {
+        // (Applying a snapshot may change the size.)
+        let size = img.size();
+        let clamp = |offset: u64, len: u64| -> Option<(u64, u64)> {
+            (offset < size).then(|| (offset, len.min(size - offset)))
+        };
         match op {
             Op::Read { offset, len } => {
                 if let Some((o, l)) = clamp(offset as u64, len as u64) {
@@ -81,6 +87,25 @@ fuzz_target!(|data: &[u8]| {
             }
             Op::Flush => {
                 let _ = img.flush();
+            }
+            Op::SnapshotCreate { vm_state } => {
+                if let Some(sn) = img.snapshots() {
+                    let params = blockdev::SnapshotParams { name: "fuzz".into(), ..Default::default() };
+                    let _ = sn.save(&params, &vec![0x5a; vm_state as usize]);
+                }
+            }
+            Op::SnapshotApply { index } | Op::SnapshotDelete { index } => {
+                let Some(sn) = img.snapshots() else { continue };
+                let Ok(list) = sn.list() else { continue };
+                let Some(target) = list.get(index as usize % list.len().max(1)) else { continue };
+                if matches!(op, Op::SnapshotApply { .. }) {
+                    if sn.apply(&target.id).is_ok() {
+                        let mut buf = vec![0u8; (target.vm_state_size as usize).min(1 << 16)];
+                        let _ = sn.read_vm_state(0, &mut buf);
+                    }
+                } else {
+                    let _ = sn.delete(Some(&target.id), Some(&target.name));
+                }
             }
             Op::Check { repair } => {
                 if let Some(c) = img.check() {

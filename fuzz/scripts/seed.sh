@@ -16,6 +16,19 @@ for f in "$TESTDATA"/*.qcow2; do
     head -c 65536 "$f" > "$C/qcow2_header/seed-$name"
 done
 
+# qcow2_image: an image with two internal snapshots (made here: snapshots carry timestamps, so
+# no reference image in ../testdata has them), for the target's snapshot operations.
+if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
+    tmp=$(mktemp -d)
+    qemu-img create -q -f qcow2 -o cluster_size=4096 "$tmp/s.qcow2" 256k
+    qemu-io -c "write -P 1 0 64k" "$tmp/s.qcow2" >/dev/null
+    qemu-img snapshot -c a "$tmp/s.qcow2"
+    qemu-io -c "write -P 2 32k 64k" "$tmp/s.qcow2" >/dev/null
+    qemu-img snapshot -c b "$tmp/s.qcow2"
+    { printf '\x01\x00'; cat "$tmp/s.qcow2"; } > "$C/qcow2_image/seed-snapshots"
+    rm -rf "$tmp"
+fi
+
 # probe: a flag byte (bit 0 writable, bit 1 write sector 0, bit 2 inverted), then the container.
 for f in "$TESTDATA"/*.qcow2 "$TESTDATA"/*.raw "$TESTDATA"/*.data; do
     name=$(basename "$f")
