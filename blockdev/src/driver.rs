@@ -192,6 +192,11 @@ pub trait BlockDriver: Send + Sync + Debug {
         None
     }
 
+    /// Persistent dirty bitmaps, if the format stores them.
+    fn bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
+        None
+    }
+
     /// Changing the backing file and emptying the image (`rebase`, `commit`), if the format has
     /// backing files.
     fn backing_ops(&self) -> Option<&dyn BackingOps> {

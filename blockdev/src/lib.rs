@@ -13,6 +13,7 @@
 //! Every trait method may be called from many threads at once; implementations serialise only
 //! what must be serialised and never hold a lock across data I/O.
 
+pub mod bitmap;
 pub mod buffer;
 pub mod compare;
 mod concat;

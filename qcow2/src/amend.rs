@@ -219,6 +219,8 @@ impl Qcow2 {
                     "Cannot downgrade an image with incompatible features {other:#x} set"
                 )));
             }
+            // Version 2 has no autoclear bits to vouch for bitmaps: they go, clusters and all.
+            self.drop_bitmaps(&mut m)?;
             m.h.compatible = 0;
             m.h.autoclear = 0;
             m.lazy = false;

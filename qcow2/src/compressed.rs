@@ -54,6 +54,7 @@ impl CompressedWrite for Qcow2 {
 
     fn write_compressed(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()> {
         self.check_writable()?;
+        self.note_change(offset, data.len() as u64)?;
         let cs = self.cluster_size();
         if offset % cs != 0 || data.len() as u64 != cs {
             return Err(Error::invalid_argument("compressed writes must cover exactly one aligned cluster"));

@@ -53,6 +53,10 @@ pub struct Qcow2 {
     /// Whether the image is preallocated with metadata only (see `status.rs`): 0 not yet
     /// known, 1 no, 2 yes.
     pub(crate) metadata_prealloc: std::sync::atomic::AtomicU8,
+    /// Enabled bitmaps recording guest writes (see `bitmap/ops.rs`).
+    pub(crate) recording: Mutex<crate::bitmap::RecordingSlot>,
+    /// Whether guest writes must be noted in bitmaps: some bitmap is enabled and consistent.
+    pub(crate) watch_bitmaps: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -171,11 +175,31 @@ impl Qcow2 {
                 .insert("extended-l2", Value::Bool(m.h.extended_l2()))
                 .insert("lazy-refcounts", Value::Bool(m.h.compatible & compat::LAZY_REFCOUNTS != 0))
                 .insert("corrupt", Value::Bool(m.h.incompatible & incompat::CORRUPT != 0))
-                .insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64));
+                .insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64))
+                .insert_opt("bitmaps", (!m.bitmaps.is_empty()).then(|| bitmap_list(m)));
         }
         d.insert("compression-type", m.h.compression().name().into());
         d
     }
+}
+
+/// The `bitmaps` list of `info` (Qcow2BitmapInfo: name, granularity, flags).
+fn bitmap_list(m: &Meta) -> Value {
+    let one = |e: &crate::bitmap::BitmapEntry| {
+        let mut flags = Vec::new();
+        if e.in_use() {
+            flags.push(Value::from("in-use"));
+        }
+        if e.auto() {
+            flags.push(Value::from("auto"));
+        }
+        let mut d = Dict::new();
+        d.insert("name", e.name.as_str().into())
+            .insert("granularity", Value::UInt(e.granularity()))
+            .insert("flags", Value::List(flags));
+        Value::Dict(d)
+    };
+    Value::List(m.bitmaps.iter().map(one).collect())
 }
 
 impl BlockDriver for Qcow2 {
@@ -202,16 +226,19 @@ impl BlockDriver for Qcow2 {
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         check_request(offset, blockdev::iov_len(bufs), self.size())?;
+        self.note_change(offset, blockdev::iov_len(bufs))?;
         self.write_range(offset, bufs)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_request(offset, len, self.size())?;
+        self.note_change(offset, len)?;
         self.zero_range(offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(offset, len, self.size())?;
+        self.note_change(offset, len)?;
         self.discard_range(offset, len)
     }
 
@@ -286,9 +313,12 @@ impl BlockDriver for Qcow2 {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Bitmaps first (their clusters are then flushed below); a failure to store them still
+        // lets the metadata be flushed, and is reported after.
+        let bitmaps = if self.read_only { Ok(()) } else { self.store_bitmaps_on_close() };
         let mut m = self.lock();
         if !m.writable {
-            return Ok(());
+            return bitmaps;
         }
         m.flush(self.file.as_ref())?;
         // Frees applied by that flush dirtied refcount blocks: write them too.
@@ -299,7 +329,7 @@ impl BlockDriver for Qcow2 {
             self.file.flush()?;
             m.dirty_on_disk = false;
         }
-        Ok(())
+        bitmaps
     }
 
     fn check(&self) -> Option<&dyn Check> {
@@ -319,6 +349,10 @@ impl BlockDriver for Qcow2 {
     }
 
     fn snapshots(&self) -> Option<&dyn blockdev::Snapshots> {
+        Some(self)
+    }
+
+    fn bitmaps(&self) -> Option<&dyn blockdev::bitmap::PersistentBitmaps> {
         Some(self)
     }
 }

@@ -143,8 +143,12 @@ pub struct Extensions {
     pub data_file: Option<String>,
     /// Encryption header pointer: (offset, length).
     pub crypto: Option<(u64, u64)>,
-    /// Bitmaps extension, kept as its raw 24 bytes until bitmaps are understood.
-    pub bitmaps: Option<Vec<u8>>,
+    /// Where the persistent bitmaps' directory is (only when the autoclear bit vouches for it).
+    pub bitmaps: Option<crate::bitmap::BitmapsExt>,
+    /// A bitmaps extension was found without its autoclear bit: a program that does not know
+    /// bitmaps changed the image, so they are stale and dropped (the header is rewritten without
+    /// them at the first write; their clusters leak).
+    pub stale_bitmaps: bool,
     /// Feature name table found in the image (only used for messages).
     pub feature_table: Vec<FeatureName>,
     /// Extensions vdisk does not know: (magic, data), in file order.
@@ -331,7 +335,7 @@ impl Header {
             add(&mut b, ext::FEATURE_TABLE, &qemu_feature_table());
         }
         if let Some(bm) = &exts.bitmaps {
-            add(&mut b, ext::BITMAPS, bm);
+            add(&mut b, ext::BITMAPS, &bm.encode());
         }
         for (magic, data) in &exts.unknown {
             add(&mut b, *magic, data);
@@ -439,7 +443,16 @@ pub fn parse_extensions(h: &Header, cluster: &[u8], backing_offset: u64, backing
                 }
                 exts.crypto = Some((o, l));
             }
-            ext::BITMAPS => exts.bitmaps = Some(data.to_vec()),
+            ext::BITMAPS => {
+                if len != crate::bitmap::BitmapsExt::LEN {
+                    return Err(Error::invalid_image("bitmaps_ext: Invalid extension length"));
+                }
+                if h.autoclear & autoclear::BITMAPS == 0 {
+                    exts.stale_bitmaps = true;
+                } else {
+                    exts.bitmaps = Some(crate::bitmap::BitmapsExt::parse(data)?);
+                }
+            }
             ext::DATA_FILE => exts.data_file = Some(String::from_utf8_lossy(data).into_owned()),
             _ => exts.unknown.push((magic, data.to_vec())),
         }

@@ -321,40 +321,30 @@ pub fn walk_snapshots(m: &Meta, io: &dyn blockdev::Storage, imrt: &mut Imrt, sin
     Ok(())
 }
 
-/// Counts the persistent bitmaps: the directory and each bitmap's table and data clusters.
+/// Counts the persistent bitmaps: the directory and each bitmap's table and data clusters. A
+/// directory or table that cannot be read, or a table entry breaking the rules, is a corruption.
 pub fn walk_bitmaps(m: &Meta, io: &dyn blockdev::Storage, imrt: &mut Imrt, sink: &mut Sink<'_>) -> Result<()> {
     let Some(ext) = &m.exts.bitmaps else { return Ok(()) };
-    if ext.len() < 24 {
-        return Ok(());
-    }
-    let nb = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]) as u64;
-    let dir_size = get_u64(ext, 8);
-    let dir_off = get_u64(ext, 16);
-    if dir_size > 64 << 20 || nb > 65535 {
-        return Ok(());
-    }
-    imrt.inc(sink, dir_off, dir_size);
-    let mut dir = vec![0u8; dir_size as usize];
-    read_exact_at(io, dir_off, &mut dir)?;
     let cs = m.cluster_size();
-    let mut at = 0usize;
-    for _ in 0..nb {
-        if at + 24 > dir.len() {
-            break;
-        }
-        let table_off = get_u64(&dir, at);
-        let table_size = u32::from_be_bytes([dir[at + 8], dir[at + 9], dir[at + 10], dir[at + 11]]) as u64;
-        let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-        let extra = u32::from_be_bytes([dir[at + 20], dir[at + 21], dir[at + 22], dir[at + 23]]) as usize;
-        at += (24 + extra + name_size).div_ceil(8) * 8;
-        if table_size * 8 > 64 << 20 {
+    imrt.inc(sink, ext.directory_offset, ext.directory_size);
+    let Ok(list) = crate::bitmap::dir::read_directory(io, ext, cs, m.h.size) else {
+        sink.res.corruptions += 1;
+        return Ok(());
+    };
+    for e in &list {
+        imrt.inc(sink, e.table_offset, e.table_size as u64 * 8);
+        let mut t = vec![0u8; e.table_size as usize * 8];
+        if read_exact_at(io, e.table_offset, &mut t).is_err() {
+            sink.res.corruptions += 1;
             continue;
         }
-        imrt.inc(sink, table_off, table_size * 8);
-        let mut t = vec![0u8; (table_size * 8) as usize];
-        read_exact_at(io, table_off, &mut t)?;
-        for k in 0..table_size as usize {
-            let o = get_u64(&t, k) & OFFSET_MASK;
+        for k in 0..e.table_size as usize {
+            let entry = get_u64(&t, k);
+            if !crate::bitmap::table_entry_is_valid(entry, cs) {
+                sink.res.corruptions += 1;
+                continue;
+            }
+            let o = crate::bitmap::table_entry_offset(entry);
             if o != 0 {
                 imrt.inc(sink, o, cs);
             }

@@ -29,6 +29,7 @@
 
 mod amend;
 mod backing;
+pub mod bitmap;
 mod cache;
 mod check;
 mod compress;

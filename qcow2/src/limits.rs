@@ -44,3 +44,15 @@ pub const MAX_VIRTUAL_SIZE: u64 = (i64::MAX as u64) & !511;
 pub const MAX_SNAPSHOT_EXTRA_DATA: u64 = 1024;
 /// Largest snapshot table in bytes.
 pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS;
+/// Largest number of persistent bitmaps in an image (qemu's limit).
+pub const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory, in bytes (1 KiB per bitmap).
+pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
+/// Largest bitmap table, in entries.
+pub const MAX_BITMAP_TABLE_SIZE: u64 = 0x800_0000;
+/// Largest bitmap data, in bytes (its table's clusters): bounds the memory a loaded bitmap takes.
+pub const MAX_BITMAP_DATA_BYTES: u64 = 0x2000_0000;
+/// Granularity bits qemu accepts for a bitmap (512 B to 2 GiB).
+pub const BITMAP_GRANULARITY_BITS: std::ops::RangeInclusive<u32> = 9..=31;
+/// Longest bitmap name, in bytes.
+pub const MAX_BITMAP_NAME: usize = 1023;

@@ -82,16 +82,23 @@ pub fn measure(size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions
     Ok(Measure {
         required: fully - virtual_size + required,
         fully_allocated: fully,
-        bitmaps: (p.version >= 3 && source.is_some_and(stores_bitmaps)).then_some(0),
+        bitmaps: if p.version >= 3 { source.map(|s| bitmaps_size(s, cs)).transpose()?.flatten() } else { None },
     })
 }
 
-/// Whether a source image could hold persistent bitmaps (qemu asks the source: qcow2 version 3).
-fn stores_bitmaps(source: &dyn BlockDriver) -> bool {
-    source.format() == "qcow2"
-        && source
-            .info()
-            .is_ok_and(|i| i.format_specific.is_some_and(|(_, d)| d.get("compat").is_some_and(|c| *c == "1.1".into())))
+/// Space the source's persistent bitmaps take when copied into an image with `cs`-byte clusters
+/// (every bitmap fully allocated, its table, and the directory), or `None` when the source cannot
+/// hold bitmaps (qemu asks the source: qcow2 version 3).
+fn bitmaps_size(source: &dyn BlockDriver, cs: u64) -> Result<Option<u64>> {
+    let Some(b) = source.bitmaps().filter(|b| b.supported()) else { return Ok(None) };
+    let mut total = 0u64;
+    let mut dir = 0u64;
+    for bm in b.list()? {
+        let clusters = blockdev::bitmap::DirtyBitmap::bytes_needed(bm.granularity, source.size()).div_ceil(cs);
+        total += clusters * cs + (clusters * 8).div_ceil(cs) * cs;
+        dir += crate::bitmap::dir::entry_size(bm.name.len());
+    }
+    Ok(Some(total + dir.div_ceil(cs) * cs))
 }
 
 #[cfg(test)]

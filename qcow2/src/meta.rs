@@ -74,6 +74,8 @@ pub struct Meta {
     pub snapshots: Vec<crate::snapshot::SnapshotEntry>,
     /// Bytes the snapshot table occupies at `h.snapshots_offset`.
     pub snapshots_size: u64,
+    /// The persistent bitmaps' directory entries, in directory order (see `bitmap/`).
+    pub bitmaps: Vec<crate::bitmap::BitmapEntry>,
 }
 
 impl Meta {
@@ -353,6 +355,14 @@ impl Meta {
         }
         if self.snapshots.iter().any(|sn| sn.l1_size > 0 && hit(sn.l1_offset, sn.l1_size as u64 * 8)) {
             return Some("an inactive L1 table");
+        }
+        if let Some(b) = &self.exts.bitmaps {
+            if hit(b.directory_offset, b.directory_size.max(1)) {
+                return Some("the bitmap directory");
+            }
+        }
+        if self.bitmaps.iter().any(|e| hit(e.table_offset, e.table_size as u64 * 8)) {
+            return Some("a bitmap table");
         }
         let first = off / cs;
         let last = (off + len - 1) / cs;

@@ -169,6 +169,7 @@ impl Qcow2 {
             free_byte_offset: 0,
             snapshots: Vec::new(),
             snapshots_size: 0,
+            bitmaps: Vec::new(),
         };
         if !opts.for_check {
             // (check reads the table itself, repairing what it can.)
@@ -177,13 +178,22 @@ impl Qcow2 {
             meta.snapshots = table.entries;
             meta.snapshots_size = table.size;
         }
+        if let Some(ext) = meta.exts.bitmaps {
+            match crate::bitmap::dir::read_directory(file.as_ref(), &ext, geo.cluster_size(), meta.h.size) {
+                Ok(list) => meta.bitmaps = list,
+                // check walks and judges the bitmaps itself.
+                Err(_) if opts.for_check => {}
+                Err(e) => return Err(e),
+            }
+        }
         meta.check_l1().or_else(|e| if opts.for_check { Ok(()) } else { Err(e) })?;
         // Autoclear bits vdisk does not maintain must be cleared before the first write.
         if writable {
-            let keep = autoclear::DATA_FILE_RAW;
-            if meta.h.autoclear & !keep != 0 {
+            let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
+            if meta.h.autoclear & !keep != 0 || meta.exts.stale_bitmaps {
                 meta.h.autoclear &= keep;
-                meta.write_header(file.as_ref(), false)?;
+                // Dropping stale bitmaps removes an extension: the whole header is rewritten.
+                meta.write_header(file.as_ref(), meta.exts.stale_bitmaps)?;
                 file.flush()?;
             }
         }
@@ -209,7 +219,10 @@ impl Qcow2 {
             closed: AtomicBool::new(false),
             backing_info,
             metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
+            recording: Mutex::new(None),
+            watch_bitmaps: AtomicBool::new(false),
         });
+        q.refresh_bitmap_watch(&q.lock());
         if repair_needed {
             // Lazy refcounts left the counts stale: rebuild them before anything is allocated.
             q.repair_after_crash(&opts.diagnostics).map_err(|e| e.prefixed("Could not repair dirty image"))?;

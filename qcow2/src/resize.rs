@@ -75,6 +75,14 @@ impl Qcow2 {
                 return Err(Error::unsupported("Can't resize a v2 image which has snapshots"));
             }
         }
+        // Bitmaps follow the disk: loaded now (all must be consistent), stored resized after.
+        let bitmaps = self.bitmaps_before_resize()?;
+        self.resize_disk(old, new_size, opts)?;
+        self.bitmaps_after_resize(bitmaps)
+    }
+
+    /// Resizes the disk from `old` to `new_size` bytes (checks done).
+    fn resize_disk(&self, old: u64, new_size: u64, opts: &ResizeOptions) -> Result<()> {
         if new_size < old {
             if !opts.allow_shrink {
                 return Err(Error::invalid_argument("Use the --shrink option to perform a shrink operation."));

@@ -3,6 +3,7 @@
 //! qemu-img, qemu-io and qemu-nbd are the oracle. Tests that need them fail (never skip) when they
 //! are missing, so a CI machine without QEMU turns red instead of passing vacuously.
 
+pub mod bitmaps;
 pub mod crash;
 pub mod model;
 

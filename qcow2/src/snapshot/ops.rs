@@ -224,6 +224,8 @@ impl Qcow2 {
             validate_l1(&sn, m.cluster_size())?;
             sn
         };
+        // The whole disk may change: enabled bitmaps must say so (the spec's `auto` rule).
+        self.note_change(0, self.disk_size())?;
         if sn.disk_size != self.disk_size() {
             let opts = blockdev::ResizeOptions { allow_shrink: true, ..Default::default() };
             self.resize_image(sn.disk_size, &opts)?;
