@@ -41,6 +41,8 @@ pub const fn opt(id: &'static str, short: Option<char>, long: Option<&'static st
 pub struct Parsed {
     values: HashMap<&'static str, Vec<String>>,
     counts: HashMap<&'static str, usize>,
+    /// Where each occurrence of an option was on the command line (argument indices).
+    indices: HashMap<&'static str, Vec<usize>>,
     /// Positional arguments in order.
     pub positional: Vec<String>,
 }
@@ -59,6 +61,20 @@ impl Parsed {
     /// Whether a flag or option was given.
     pub fn has(&self, id: &str) -> bool {
         self.counts.get(id).copied().unwrap_or(0) > 0 || self.values.contains_key(id)
+    }
+
+    /// Every occurrence of the options `ids` in command-line order, with its value (for options
+    /// that take one), for commands whose options are actions run in order (`bitmap`).
+    pub fn in_order(&self, ids: &[&'static str]) -> Vec<(&'static str, Option<String>)> {
+        let mut out: Vec<(usize, &'static str, Option<String>)> = Vec::new();
+        for &id in ids.iter().filter(|id| self.has(id)) {
+            let values = self.values.get(id);
+            for (k, &at) in self.indices.get(id).into_iter().flatten().enumerate() {
+                out.push((at, id, values.and_then(|v| v.get(k)).cloned()));
+            }
+        }
+        out.sort_by_key(|o| o.0);
+        out.into_iter().map(|(_, id, v)| (id, v)).collect()
     }
 }
 
@@ -89,19 +105,27 @@ pub fn parse(args: &[String], opts: &[Opt]) -> Result<Parsed, CliError> {
         a = if o.value {
             a.num_args(1).action(ArgAction::Append).allow_hyphen_values(true)
         } else {
-            a.action(ArgAction::Count)
+            // One value per occurrence (not a count), so that every occurrence keeps its position.
+            a.num_args(0).default_missing_value("1").action(ArgAction::Append)
         };
         cmd = cmd.arg(a);
     }
     let matches = cmd.try_get_matches_from(args).map_err(|e| translate(e, args))?;
     let mut parsed = Parsed::default();
     for o in opts.iter().chain([&flag("help", Some('h'), Some("help"))]) {
+        if let Some(at) = matches.indices_of(o.id) {
+            parsed.indices.insert(o.id, at.collect());
+        }
         if o.value {
             if let Some(v) = matches.get_many::<String>(o.id) {
                 parsed.values.insert(o.id, v.cloned().collect());
             }
         } else {
-            let n = matches.get_count(o.id) as usize;
+            let n = if o.id == "help" {
+                matches.get_count(o.id) as usize
+            } else {
+                matches.get_many::<String>(o.id).map_or(0, |v| v.count())
+            };
             if n > 0 {
                 parsed.counts.insert(o.id, n);
             }
@@ -178,5 +202,23 @@ mod tests {
         assert_eq!(e.message(), "unrecognized option '--bogus'");
         let e = parse(&args(&["a", "-f"]), OPTS).unwrap_err();
         assert_eq!(e.message(), "missing argument for option '-f'");
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    #[test]
+    fn repeated_flags_keep_every_position() {
+        let args: Vec<String> =
+            ["--add", "-g", "512", "--remove", "--add", "f", "b"].iter().map(|s| s.to_string()).collect();
+        let p = parse(
+            &args,
+            &[flag("add", None, Some("add")), flag("remove", None, Some("remove")), opt("g", Some('g'), None)],
+        )
+        .unwrap();
+        let got: Vec<&str> = p.in_order(&["add", "remove"]).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got, ["add", "remove", "add"]);
     }
 }

@@ -234,11 +234,12 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             return Err(CliError::new("Compression and preallocation not supported at the same time"));
         }
     }
-    if p.has("bitmaps") {
+    let copy_bitmaps = p.has("bitmaps");
+    if copy_bitmaps {
         if sources.len() > 1 {
             return Err(CliError::new("Copying bitmaps only possible with single source"));
         }
-        return Err(CliError::new(format!("Format driver '{}' does not support bitmaps", sources[0].format())));
+        check_bitmaps(sources[0].as_ref(), p.has("skip-broken-bitmaps"))?;
     }
     if !p.has("n") {
         let fmt_name = a.out_fmt.unwrap_or("raw");
@@ -250,6 +251,9 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
     let req = OpenRequest { name: a.out, fmt: a.out_fmt, image_opts: p.has("target-image-opts"), opts };
     let target = img_open(&reg, &req)?;
+    if copy_bitmaps && !target.bitmaps().is_some_and(|b| b.supported()) {
+        return Err(CliError::new(format!("Format driver '{}' does not support bitmaps", target.format())));
+    }
     if p.has("c") && target.compressed().is_none() {
         return Err(CliError::new("Compression not supported for this file format"));
     }
@@ -297,6 +301,47 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     };
     let cancel = AtomicBool::new(false);
     copy.run(&on_progress, &on_warn, &cancel, total).map_err(CliError::from)?;
+    if copy_bitmaps {
+        copy_bitmaps_into(source.as_ref(), target.as_ref(), p.has("skip-broken-bitmaps"))?;
+    }
     target.close().map_err(|e| CliError::new(format!("error while closing '{}': {}", a.out, e.message())))?;
     Ok(0)
+}
+
+/// Refuses `--bitmaps` up front when the source cannot have bitmaps or has an inconsistent one
+/// (unless they are to be skipped).
+fn check_bitmaps(src: &dyn BlockDriver, skip_broken: bool) -> Result<(), CliError> {
+    let Some(b) = src.bitmaps().filter(|b| b.supported()) else {
+        return Err(CliError::new("Source lacks bitmap support"));
+    };
+    if skip_broken {
+        return Ok(());
+    }
+    // qemu walks its bitmaps newest first: the last inconsistent one in the directory is named.
+    if let Some(bad) = b.list()?.into_iter().rev().find(|i| i.in_use) {
+        crate::report::error_report(&format!("Cannot copy inconsistent bitmap '{}'", bad.name));
+        eprintln!("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it");
+        return Err(CliError::silent(1));
+    }
+    Ok(())
+}
+
+/// Copies every persistent bitmap of `src` into `dst` (after the data), in the source's order,
+/// keeping granularity and enabled state.
+fn copy_bitmaps_into(src: &dyn BlockDriver, dst: &dyn BlockDriver, skip_broken: bool) -> Result<(), CliError> {
+    let (Some(from), Some(to)) = (src.bitmaps(), dst.bitmaps()) else { return Ok(()) };
+    let list = from.list()?;
+    // Warnings in qemu's order (newest first); the copies keep the source's directory order.
+    for info in list.iter().rev().filter(|i| skip_broken && i.in_use) {
+        warn_report(&format!("Skipping inconsistent bitmap '{}'", info.name));
+    }
+    for info in list.into_iter().filter(|i| !i.in_use) {
+        to.add(&info.name, Some(info.granularity), info.enabled)
+            .map_err(|e| CliError::new(format!("Failed to create bitmap {}: {}", info.name, e.message())))?;
+        if let Err(e) = from.read(&info.name).and_then(|bits| to.merge(&info.name, &bits)) {
+            let _ = to.remove(&info.name);
+            return Err(CliError::new(format!("Failed to populate bitmap {}: {}", info.name, e.message())));
+        }
+    }
+    Ok(())
 }
