@@ -1,7 +1,8 @@
 //! Opens fuzzed bytes as a qcow2 image (in memory; backing and data files are never opened) and
 //! runs a short sequence of reads, writes, zeroes, discards, flushes, block-status queries,
-//! internal snapshot operations (list, create with or without VM state, apply, delete) and a check
-//! on it. Any panic, hang or unbounded allocation is a bug: errors are fine.
+//! internal snapshot operations (list, create with or without VM state, apply, delete),
+//! persistent bitmap operations (add, remove, clear, enable, disable, merge, read) and a check on
+//! it. Any panic, hang or unbounded allocation is a bug: errors are fine.
 
 #![no_main]
 
@@ -9,6 +10,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
+use blockdev::bitmap::{BitmapChange, MergeSource};
 use blockdev::{BlockDriver, Chain, OpenOptions, RepairMode, ZeroFlags};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,6 +26,9 @@ enum Op {
     SnapshotCreate { vm_state: u16 },
     SnapshotApply { index: u8 },
     SnapshotDelete { index: u8 },
+    BitmapAdd { granularity_bits: u8, enabled: bool },
+    BitmapChange { index: u8, what: u8 },
+    BitmapRead { index: u8 },
 }
 
 /// Input layout: a flag byte (bit 0: open writable), an operation count byte, the operations,
@@ -107,6 +112,14 @@ fuzz_target!(|data: &[u8]| {
                     let _ = sn.delete(Some(&target.id), Some(&target.name));
                 }
             }
+            Op::BitmapAdd { granularity_bits, enabled } => {
+                if let Some(b) = img.bitmaps() {
+                    let g = 1u64 << (granularity_bits % 40);
+                    let _ = b.add(&format!("f{granularity_bits}"), Some(g), enabled);
+                }
+            }
+            Op::BitmapChange { index, what } => bitmap_op(&img, index, what),
+            Op::BitmapRead { index } => bitmap_op(&img, index, 5),
             Op::Check { repair } => {
                 if let Some(c) = img.check() {
                     let mode = if repair { RepairMode::All } else { RepairMode::None };
@@ -117,3 +130,29 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = img.close();
 });
+
+/// Changes or reads the `index`th bitmap (`what` picks the operation).
+fn bitmap_op(img: &qcow2::Qcow2, index: u8, what: u8) {
+    let Some(b) = img.bitmaps() else { return };
+    let Ok(list) = b.list() else { return };
+    if list.is_empty() {
+        return;
+    }
+    let target = &list[index as usize % list.len()];
+    let other = &list[(index as usize + 1) % list.len()].name;
+    let name = target.name.as_str();
+    let change = match what % 6 {
+        0 => BitmapChange::Remove(name),
+        1 => BitmapChange::Clear(name),
+        2 => BitmapChange::SetEnabled(name, true),
+        3 => BitmapChange::SetEnabled(name, false),
+        4 => BitmapChange::Merge { name, from: MergeSource::Bitmap(other) },
+        _ => {
+            if let Ok(bits) = b.read(name) {
+                let _ = bits.dirty_ranges().take(1000).count();
+            }
+            return;
+        }
+    };
+    let _ = b.apply(&[change]);
+}

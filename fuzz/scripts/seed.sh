@@ -26,6 +26,13 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
     qemu-io -c "write -P 2 32k 64k" "$tmp/s.qcow2" >/dev/null
     qemu-img snapshot -c b "$tmp/s.qcow2"
     { printf '\x01\x00'; cat "$tmp/s.qcow2"; } > "$C/qcow2_image/seed-snapshots"
+    # ... and one with persistent bitmaps (two enabled with bits set, one disabled).
+    qemu-img create -q -f qcow2 -o cluster_size=4096 "$tmp/b.qcow2" 256k
+    qemu-img bitmap --add -g 512 "$tmp/b.qcow2" fine
+    qemu-img bitmap --add "$tmp/b.qcow2" coarse
+    qemu-img bitmap --add --disable "$tmp/b.qcow2" off
+    qemu-io -c "write -P 3 4k 12k" -c "write -P 4 200k 8k" "$tmp/b.qcow2" >/dev/null
+    { printf '\x01\x00'; cat "$tmp/b.qcow2"; } > "$C/qcow2_image/seed-bitmaps"
     rm -rf "$tmp"
 fi
 
