@@ -12,6 +12,7 @@
 //! asks for exclusivity (convert's sources); `force_share` opens hold consistent-read only and
 //! share everything.
 
+pub mod commit;
 pub mod file;
 pub mod json_name;
 pub mod overlay;

@@ -21,19 +21,19 @@
 //!   exclusively; requests in flight finish first), then: drops the read-only base (releasing its
 //!   locks), reopens it read-write with the same options (the locks of a read-write open, so no
 //!   other process may be using it), grows it if the overlay grew, copies every range the overlay
-//!   allocates (data, and zeroes as efficient zero writes) with the copy engine, closes it (flush,
-//!   clean marks), empties the overlay, and reopens the base read-only. The base driver is always
-//!   reopened rather than kept: its metadata caches (a qcow2 L1 table read at open) would be stale
-//!   after another driver instance wrote the file. If the copy fails, the overlay is not emptied,
+//!   allocates (data, and zeroes as efficient zero writes) and flushes it ([`crate::commit`]),
+//!   closes it (clean marks), only then empties the overlay (the base must be durable first), and
+//!   reopens the base read-only. The base driver is always reopened rather than kept: its metadata
+//!   caches (a qcow2 L1 table read at open) would be stale after another driver instance wrote the
+//!   file. If the copy fails, the overlay is not emptied,
 //!   so the guest still sees its data (the base may then hold part of it); if the base cannot be
 //!   reopened, reads that fall through to it fail with an error until the next successful commit.
 //! - **Dropping** without commit writes nothing to the base: it was only ever open read-only.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use blockdev::copy::{Copy, CopyOptions};
 use blockdev::info::ImageInfo;
 use blockdev::options::CreateOptions;
 use blockdev::{
@@ -160,7 +160,9 @@ impl TemporaryOverlay {
             }
         };
         self.base.put(rw.clone());
-        let copied = self.copy_into(rw.as_ref());
+        // What the overlay alone (depth 1) allocates. `commit_into` returns once the base is
+        // flushed; the overlay is emptied only after that (the ordering rule of `crate::commit`).
+        let copied = crate::commit::commit_into(self.top.as_ref(), rw.as_ref(), 1, &|_, _| {}).map_err(Error::from);
         let closed = rw.close();
         drop(self.base.take());
         drop(rw);
@@ -171,25 +173,6 @@ impl TemporaryOverlay {
         let reopened = self.reopen_base();
         result.map_err(|e| e.prefixed(&prefix).with_path(&self.base_name))?;
         reopened
-    }
-
-    /// Copies the overlay's allocations into `rw`, the base opened read-write.
-    fn copy_into(&self, rw: &dyn BlockDriver) -> Result<()> {
-        let len = self.top.size();
-        if rw.size() < len {
-            rw.resize(len, &ResizeOptions::default())?;
-        }
-        let copy = Copy {
-            src: self.top.as_ref(),
-            src_offset: 0,
-            dst: rw,
-            dst_offset: 0,
-            len,
-            // Only what the overlay (depth 0) allocates; data as it is, zeroes as zero writes.
-            opts: CopyOptions { above: Some(1), detect_zeroes: false, ..CopyOptions::default() },
-        };
-        copy.run(&|_| {}, &|_| {}, &AtomicBool::new(false), 0)?;
-        rw.flush()
     }
 
     /// Opens the base read-only again and puts it under the overlay.

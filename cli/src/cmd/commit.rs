@@ -2,14 +2,14 @@
 //! [-d] [-p] filename`
 //!
 //! Everything the image (and any image between it and the base) allocates is copied into the base,
-//! which grows if it is smaller; then the image is emptied so that it shows the base through,
-//! unless `-d` (or `-b`, which implies it) keeps it.
+//! which grows if it is smaller, and the base is flushed ([`formats::commit::commit_into`]); only
+//! then is the image emptied so that it shows the base through, unless `-d` (or `-b`, which
+//! implies it) keeps it.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use blockdev::copy::{Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE};
-use blockdev::{BlockDriver, CacheMode, OpenOptions, ResizeOptions};
+use blockdev::{BlockDriver, CacheMode, OpenOptions};
+use formats::commit::CommitStep;
 
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{cvtnum, registry};
@@ -108,30 +108,16 @@ fn commit(
         .open(base.filename(), Some(base.format()), &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())))?
         .driver;
-    if base_rw.size() < top.size() {
-        base_rw.resize(top.size(), &ResizeOptions::default())?;
-    }
-    let copy = Copy {
-        src: top.as_ref(),
-        src_offset: 0,
-        dst: base_rw.as_ref(),
-        dst_offset: 0,
-        len: top.size(),
-        opts: CopyOptions {
-            detect_zeroes: false,
-            above: Some(depth),
-            buf_size: DEFAULT_BUF_SIZE,
-            ..CopyOptions::default()
-        },
-    };
-    let total = blockdev::copy::count_data(&copy)?;
-    let on_progress = |pr: CopyProgress| {
+    let on_progress = |done: u64, total: u64| {
         if total > 0 {
-            progress.set((pr.done as f64 * 100.0 / total as f64) as f32);
+            progress.set((done as f64 * 100.0 / total as f64) as f32);
         }
     };
-    copy.run(&on_progress, &|_| {}, &AtomicBool::new(false), total)
-        .map_err(|e| CliError::new(format!("Block job failed: {}", e.message())))?;
+    // Returns once the base is durable; the caller empties the top only after that.
+    formats::commit::commit_into(top.as_ref(), base_rw.as_ref(), depth, &on_progress).map_err(|e| match e.step {
+        CommitStep::Copy => CliError::new(format!("Block job failed: {}", e.error.message())),
+        _ => CliError::from(e.error),
+    })?;
     base_rw.close()?;
     Ok(())
 }
