@@ -3,11 +3,15 @@
 //!
 //! How it works:
 //! 1. A workload (a list of [`GuestOp`]s) runs against an image opened on [`RecordingStorage`]s
-//!    (the image file, and its external data file if it has one: [`open_recording`]). They keep
-//!    every change they receive — writes, zeroes, discards, length changes — and every flush, in
-//!    one shared log ([`Event`]s tagged with the container), next to the bytes each held before
-//!    the workload. The runner notes where in the log each guest request started and ended, and
-//!    the guest-visible content after every completed guest flush.
+//!    (the image file, and its external data file if it has one: [`open_recording`]; with
+//!    [`open_recording_chain`], its backing files too). They keep every change they receive —
+//!    writes, zeroes, discards, length changes — and every flush, in one shared log ([`Event`]s
+//!    tagged with the container), next to the bytes each held before the workload. The runner
+//!    ([`record`]) notes where in the log each guest request started and ended, and the
+//!    guest-visible content after every completed guest flush. A workload that must not change
+//!    what the guest sees at all (a commit into the backing file) runs as arbitrary code instead
+//!    ([`record_invariant`]), on drivers opened over the same containers ([`reopen_recording`]:
+//!    the backing file read-write, say), and its one durable content is the content before it.
 //! 2. [`crash_states`] enumerates crash images: every prefix of the log (a crash after any write),
 //!    every prefix followed by a torn multi-sector write (only its first sector, or all but its last
 //!    sector, reached the disk: 512-byte sectors are the unit a disk writes atomically), and, when
@@ -18,6 +22,9 @@
 //!    vdisk's check and `qemu-img check` must find no corruption; leaks are allowed), and reads the
 //!    whole disk back: every sector must hold what it held at the last guest flush that completed
 //!    before the crash, or a value that a guest request in flight since then was writing.
+//!    [`verify_with`] does the same for judges that need the cut and every container (to check a
+//!    backing file on its own, and what it must hold once [`Cut::applied_before`] says its part of
+//!    the work was durable).
 //!
 //! The model is one byte value per 512-byte sector: workloads write whole sectors, each filled with
 //! one value, so any correct crash image has uniform sectors, and a sector mixing values is a torn
@@ -114,8 +121,9 @@ impl Event {
 pub type Log = Arc<Mutex<Vec<(usize, Event)>>>;
 
 /// A [`Storage`] in memory that logs every change and flush (see the module docs). Containers of
-/// one image (the image file and its external data file) share one [`Log`], so its order is the
-/// order in which the bytes of all of them changed; a flush orders only its own container's writes.
+/// one image (the image file, its external data file, and with [`open_recording_chain`] its backing
+/// files) share one [`Log`], so its order is the order in which the bytes of all of them changed; a
+/// flush orders only its own container's writes.
 #[derive(Debug)]
 pub struct RecordingStorage {
     current: MemStorage,
@@ -385,6 +393,30 @@ pub fn record(
     Ok(Recorded { initial, events, ops: spans, durable, backing_byte, snapshots })
 }
 
+/// Records a workload that must leave the guest-visible content unchanged at every point (a
+/// commit into the backing file, say): runs `work` (which drives drivers opened on `files`, closing
+/// them as it needs), and returns a [`Recorded`] with no guest requests whose one durable content
+/// is `content`, so [`verify`] and [`verify_with`] demand exactly `content` of every crash image.
+/// The log is taken as `work` left it; `files` must be all the containers sharing it (the image
+/// file first).
+pub fn record_invariant(
+    files: &[Arc<RecordingStorage>],
+    content: SectorModel,
+    work: impl FnOnce() -> std::result::Result<(), String>,
+) -> std::result::Result<Recorded, String> {
+    work()?;
+    let initial = files.iter().map(|f| f.initial().to_vec()).collect();
+    let events = files[0].log.lock().unwrap().clone();
+    Ok(Recorded {
+        initial,
+        events,
+        ops: vec![],
+        durable: vec![(usize::MAX, content)],
+        backing_byte: None,
+        snapshots: vec![],
+    })
+}
+
 /// How a crash image was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cut {
@@ -418,6 +450,21 @@ impl Cut {
             Cut::Prefix(n) => (*n, *n),
             Cut::Torn { n, .. } => (*n, n + 1),
             Cut::Reordered { at, durable_end, .. } => (*durable_end, *at),
+        }
+    }
+
+    /// Whether every event of container `file` before log position `pos` reached the disk in
+    /// this crash image (`events` is the log the cut was made from).
+    pub fn applied_before(&self, events: &[(usize, Event)], file: usize, pos: usize) -> bool {
+        match self {
+            Cut::Prefix(n) | Cut::Torn { n, .. } => *n >= pos,
+            Cut::Reordered { at, kept, .. } => {
+                let last_flush = events[..*at].iter().rposition(|(f, e)| *f == file && matches!(e, Event::Flush));
+                *at >= pos
+                    && (0..pos).all(|i| {
+                        events[i].0 != file || last_flush.is_some_and(|l| i < l) || kept.binary_search(&i).is_ok()
+                    })
+            }
         }
     }
 }
@@ -603,13 +650,25 @@ pub fn verify(
     reorder_samples: usize,
     mut judge: impl FnMut(&Path) -> std::result::Result<SectorModel, String>,
 ) -> std::result::Result<CrashStats, String> {
+    verify_with(rec, paths, reorder_samples, |_, paths| judge(paths[0]))
+}
+
+/// [`verify`] for judges that need more than the image file: `judge` gets the cut (see
+/// [`Cut::applied_before`]) and every container's path (`paths`, the image file first), may check
+/// what it likes of any of them, and returns the image's content, which must be allowed.
+pub fn verify_with(
+    rec: &Recorded,
+    paths: &[&Path],
+    reorder_samples: usize,
+    mut judge: impl FnMut(&Cut, &[&Path]) -> std::result::Result<SectorModel, String>,
+) -> std::result::Result<CrashStats, String> {
     assert_eq!(paths.len(), rec.initial.len(), "a path per container");
     let mut stats = CrashStats { events: rec.events.len(), ..CrashStats::default() };
     crash_states(rec, reorder_samples, |cut, files| {
         for (path, bytes) in paths.iter().zip(files) {
             std::fs::write(path, bytes).map_err(|e| e.to_string())?;
         }
-        let verdict = judge(paths[0]).and_then(|got| Allowed::new(rec, cut.window()).check(&got));
+        let verdict = judge(cut, paths).and_then(|got| Allowed::new(rec, cut.window()).check(&got));
         if let Err(e) = verdict {
             return Err(format!("{cut:?}: {e}{}\nlog around the cut:\n{}", keep(paths, files), around(rec, cut)));
         }
@@ -656,11 +715,13 @@ fn keep(paths: &[&Path], files: &[Vec<u8>]) -> String {
     format!(" (crash image kept in {})", Path::new(&dir).display())
 }
 
-/// What [`open_recording`] returns: the recording containers (the image file first) and the driver.
+/// What [`open_recording`] and [`open_recording_chain`] return: the recording containers (the
+/// image file first) and the driver.
 pub type RecordingOpen = (Vec<Arc<RecordingStorage>>, Arc<dyn BlockDriver>);
 
 /// Opens `path` through `format`'s driver on a fresh [`RecordingStorage`]; the containers the
-/// image refers to (an external data file) are opened as recording containers sharing its log.
+/// image refers to (an external data file) are opened as recording containers sharing its log,
+/// its backing files through the registry as usual (unrecorded).
 /// Returns the containers (the image file first) and the driver.
 pub fn open_recording(
     reg: &formats::Registry,
@@ -668,23 +729,90 @@ pub fn open_recording(
     path: &Path,
     opts: &blockdev::OpenOptions,
 ) -> Result<RecordingOpen> {
+    open_recording_with(reg, format, path, opts, false)
+}
+
+/// [`open_recording`], with the backing chain recorded too: every backing image is opened through
+/// its format's driver (named by the referring image: `backing_fmt` is required) on a recording
+/// container sharing the log, in the order they are opened (the backing file right after the
+/// image, unless the image has a data file). Open drivers on these containers again with
+/// [`reopen_recording`] (the backing file read-write for a commit, say).
+pub fn open_recording_chain(
+    reg: &formats::Registry,
+    format: &str,
+    path: &Path,
+    opts: &blockdev::OpenOptions,
+) -> Result<RecordingOpen> {
+    open_recording_with(reg, format, path, opts, true)
+}
+
+fn open_recording_with(
+    reg: &formats::Registry,
+    format: &str,
+    path: &Path,
+    opts: &blockdev::OpenOptions,
+    record_backing: bool,
+) -> Result<RecordingOpen> {
     let image = Arc::new(RecordingStorage::new(crate::s(path), read_file(crate::s(path))?));
-    let opener = RecordingOpener { registry: reg, files: Mutex::new(vec![image.clone()]) };
-    let f = reg.format(format).ok_or_else(|| blockdev::Error::invalid_image(format!("no format {format}")))?;
-    let drv = f.open(image, opts, &blockdev::Chain::new(), &opener)?;
+    let opener =
+        RecordingOpener { registry: reg, files: Mutex::new(vec![image.clone()]), record_backing, reuse_only: false };
+    let drv = format_of(reg, format)?.open(image, opts, &blockdev::Chain::new(), &opener)?;
     let files = opener.files.into_inner().unwrap();
     Ok((files, drv))
+}
+
+/// Opens another driver of `format` on `files[index]`, one of the containers an
+/// [`open_recording`] or [`open_recording_chain`] returned (`files`, all of them), with `opts`:
+/// the backing file read-write for a commit, or the image read-write without its backing file to
+/// empty it. It starts from the container's current bytes, and its changes go into the same log.
+/// What the image refers to must be among `files` (found by name) and is opened on those
+/// containers; anything else fails.
+pub fn reopen_recording(
+    reg: &formats::Registry,
+    format: &str,
+    files: &[Arc<RecordingStorage>],
+    index: usize,
+    opts: &blockdev::OpenOptions,
+) -> Result<Arc<dyn BlockDriver>> {
+    let opener =
+        RecordingOpener { registry: reg, files: Mutex::new(files.to_vec()), record_backing: true, reuse_only: true };
+    let chain = blockdev::Chain::new().enter(Path::new(files[index].name()), opts.max_chain_depth)?;
+    format_of(reg, format)?.open(files[index].clone(), opts, &chain, &opener)
+}
+
+fn format_of<'a>(reg: &'a formats::Registry, format: &str) -> Result<&'a dyn blockdev::Format> {
+    reg.format(format).ok_or_else(|| blockdev::Error::invalid_image(format!("no format {format}")))
 }
 
 fn read_file(path: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| blockdev::Error::from(e).with_path(path))
 }
 
-/// Opens referenced images (backing files) through the registry, and referenced containers as
-/// recording containers sharing the first one's log.
+/// Opens referenced containers as recording containers sharing the first one's log, and
+/// referenced images (backing files) through the registry, or with `record_backing` on recording
+/// containers too. With `reuse_only`, references resolve to containers already in `files` only.
 struct RecordingOpener<'a> {
     registry: &'a formats::Registry,
     files: Mutex<Vec<Arc<RecordingStorage>>>,
+    record_backing: bool,
+    reuse_only: bool,
+}
+
+impl RecordingOpener<'_> {
+    /// The recording container for `path`: an existing one, or (unless `reuse_only`) a new one
+    /// holding the file's bytes.
+    fn container(&self, path: &str) -> Result<Arc<RecordingStorage>> {
+        let mut files = self.files.lock().unwrap();
+        if self.reuse_only {
+            return files.iter().find(|f| f.name() == path).cloned().ok_or_else(|| {
+                blockdev::Error::unsupported(format!("'{path}' is not one of the recording containers"))
+            });
+        }
+        let log = files[0].log();
+        let rec = Arc::new(RecordingStorage::sharing(log, files.len(), path, read_file(path)?));
+        files.push(rec.clone());
+        Ok(rec)
+    }
 }
 
 impl blockdev::Opener for RecordingOpener<'_> {
@@ -696,17 +824,21 @@ impl blockdev::Opener for RecordingOpener<'_> {
         opts: &blockdev::OpenOptions,
         chain: &blockdev::Chain,
     ) -> Result<Arc<dyn BlockDriver>> {
-        self.registry.open_image(referrer, name, format, opts, chain)
+        if !self.record_backing {
+            return self.registry.open_image(referrer, name, format, opts, chain);
+        }
+        blockdev::check_reference(opts.references, referrer, name)?;
+        let path = blockdev::resolve_reference(referrer, name);
+        let format = format.ok_or_else(|| {
+            blockdev::Error::unsupported(format!("recording the backing file '{path}' needs its format"))
+        })?;
+        let chain = chain.enter(Path::new(&path), opts.max_chain_depth)?;
+        format_of(self.registry, format)?.open(self.container(&path)?, opts, &chain, self)
     }
 
     fn open_storage(&self, referrer: &str, name: &str, opts: &blockdev::OpenOptions) -> Result<Arc<dyn Storage>> {
         blockdev::check_reference(opts.references, referrer, name)?;
-        let path = blockdev::resolve_reference(referrer, name);
-        let mut files = self.files.lock().unwrap();
-        let log = files[0].log();
-        let rec = Arc::new(RecordingStorage::sharing(log, files.len(), &path, read_file(&path)?));
-        files.push(rec.clone());
-        Ok(rec)
+        Ok(self.container(&blockdev::resolve_reference(referrer, name))?)
     }
 
     fn create_storage(&self, name: &str, opts: &blockdev::options::CreateOptions) -> Result<Arc<dyn Storage>> {

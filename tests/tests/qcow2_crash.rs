@@ -12,6 +12,14 @@
 //! deleted and applied between writes (every snapshot a crash image lists must read as it was
 //! taken; an apply in flight may leave either content); with and without lazy
 //! refcounts, a backing file and an external data file (recorded in the same log).
+//!
+//! Commit (`formats::commit::commit_into`, then emptying the top, in the order `qemu-img commit`
+//! runs them): a qcow2 top with scattered writes and zero writes over a qcow2 base (smaller than
+//! the top, so the commit grows it) or a raw one, with the top and the base recorded in one log.
+//! Every crash image must pass both checks (top, and qcow2 base), read through the chain exactly
+//! as the top did before the commit, have a base holding per sector its old content or the top's,
+//! and, once the base's flush was durable, a base holding the top's content.
+//!
 //! `VDISK_CRASH_REORDER` sets the reordered samples per crash point (default 2),
 //! `VDISK_CRASH_SEEDS` the seeds per random workload (default 1).
 
@@ -435,5 +443,185 @@ fn snapshots_over_backing_file_with_lazy_refcounts_survive_every_crash() {
     let st = Setup::small(true, true);
     for k in 0..seeds() {
         run("snapshot mix", st, &snapshot_mix(st.size, st.cluster, 32 + 1000 * k));
+    }
+}
+
+/// The commit workload's images: a base of `base_fmt` and a qcow2 top over it.
+#[derive(Debug, Clone, Copy)]
+struct CommitSetup {
+    base_fmt: &'static str,
+    base_size: u64,
+    top_size: u64,
+}
+
+/// The recording containers of the commit workload: the top, then its backing file (the base).
+const TOP: usize = 0;
+const BASE: usize = 1;
+
+/// Makes the base (known content: three filled runs, the rest unallocated) and a qcow2 top over it
+/// with scattered writes and zero writes (aligned ones over the base's data too); returns the
+/// top's and the base's paths.
+fn commit_images(dir: &Path, st: CommitSetup, seed: u64) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{}", st.base_fmt));
+    let top = dir.join("top.qcow2");
+    let cluster = "cluster_size=4096";
+    let size = st.base_size.to_string();
+    match st.base_fmt {
+        "qcow2" => qemu_img(&["create", "-q", "-f", "qcow2", "-o", cluster, s(&base), &size]).ok(),
+        _ => qemu_img(&["create", "-q", "-f", st.base_fmt, s(&base), &size]).ok(),
+    };
+    let base_writes = [(0x11, 0, 256 << 10), (0x22, 384 << 10, 64 << 10), (0x33, st.base_size - (96 << 10), 40 << 10)];
+    let mut args = vec!["-f".to_string(), st.base_fmt.to_string()];
+    for (byte, offset, len) in base_writes {
+        args.extend(["-c".to_string(), format!("write -P {byte:#x} {offset} {len}")]);
+    }
+    args.push(s(&base).to_string());
+    qemu_io(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    let top_size = st.top_size.to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", cluster, "-b", s(&base), "-F", st.base_fmt, s(&top), &top_size])
+        .ok();
+    let mut rng = XorShift::new(seed);
+    // A whole-cluster zero write over the base's data (a zero cluster), a partial one, and a write
+    // past the base's end; then scattered writes and zero writes of up to 24 sectors.
+    let mut cmds = vec![
+        format!("write -z {} {}", 64 << 10, 8 << 10),
+        format!("write -z {} {}", (200 << 10) + 3 * SECTOR, 5 * SECTOR),
+        format!("write -P 0x44 {} {}", st.top_size - (20 << 10), 9 * SECTOR),
+    ];
+    for i in 0..16u64 {
+        let (offset, len) = random_range(&mut rng, st.top_size, 24);
+        cmds.push(match rng.below(4) {
+            0 => format!("write -z {offset} {len}"),
+            _ => format!("write -P {:#x} {offset} {len}", 0x50 + i),
+        });
+    }
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+    for c in cmds {
+        args.extend(["-c".to_string(), c]);
+    }
+    args.push(s(&top).to_string());
+    qemu_io(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    (top, base)
+}
+
+/// Reads an image alone (no backing file) and, for qcow2, checks it as [`judge`] does.
+fn judge_base(reg: &Registry, path: &Path, fmt: &str) -> Result<SectorModel, String> {
+    if fmt == "qcow2" {
+        return judge(reg, path, false, &[]);
+    }
+    let drv = vdisk_tests::open_image(reg, path, Some(fmt), &OpenOptions::default())
+        .map_err(|e| format!("vdisk cannot open the base: {e}"))?;
+    SectorModel::read(&*drv)
+}
+
+/// The base alone may hold, in each sector, its old content or the top's (past its old end:
+/// zeros, before the top's data reaches it); its size is its old one or the top's.
+fn base_ok(got: &SectorModel, old: &SectorModel, top: &SectorModel) -> Result<(), String> {
+    if got.size != old.size && got.size != top.size {
+        return Err(format!("base size {} (old {}, top {})", got.size, old.size, top.size));
+    }
+    for (i, &v) in got.sectors.iter().enumerate() {
+        let was = old.sectors.get(i).copied().unwrap_or(0);
+        if v != was && Some(&v) != top.sectors.get(i) {
+            return Err(format!(
+                "base sector at {} reads {v:#04x}: neither its old {was:#04x} nor the top's {:?}",
+                i as u64 * SECTOR,
+                top.sectors.get(i)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The commit sequence as `qemu-img commit` runs it (cli/src/cmd/commit.rs), with the top and its
+/// base recorded in one log: the top read-only over its chain, the base opened read-write,
+/// `formats::commit::commit_into`, the base closed, then the top reopened read-write without its
+/// backing file and emptied. Every crash image must (a) pass vdisk's and qemu-img's check (top
+/// and qcow2 base), (b) read through the chain exactly as the top did before the commit, (c) have
+/// a base holding per sector its old content or the top's, and (d) once the base's part was
+/// durable, a base holding the top's content.
+fn run_commit(name: &str, st: CommitSetup, seed: u64) {
+    let d = tempdir();
+    let reg = Registry::new();
+    let (top, base) = commit_images(d.path(), st, seed);
+    let open =
+        |path: &Path, fmt: &str| vdisk_tests::open_image(&reg, path, Some(fmt), &OpenOptions::default()).unwrap();
+    let top_content = SectorModel::read(&*open(&top, "qcow2")).unwrap();
+    let base_content = SectorModel::read(&*open(&base, st.base_fmt)).unwrap();
+    assert_ne!(
+        top_content.sectors[..base_content.sectors.len()],
+        base_content.sectors[..],
+        "{name}: nothing to commit"
+    );
+
+    let (files, top_view) = crash::open_recording_chain(&reg, "qcow2", &top, &OpenOptions::default()).unwrap();
+    assert_eq!(files.len(), 2, "{name}: the top and its base are recorded");
+    let mut base_durable_at = 0;
+    let recorded = crash::record_invariant(&files, top_content.clone(), || {
+        let e = |e: blockdev::Error| e.to_string();
+        let base_rw =
+            crash::reopen_recording(&reg, st.base_fmt, &files, BASE, &OpenOptions::read_write()).map_err(e)?;
+        formats::commit::commit_into(&*top_view, &*base_rw, 1, &|_, _| {}).map_err(|c| c.to_string())?;
+        base_durable_at = files[TOP].position();
+        base_rw.close().map_err(e)?;
+        drop(top_view);
+        let opts = OpenOptions { no_backing: true, ..OpenOptions::read_write() };
+        let top_rw = crash::reopen_recording(&reg, "qcow2", &files, TOP, &opts).map_err(e)?;
+        top_rw.backing_ops().expect("qcow2 has backing files").make_empty().map_err(e)?;
+        top_rw.close().map_err(e)
+    })
+    .unwrap_or_else(|e| panic!("{name}: the commit failed: {e}"));
+    assert!(base_durable_at > 0);
+
+    // The commit itself left clean images: the base with the top's content, the top empty.
+    std::fs::write(&top, files[TOP].current()).unwrap();
+    std::fs::write(&base, files[BASE].current()).unwrap();
+    for (path, fmt) in [(&top, "qcow2"), (&base, st.base_fmt)] {
+        let q = qemu_img(&["check", "-f", fmt, s(path)]);
+        assert!(fmt != "qcow2" || q.code == 0, "{name}: qemu-img check {}:\n{}{}", path.display(), q.stdout, q.stderr);
+    }
+    assert_eq!(SectorModel::read(&*open(&base, st.base_fmt)).unwrap(), top_content, "{name}: base after commit");
+    assert_eq!(SectorModel::read(&*open(&top, "qcow2")).unwrap(), top_content, "{name}: chain after commit");
+    let map = qemu_img(&["map", "--output=json", "-f", "qcow2", s(&top)]).ok();
+    assert!(!map.stdout.contains("\"depth\": 0"), "{name}: the top still allocates:\n{}", map.stdout);
+
+    // Crash images of the base replace it (the top's crash image names it as its backing file).
+    let crash_top = d.path().join("crash-top.qcow2");
+    let paths: Vec<&Path> = vec![&crash_top, &base];
+    let stats = crash::verify_with(&recorded, &paths, reorder_samples(), |cut, paths| {
+        let chain = judge(&reg, paths[TOP], false, &[])?;
+        let alone = judge_base(&reg, paths[BASE], st.base_fmt)?;
+        base_ok(&alone, &base_content, &top_content)?;
+        if cut.applied_before(&recorded.events, BASE, base_durable_at) && alone != top_content {
+            return Err("the base was flushed but does not hold the top's content".to_string());
+        }
+        Ok(chain)
+    })
+    .unwrap_or_else(|e| panic!("{name} ({st:?}): {e}"));
+    assert!(stats.prefixes > 20, "{name}: too few cut points to mean anything: {stats:?}");
+    eprintln!(
+        "crash {name}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
+        stats.events,
+        stats.total(),
+        stats.prefixes,
+        stats.torn,
+        stats.reordered
+    );
+}
+
+#[test]
+fn commit_into_qcow2_base_survives_every_crash() {
+    // The base is smaller than the top: the commit grows it first.
+    let st = CommitSetup { base_fmt: "qcow2", base_size: 1 << 20, top_size: (1 << 20) + (256 << 10) };
+    for k in 0..seeds() {
+        run_commit("commit into qcow2", st, 41 + 1000 * k);
+    }
+}
+
+#[test]
+fn commit_into_raw_base_survives_every_crash() {
+    let st = CommitSetup { base_fmt: "raw", base_size: 1 << 20, top_size: 1 << 20 };
+    for k in 0..seeds() {
+        run_commit("commit into raw", st, 42 + 1000 * k);
     }
 }
