@@ -17,6 +17,11 @@ Subcommands:
 
       TEMPLATE is a shell-like command line; {tool} is replaced by the tool
       path, {out} by a per-tool output path in the work directory.
+      --setup TEMPLATE runs (untimed, as a shell command, {out} replaced) before
+      every run of every tool: for commands that change their inputs in place
+      (commit, rebase), it lays out a fresh copy at {out}.  --expect FILE makes
+      an image case compare every tool's output with FILE instead of with
+      qemu-img's output.
       KIND says how the outputs are verified against qemu-img's:
         image   -- `qemu-img compare -f FMT -F FMT` of the two output images
                    (and `qemu-img check` of the vdisk output when FMT=qcow2)
@@ -199,9 +204,19 @@ def cmd_case(args):
     def cleanup():
         for name, _ in tools:
             if outs[name]:
-                rm_f(outs[name])
+                for extra in ("", ".top", ".mid"):
+                    rm_f(outs[name] + extra)
             rm_f(stdout_files[name])
             rm_f(stderr_files[name])
+
+    def setup(name):
+        """Lays out the inputs a run changes in place (untimed); fails the case if it fails."""
+        if not args.setup:
+            return
+        cmd = args.setup.replace("{out}", shlex.quote(outs[name] or ""))
+        r = subprocess.run(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            sys.exit(f"setup for {args.id} failed ({r.returncode}): {cmd}\n{r.stdout}")
 
     result = {
         "id": args.id,
@@ -224,6 +239,7 @@ def cmd_case(args):
     cleanup()
     vrun = {}
     for name, path in tools:
+        setup(name)
         cmd = render(args.template, path, outs[name])
         m = measure(cmd, stdout_files[name], stderr_files[name])
         vrun[name] = {
@@ -243,7 +259,22 @@ def cmd_case(args):
         if vrun[v]["rc"] != 0 and args.kind == "image":
             verified = False
             detail.append(f"vdisk exited with {vrun[v]['rc']}: {vrun[v]['stderr'].strip()}")
-        if args.kind == "image" and verified:
+        if args.kind == "image" and verified and args.expect:
+            for name in (v, q):
+                c = subprocess.run(
+                    [QEMU_IMG, "compare", "-f", args.out_fmt, "-F", args.out_fmt, outs[name], args.expect],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                detail.append(f"qemu-img compare <{name} out> <expected {os.path.basename(args.expect)}>: "
+                              f"rc {c.returncode}: {c.stdout.strip().rstrip('.')}")
+                if c.returncode != 0:
+                    verified = False
+            c = subprocess.run([QEMU_IMG, "check", "-f", args.out_fmt, outs[v]],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            detail.append(f"qemu-img check <vdisk out>: rc {c.returncode}: "
+                          + " / ".join(c.stdout.strip().splitlines()).rstrip("."))
+            if c.returncode not in (0, 63):
+                verified = False
+        elif args.kind == "image" and verified:
             c = subprocess.run(
                 [QEMU_IMG, "compare", "-f", args.out_fmt, "-F", args.out_fmt, outs[v], outs[q]],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -290,6 +321,7 @@ def cmd_case(args):
         order = tools if i % 2 == 0 else list(reversed(tools))
         for name, path in order:
             cleanup()
+            setup(name)
             # Dirty pages of the previous run's output are written back first either way, so
             # one run's writeback does not land in the next run's time.
             cold = drop_caches() if args.drop_caches else (os.sync() or False)
@@ -637,6 +669,8 @@ def main():
     c.add_argument("--workdir", required=True)
     c.add_argument("--runs", type=int, default=3)
     c.add_argument("--drop-caches", type=int, default=0)
+    c.add_argument("--setup", help="shell command run untimed before every run ({out} replaced)")
+    c.add_argument("--expect", help="image every tool's output must compare equal to (kind image)")
     c.set_defaults(func=cmd_case)
 
     p = sub.add_parser("report")

@@ -124,6 +124,40 @@ if [[ ! -f $PREALLOC ]]; then
     mv "$PREALLOC.tmp" "$PREALLOC"
 fi
 
+# Backing chains for commit and safe rebase (qemu-io writes with a fixed seed; cached).
+CHAIN_BASE=$BENCH_DIR/chain-base.qcow2   # disk.qcow2's content
+CHAIN_MID=$BENCH_DIR/chain-mid.qcow2     # standalone: the base plus about 1 GiB written over it
+CHAIN_TOP=$BENCH_DIR/chain-top.qcow2     # over the base: about 1 GiB written
+REBASE_TOP=$BENCH_DIR/rebase-top.qcow2   # over chain-mid: about 256 MiB written
+COMMIT_EXPECT=$BENCH_DIR/commit-expect.qcow2
+REBASE_EXPECT=$BENCH_DIR/rebase-expect.qcow2
+scattered_writes() {  # COUNT SIZE SEED -> qemu-io commands: COUNT writes of SIZE at random 64 KiB-aligned offsets
+    python3 - "$1" "$2" "$3" <<'EOF2'
+import random, sys
+n, size, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(seed)
+for i in range(n):
+    off = r.randrange((4 << 30) // 65536 - size // 65536) * 65536
+    print(f"write -P {i % 250 + 1} {off} {size}")
+EOF2
+}
+if [[ ! -f $REBASE_EXPECT ]]; then
+    log "building the backing chains for commit and rebase"
+    cp --sparse=always "$QCOW" "$CHAIN_BASE"
+    scattered_writes 2048 524288 11 > "$BENCH_DIR/chain-top.qemu-io"
+    "$QEMU_IMG" create -q -f qcow2 -b "$CHAIN_BASE" -F qcow2 "$CHAIN_TOP"
+    "$QEMU_IO" -f qcow2 "$CHAIN_TOP" < "$BENCH_DIR/chain-top.qemu-io" > /dev/null
+    "$QEMU_IMG" convert -O qcow2 "$CHAIN_TOP" "$COMMIT_EXPECT"
+    cp --sparse=always "$QCOW" "$CHAIN_MID"
+    scattered_writes 2048 524288 12 > "$BENCH_DIR/chain-mid.qemu-io"
+    "$QEMU_IO" -f qcow2 "$CHAIN_MID" < "$BENCH_DIR/chain-mid.qemu-io" > /dev/null
+    scattered_writes 512 524288 13 > "$BENCH_DIR/rebase-top.qemu-io"
+    "$QEMU_IMG" create -q -f qcow2 -b "$CHAIN_MID" -F qcow2 "$REBASE_TOP"
+    "$QEMU_IO" -f qcow2 "$REBASE_TOP" < "$BENCH_DIR/rebase-top.qemu-io" > /dev/null
+    "$QEMU_IMG" convert -O qcow2 "$REBASE_TOP" "$REBASE_EXPECT.tmp"
+    mv "$REBASE_EXPECT.tmp" "$REBASE_EXPECT"
+fi
+
 # ---------------------------------------------------------------------------
 # metadata
 
@@ -136,6 +170,8 @@ META=$WORK/meta.json
     --input "disk.raw|$RAW|raw image, 4 GiB, ext4 created with \`mke2fs -q -t ext4 -d <stage> -F disk.raw 4G\` ($(mke2fs -V 2>&1 | head -1)); <stage> = copy of ${STAGE_SRC[*]} ($STAGE_DESC)" \
     --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
     --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
+    --input "chain-base.qcow2 ← chain-top.qcow2|$CHAIN_TOP|commit chain: chain-base.qcow2 is a copy of disk.qcow2; chain-top.qcow2 is a qcow2 over it into which \`qemu-io\` wrote 2048 × 512 KiB at random 64 KiB-aligned offsets (fixed seed; about 1 GiB, \`target/bench/chain-top.qemu-io\`)" \
+    --input "chain-mid.qcow2 ← rebase-top.qcow2|$REBASE_TOP|safe rebase chain: chain-mid.qcow2 is a copy of disk.qcow2 with 2048 × 512 KiB written over it the same way (another seed); rebase-top.qcow2 is a qcow2 over chain-mid with 512 × 512 KiB written (256 MiB); rebased onto chain-base.qcow2" \
     --input "sparse-1T.qcow2|$SPARSE|qcow2, 1 TiB virtual size, 64 KiB clusters; \`qemu-io -t unsafe\` wrote 4 KiB into each of $SPARSE_CLUSTERS distinct clusters chosen at random (fixed seed) over the whole disk, in random order (commands in \`target/bench/sparse-1T.qemu-io\`)"
 
 # ---------------------------------------------------------------------------
@@ -152,7 +188,7 @@ case_() {
     local inputs=()
     for i in "$@"; do inputs+=(--input "$i"); done
     local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG")
-    if [[ $kind == none ]]; then tools=(--tool "cp=$(command -v cp)"); fi
+    if [[ $kind == none ]]; then tools=(--tool "${FLOOR_TOOL:-cp}=$(command -v "${FLOOR_TOOL:-cp}")"); fi
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind "$kind" --out-ext "$ext" --out-fmt "$fmt" \
         --template "$template" "${tools[@]}" "${inputs[@]}"
@@ -180,6 +216,33 @@ case_ map_1m "map --output=json (1 TiB qcow2, 1M allocated clusters)" stdout "" 
     "{tool} map --output=json -f qcow2 $PREALLOC" "$PREALLOC"
 case_ map_sparse "map --output=json (1 TiB sparse qcow2)" stdout "" raw \
     "{tool} map --output=json -f qcow2 $SPARSE" "$SPARSE"
+# case_inplace ID TITLE SETUP EXPECT TEMPLATE INPUT...: commands that change their files in
+# place; SETUP lays out a fresh copy at {out} (untimed) before every run, and every tool's {out}
+# must then compare equal to EXPECT.
+case_inplace() {
+    local id=$1 title=$2 setup=$3 expect=$4 template=$5
+    shift 5
+    want "$id" || return 0
+    log "case $id: $template"
+    local inputs=()
+    for i in "$@"; do inputs+=(--input "$i"); done
+    "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
+        --id "$id" --title "$title" --kind image --out-ext .qcow2 --out-fmt qcow2 \
+        --setup "$setup" --expect "$expect" \
+        --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" "${inputs[@]}"
+}
+
+case_inplace commit_chain "commit (4 GiB chain, 1 GiB in the top)" \
+    "cp --sparse=always $CHAIN_BASE {out} && cp --sparse=always $CHAIN_TOP {out}.top && $QEMU_IMG rebase -u -f qcow2 -b {out} -F qcow2 {out}.top" \
+    "$COMMIT_EXPECT" "{tool} commit -q -f qcow2 {out}.top" "$CHAIN_BASE" "$CHAIN_TOP"
+case_inplace rebase_safe "safe rebase (4 GiB chain: top over chain-mid onto chain-base)" \
+    "cp --sparse=always $REBASE_TOP {out} && $QEMU_IMG rebase -u -f qcow2 -b $CHAIN_MID -F qcow2 {out}" \
+    "$REBASE_EXPECT" "{tool} rebase -q -f qcow2 -b $CHAIN_BASE -F qcow2 {out}" "$CHAIN_BASE" "$CHAIN_MID" "$REBASE_TOP"
+# What commit cannot avoid: writing the top's data into the base and making it durable.
+FLOOR_1G=$BENCH_DIR/floor-1G.bin
+[[ -f $FLOOR_1G ]] || head -c 1073741824 "$RAW" > "$FLOOR_1G"
+FLOOR_TOOL=dd case_ sync_floor "floor: 1 GiB written and synced (dd conv=fdatasync)" none .bin raw \
+    "{tool} if=$FLOOR_1G of={out} bs=1M conv=fdatasync status=none" "$FLOOR_1G"
 case_ cp_floor "floor: cp --sparse=always raw → raw" none .raw raw \
     "{tool} --sparse=always $RAW {out}" "$RAW"
 

@@ -167,35 +167,95 @@ fn copy_differences(
         // Align the run to whole units (they are unallocated as a whole).
         let start = offset / unit * unit;
         n = ((offset + n).div_ceil(unit) * unit).min(size) - start;
+        // Where both views read zeros they cannot differ: skip without reading.
+        let zeros = zero_run(old, start, n)?.min(zero_run(new, start, n)?) / unit * unit;
+        if zeros > 0 {
+            progress.add((start + zeros - offset) as f32 / size as f32 * 100.0, 100.0);
+            offset = start + zeros;
+            continue;
+        }
         let n_old = old_size.saturating_sub(start).min(n) as usize;
         let n_new = new_size.saturating_sub(start).min(n) as usize;
-        read_view(old, start, &mut a[..n as usize], n_old)
-            .map_err(|_| CliError::new("error while reading from old backing file"))?;
-        read_view(new, start, &mut b[..n as usize], n_new)
-            .map_err(|_| CliError::new("error while reading from new backing file"))?;
-        let mut done = 0u64;
-        while done < n {
-            let len = unit.min(n - done) as usize;
-            let (x, y) = (&a[done as usize..done as usize + len], &b[done as usize..done as usize + len]);
-            if x != y {
-                let at = start + done;
-                let r = if at >= old_size {
-                    top.write_zeroes(at, len as u64, ZeroFlags::default())
-                } else if compress && len as u64 == unit {
-                    let cw = top.compressed().ok_or_else(|| blockdev::Error::unsupported("compression"))?;
-                    let c = cw.compress(x)?;
-                    cw.write_compressed(at, x, c.as_deref())
-                } else {
-                    top.write_at(at, &[std::io::IoSlice::new(x)])
-                };
-                r.map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
-            }
-            done += len as u64;
-        }
+        // The two views are read at the same time (two files, often two disks' worth of reads).
+        let (ra, rb) = std::thread::scope(|sc| {
+            let (a, b) = (&mut a[..n as usize], &mut b[..n as usize]);
+            let other = sc.spawn(move || read_view(new, start, b, n_new));
+            (read_view(old, start, a, n_old), other.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
+        ra.map_err(|_| CliError::new("error while reading from old backing file"))?;
+        rb.map_err(|_| CliError::new("error while reading from new backing file"))?;
+        write_differences(top.as_ref(), start, &a[..n as usize], &b[..n as usize], unit, old_size, compress)
+            .map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
         progress.add((start + n - offset) as f32 / size as f32 * 100.0, 100.0);
         offset = start + n;
     }
     Ok(())
+}
+
+/// Writes into `top` at `start` the units where `old` (the old backing view) differs from `new`,
+/// each run of differing units in one request (compressed units one by one).
+fn write_differences(
+    top: &dyn BlockDriver,
+    start: u64,
+    old: &[u8],
+    new: &[u8],
+    unit: u64,
+    old_size: u64,
+    compress: bool,
+) -> blockdev::Result<()> {
+    let unit = unit as usize;
+    let differs = |i: usize| {
+        let end = (i + unit).min(old.len());
+        old[i..end] != new[i..end]
+    };
+    let mut i = 0usize;
+    while i < old.len() {
+        if !differs(i) {
+            i += unit;
+            continue;
+        }
+        let at = start + i as u64;
+        if compress && i + unit <= old.len() && at < old_size {
+            let cw = top.compressed().ok_or_else(|| blockdev::Error::unsupported("compression"))?;
+            let x = &old[i..i + unit];
+            let c = cw.compress(x)?;
+            cw.write_compressed(at, x, c.as_deref())?;
+            i += unit;
+            continue;
+        }
+        // The run of differing units on the same side of the old view's end.
+        let past_end = at >= old_size;
+        let mut j = i + unit;
+        while j < old.len() && differs(j) && (start + j as u64 >= old_size) == past_end && !compress {
+            j += unit;
+        }
+        let j = j.min(old.len());
+        if past_end {
+            top.write_zeroes(at, (j - i) as u64, ZeroFlags::default())?;
+        } else {
+            top.write_at(at, &[std::io::IoSlice::new(&old[i..j])])?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// How many bytes from `at` (up to `len`) a backing view reads as zeros, by its block status
+/// (no view: all of them).
+fn zero_run(view: Option<&dyn BlockDriver>, at: u64, len: u64) -> Result<u64, CliError> {
+    let Some(v) = view else { return Ok(len) };
+    if at >= v.size() {
+        return Ok(len);
+    }
+    let (ext, _) = blockdev::chain_status(v, at, len.min(v.size() - at))?;
+    let zero = matches!(ext.kind, ExtentKind::Zero | ExtentKind::ZeroData | ExtentKind::Unallocated);
+    Ok(if !zero {
+        0
+    } else if at + ext.len >= v.size() {
+        len
+    } else {
+        ext.len.min(len)
+    })
 }
 
 fn subcluster(top: &dyn BlockDriver, cluster: u64) -> u64 {
