@@ -56,3 +56,6 @@ pub const MAX_BITMAP_DATA_BYTES: u64 = 0x2000_0000;
 pub const BITMAP_GRANULARITY_BITS: std::ops::RangeInclusive<u32> = 9..=31;
 /// Longest bitmap name, in bytes.
 pub const MAX_BITMAP_NAME: usize = 1023;
+/// Separate guest ranges the enabled bitmaps record in memory before they are stored and start
+/// over (about 64 MiB at most; a guest writing sequentially needs one).
+pub const MAX_RECORDED_RANGES: usize = 1 << 20;

@@ -75,7 +75,7 @@ impl Qcow2 {
                 return Err(Error::unsupported("Can't resize a v2 image which has snapshots"));
             }
         }
-        // Bitmaps follow the disk: loaded now (all must be consistent), stored resized after.
+        // Bitmaps follow the disk: all must be consistent; they are stored resized after.
         let bitmaps = self.bitmaps_before_resize()?;
         self.resize_disk(old, new_size, opts)?;
         self.bitmaps_after_resize(bitmaps)

@@ -5,7 +5,7 @@
 //! note their range before they change anything (so a write is never missing from a bitmap that
 //! is later stored), outside the metadata lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
@@ -15,22 +15,56 @@ use blockdev::{Error, Result};
 use crate::bitmap::dir::{check_new, entry_size, BitmapEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bitmap::store::inconsistent;
 use crate::driver::Qcow2;
-use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
+use crate::limits::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE, MAX_RECORDED_RANGES};
 use crate::meta::Meta;
 
-/// An enabled bitmap recording guest writes while the image is open (marked in use on disk).
-#[derive(Debug)]
+/// What the enabled bitmaps (marked in use on disk meanwhile) have to record: the guest ranges
+/// changed since recording began, merged. Memory follows the guest's writes, not the bitmaps'
+/// sizes: past [`MAX_RECORDED_RANGES`] separate ranges the recording is stored and starts over.
+#[derive(Debug, Default)]
 pub(crate) struct Recording {
-    name: String,
-    bits: DirtyBitmap,
+    /// The bitmaps recording (enabled and consistent when recording began).
+    names: Vec<String>,
+    /// start -> end of each changed range; ranges neither overlap nor touch.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Recording {
+    /// Adds `[start, end)`, merging it with the ranges it overlaps or touches.
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.ranges.remove(&s);
+            }
+        }
+        while let Some((&s, &e)) = self.ranges.range(start..).next() {
+            if s > end {
+                break;
+            }
+            end = end.max(e);
+            self.ranges.remove(&s);
+        }
+        self.ranges.insert(start, end);
+    }
+
+    /// Sets the recorded ranges in `bits` if `name` is recording.
+    fn apply_to(&self, name: &str, bits: &mut DirtyBitmap) {
+        if self.names.iter().any(|n| n == name) {
+            for (&s, &e) in &self.ranges {
+                bits.set_range(s, e - s);
+            }
+        }
+    }
 }
 
 /// What is recording now: `None` until the first guest write after open or after the last store.
-pub(crate) type RecordingSlot = Option<Vec<Recording>>;
+pub(crate) type RecordingSlot = Option<Recording>;
 
-/// Whether any bitmap would record writes (enabled and consistent).
+/// Whether any bitmap would record writes (enabled and consistent, in an image open for writing).
 fn any_recording(m: &Meta) -> bool {
-    m.bitmaps.iter().any(|e| e.auto() && !e.in_use())
+    m.writable && m.bitmaps.iter().any(|e| e.auto() && !e.in_use())
 }
 
 fn not_found(name: &str) -> Error {
@@ -58,28 +92,32 @@ impl Qcow2 {
         if slot.is_none() {
             let mut m = self.lock();
             let started = self.start_recording(&mut m)?;
-            if started.is_empty() {
+            if started.names.is_empty() {
                 self.refresh_bitmap_watch(&m);
                 return Ok(());
             }
             *slot = Some(started);
         }
-        for r in slot.iter_mut().flatten() {
-            r.bits.set_range(offset, len);
+        let Some(r) = slot.as_mut() else { return Ok(()) };
+        r.insert(offset, offset.saturating_add(len));
+        if r.ranges.len() > MAX_RECORDED_RANGES {
+            let mut m = self.lock();
+            self.store_recorded(&mut slot, &mut m)?;
         }
         Ok(())
     }
 
-    /// Loads the enabled bitmaps and marks them in use on disk.
-    fn start_recording(&self, m: &mut Meta) -> Result<Vec<Recording>> {
+    /// Marks the enabled bitmaps in use on disk (after checking their tables can be read back).
+    fn start_recording(&self, m: &mut Meta) -> Result<Recording> {
         let io = self.file.as_ref();
         let mut entries = m.bitmaps.clone();
-        let mut out = Vec::new();
+        let mut out = Recording::default();
         for e in entries.iter_mut().filter(|e| e.auto() && !e.in_use()) {
-            out.push(Recording { name: e.name.clone(), bits: m.load_bitmap(io, e)? });
+            m.check_bitmap_table(io, e)?;
+            out.names.push(e.name.clone());
             e.flags |= FLAG_IN_USE;
         }
-        if !out.is_empty() {
+        if !out.names.is_empty() {
             m.write_bitmap_directory(io, entries)?;
         }
         Ok(out)
@@ -88,41 +126,47 @@ impl Qcow2 {
     /// Stores what the enabled bitmaps recorded and clears their in-use mark (close, and before
     /// every bitmap operation). On error they stay marked in use: inconsistent, not wrong.
     pub(crate) fn store_recorded(&self, slot: &mut RecordingSlot, m: &mut Meta) -> Result<()> {
-        let Some(list) = slot.take() else { return Ok(()) };
+        let Some(rec) = slot.take() else { return Ok(()) };
         let mut entries = m.bitmaps.clone();
-        let mut contents = HashMap::new();
-        for r in list {
-            if let Some(e) = entries.iter_mut().find(|e| e.name == r.name) {
-                e.flags &= !FLAG_IN_USE;
-                contents.insert(r.name, r.bits);
-            }
+        let mut any = false;
+        for e in entries.iter_mut().filter(|e| rec.names.contains(&e.name)) {
+            e.flags &= !FLAG_IN_USE;
+            any = true;
         }
-        if contents.is_empty() {
+        if !any {
             return Ok(());
         }
-        self.commit_bitmaps(m, entries, contents)
+        self.commit_bitmaps(m, entries, HashMap::new(), Some(&rec), None)
     }
 
     /// Writes `entries` as the bitmaps, the way qemu stores them when it closes an image: every
     /// consistent bitmap, in directory order, gets its content (from `contents`, else as stored
-    /// now) written to new clusters; then the new directory goes in (see `store.rs` for the
-    /// order); then the old tables and data are freed. Entries new to the image carry a zero
-    /// table offset and must have their content in `contents`.
+    /// now, loaded one at a time; plus what `recorded` holds for it; loaded at `resized_from` and
+    /// carried to the current disk size after a resize) written to new clusters; then the new
+    /// directory goes in (see `store.rs` for the order); then the old tables and data are freed.
+    /// Entries new to the image carry a zero table offset and must have their content in
+    /// `contents`.
     fn commit_bitmaps(
         &self,
         m: &mut Meta,
         mut entries: Vec<BitmapEntry>,
         mut contents: HashMap<String, DirtyBitmap>,
+        recorded: Option<&Recording>,
+        resized_from: Option<u64>,
     ) -> Result<()> {
         let io = self.file.as_ref();
         let mut old = Vec::new();
         let mut stored: Vec<BitmapEntry> = Vec::new();
         let r = (|| {
             for e in entries.iter_mut().filter(|e| !e.in_use()) {
-                let bits = match contents.remove(&e.name) {
-                    Some(b) => b,
-                    None => m.load_bitmap(io, e)?,
+                let mut bits = match (contents.remove(&e.name), resized_from) {
+                    (Some(b), _) => b,
+                    (None, None) => m.load_bitmap(io, e, m.h.size)?,
+                    (None, Some(was)) => m.load_bitmap(io, e, was)?.resized(m.h.size)?,
                 };
+                if let Some(rec) = recorded {
+                    rec.apply_to(&e.name, &mut bits);
+                }
                 let (off, size) = m
                     .store_bitmap_data(io, &bits)
                     .map_err(|err| err.prefixed(format!("Failed to write bitmap '{}' to file", e.name)))?;
@@ -186,33 +230,28 @@ impl Qcow2 {
         why.map_err(|e| e.prefixed(format!("Can't make bitmap '{name}' persistent in '{}'", self.file.name())))
     }
 
-    /// Loads every bitmap before a resize (all must be consistent), to store them resized after.
-    pub(crate) fn bitmaps_before_resize(&self) -> Result<Vec<DirtyBitmap>> {
+    /// Before a resize: stores what is recording and refuses inconsistent bitmaps (as qemu
+    /// does); returns the size the bitmaps cover now, if there are any.
+    pub(crate) fn bitmaps_before_resize(&self) -> Result<Option<u64>> {
         let mut slot = self.recording();
         let mut m = self.lock();
         if m.bitmaps.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         self.store_recorded(&mut slot, &mut m)?;
-        let io = self.file.as_ref();
-        let list = m.bitmaps.clone();
-        list.iter().map(|e| m.load_bitmap(io, e)).collect()
+        if let Some(e) = m.bitmaps.iter().find(|e| e.in_use()) {
+            return Err(inconsistent(&e.name));
+        }
+        Ok(Some(m.h.size))
     }
 
-    /// Stores the bitmaps loaded by [`Self::bitmaps_before_resize`] at the new disk size.
-    pub(crate) fn bitmaps_after_resize(&self, before: Vec<DirtyBitmap>) -> Result<()> {
-        if before.is_empty() {
-            return Ok(());
-        }
+    /// After a resize from `old_size`: stores every bitmap at the new disk size (one at a time).
+    pub(crate) fn bitmaps_after_resize(&self, old_size: Option<u64>) -> Result<()> {
+        let Some(was) = old_size else { return Ok(()) };
         let _slot = self.recording();
         let mut m = self.lock();
-        let size = m.h.size;
-        let mut contents = HashMap::new();
-        for (e, bits) in m.bitmaps.iter().zip(&before) {
-            contents.insert(e.name.clone(), bits.resized(size)?);
-        }
         let entries = m.bitmaps.clone();
-        self.commit_bitmaps(&mut m, entries, contents)
+        self.commit_bitmaps(&mut m, entries, HashMap::new(), None, Some(was))
     }
 }
 
@@ -237,7 +276,7 @@ impl Working {
     fn bits(&self, q: &Qcow2, m: &Meta, i: usize) -> Result<DirtyBitmap> {
         match self.contents.get(&self.entries[i].name) {
             Some(b) => Ok(b.clone()),
-            None => m.load_bitmap(q.file.as_ref(), &self.entries[i]),
+            None => m.load_bitmap(q.file.as_ref(), &self.entries[i], m.h.size),
         }
     }
 }
@@ -367,7 +406,7 @@ impl PersistentBitmaps for Qcow2 {
             // What succeeded is stored either way, and like qemu (which stores every bitmap it
             // loaded when it closes the image) every consistent bitmap is written anew.
             let store = w.entries != m.bitmaps || w.entries.iter().any(|e| !e.in_use());
-            let stored = if store { q.commit_bitmaps(m, w.entries, w.contents) } else { Ok(()) };
+            let stored = if store { q.commit_bitmaps(m, w.entries, w.contents, None, None) } else { Ok(()) };
             Ok(match (failed, stored) {
                 (Some(f), _) => Err(f),
                 (None, Err(e)) => Err((changes.len().saturating_sub(1), e)),
@@ -379,10 +418,16 @@ impl PersistentBitmaps for Qcow2 {
 
     fn read(&self, name: &str) -> Result<DirtyBitmap> {
         let slot = self.recording();
-        if let Some(r) = slot.iter().flatten().find(|r| r.name == name) {
-            return Ok(r.bits.clone());
-        }
         let m = self.lock();
+        if let Some(rec) = slot.as_ref().filter(|r| r.names.iter().any(|n| n == name)) {
+            // Marked in use on disk only because it is recording here: what it stored plus
+            // what it recorded since.
+            let e = m.bitmaps.iter().find(|e| e.name == name).ok_or_else(|| not_found(name))?;
+            let stored = BitmapEntry { flags: e.flags & !FLAG_IN_USE, ..e.clone() };
+            let mut bits = m.load_bitmap(self.file.as_ref(), &stored, m.h.size)?;
+            rec.apply_to(name, &mut bits);
+            return Ok(bits);
+        }
         let w = Working { entries: m.bitmaps.clone(), contents: HashMap::new() };
         let i = w.usable(name)?;
         w.bits(self, &m, i)
@@ -391,5 +436,35 @@ impl PersistentBitmaps for Qcow2 {
     fn mark_dirty(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.note_change(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(r: &Recording) -> Vec<(u64, u64)> {
+        r.ranges.iter().map(|(&s, &e)| (s, e)).collect()
+    }
+
+    #[test]
+    fn recorded_ranges_merge_when_they_overlap_or_touch() {
+        let mut r = Recording { names: vec!["b".into()], ..Recording::default() };
+        r.insert(100, 200);
+        r.insert(300, 400);
+        r.insert(500, 600);
+        assert_eq!(ranges(&r), [(100, 200), (300, 400), (500, 600)]);
+        r.insert(200, 300);
+        assert_eq!(ranges(&r), [(100, 400), (500, 600)]);
+        r.insert(50, 550);
+        assert_eq!(ranges(&r), [(50, 600)]);
+        r.insert(60, 70);
+        r.insert(700, 700);
+        assert_eq!(ranges(&r), [(50, 600), (700, 700)]);
+        let mut bits = DirtyBitmap::new(512, 4096).unwrap();
+        r.apply_to("other", &mut bits);
+        assert!(bits.is_empty());
+        r.apply_to("b", &mut bits);
+        assert_eq!(bits.dirty_ranges().collect::<Vec<_>>(), [(0, 1024)]);
     }
 }

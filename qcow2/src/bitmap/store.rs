@@ -45,9 +45,22 @@ impl Meta {
         Ok(table)
     }
 
-    /// Loads the content of the consistent bitmap `e` over the current disk size.
-    pub(crate) fn load_bitmap(&self, io: &dyn Storage, e: &BitmapEntry) -> Result<DirtyBitmap> {
-        let size = self.h.size;
+    /// Checks that `e`'s table reads back and covers the disk (before a bitmap starts recording).
+    pub(crate) fn check_bitmap_table(&self, io: &dyn Storage, e: &BitmapEntry) -> Result<()> {
+        let table = self.read_bitmap_table(io, e)?;
+        if table.len() as u64 != table_entries(self.h.size, e.granularity(), self.cluster_size()) {
+            return Err(Error::invalid_image(format!(
+                "Could not read bitmap '{}' from image: Invalid argument",
+                e.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Loads the content of the consistent bitmap `e`, which covers a disk of `size` bytes (the
+    /// current size, or the size before a resize). Bounded by qemu's limit on a bitmap's data
+    /// (`MAX_BITMAP_DATA_BYTES`, checked when the directory was read).
+    pub(crate) fn load_bitmap(&self, io: &dyn Storage, e: &BitmapEntry, size: u64) -> Result<DirtyBitmap> {
         let cs = self.cluster_size();
         let fail = || format!("Could not read bitmap '{}' from image", e.name);
         if e.in_use() {
