@@ -181,6 +181,7 @@ fn convert_copies_bitmaps_as_qemu_img_does() {
     qemu_img(&["convert", "--bitmaps", "-O", "qcow2", "-o", "cluster_size=4k", s(&top), s(&q)]).ok();
     vdisk(&["convert", "--bitmaps", "-O", "qcow2", "-o", "cluster_size=4k", s(&top), s(&v)]).ok();
     check_clean(&v, "convert --bitmaps");
+    assert!(std::fs::read(&v).unwrap() == std::fs::read(&q).unwrap(), "byte-identical to qemu-img's output");
     assert_eq!(specific(&v), specific(&q));
     assert_eq!(contents(&v), contents(&q));
     assert_eq!(contents(&v), contents(&top), "the bits survive the copy");

@@ -10,6 +10,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use blockdev::bitmap::{BitmapChange, MergeSource};
 use blockdev::copy::{count_data, Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE};
 use blockdev::options::{wants_help, CreateOptions};
 use blockdev::{BlockDriver, CacheMode, Concat, OpenOptions};
@@ -327,7 +328,7 @@ fn check_bitmaps(src: &dyn BlockDriver, skip_broken: bool) -> Result<(), CliErro
 }
 
 /// Copies every persistent bitmap of `src` into `dst` (after the data), in the source's order,
-/// keeping granularity and enabled state.
+/// keeping granularity and enabled state; one batch, stored once (as qemu stores them on close).
 fn copy_bitmaps_into(src: &dyn BlockDriver, dst: &dyn BlockDriver, skip_broken: bool) -> Result<(), CliError> {
     let (Some(from), Some(to)) = (src.bitmaps(), dst.bitmaps()) else { return Ok(()) };
     let list = from.list()?;
@@ -335,13 +336,24 @@ fn copy_bitmaps_into(src: &dyn BlockDriver, dst: &dyn BlockDriver, skip_broken: 
     for info in list.iter().rev().filter(|i| skip_broken && i.in_use) {
         warn_report(&format!("Skipping inconsistent bitmap '{}'", info.name));
     }
-    for info in list.into_iter().filter(|i| !i.in_use) {
-        to.add(&info.name, Some(info.granularity), info.enabled)
-            .map_err(|e| CliError::new(format!("Failed to create bitmap {}: {}", info.name, e.message())))?;
-        if let Err(e) = from.read(&info.name).and_then(|bits| to.merge(&info.name, &bits)) {
-            let _ = to.remove(&info.name);
-            return Err(CliError::new(format!("Failed to populate bitmap {}: {}", info.name, e.message())));
+    let copied: Vec<_> = list.iter().filter(|i| !i.in_use).collect();
+    let changes: Vec<BitmapChange<'_>> = copied
+        .iter()
+        .flat_map(|i| {
+            let name = i.name.as_str();
+            [
+                BitmapChange::Add { name, granularity: Some(i.granularity), enabled: i.enabled },
+                BitmapChange::Merge { name, from: MergeSource::Image(from, name) },
+            ]
+        })
+        .collect();
+    to.apply(&changes).map_err(|(k, e)| {
+        let name = &copied[k / 2].name;
+        if k % 2 == 0 {
+            CliError::new(format!("Failed to create bitmap {name}: {}", e.message()))
+        } else {
+            let _ = to.remove(name);
+            CliError::new(format!("Failed to populate bitmap {name}: {}", e.message()))
         }
-    }
-    Ok(())
+    })
 }
