@@ -3,8 +3,8 @@
 //! Reads and writes qcow2 version 2 and 3 images: cluster sizes 512 B to 2 MiB, refcount widths 1
 //! to 64 bits, zero clusters, compressed clusters (zlib and zstd), extended L2 entries
 //! (subclusters), external data files, lazy refcounts with the dirty bit, the corrupt bit, and
-//! preallocation; internal snapshots (`snapshot/`, with the VM state area a VMM saves into); plus
-//! `check` with repair.
+//! preallocation; internal snapshots (`snapshot/`, with the VM state area a VMM saves into);
+//! persistent dirty bitmaps (`bitmap/`); plus `check` with repair.
 //!
 //! # Crash consistency
 //! The update order (DESIGN.md, "Crash consistency") is kept by construction:
@@ -20,7 +20,10 @@
 //! 5. with lazy refcounts the dirty bit is made durable before the first allocation; a clean close
 //!    clears it, and opening a dirty image read-write rebuilds the refcounts first;
 //! 6. snapshot operations raise refcounts before anything on disk points at what they count and
-//!    lower them only after the pointer is gone (`snapshot/ops.rs`), so a crash leaks at worst.
+//!    lower them only after the pointer is gone (`snapshot/ops.rs`), so a crash leaks at worst;
+//! 7. bitmap changes write new bit data, tables and directory, sync, switch the header, sync, and
+//!    only then free the old ones; bitmaps recording writes are marked in use on disk first
+//!    (`bitmap/`).
 //!
 //! # Hostile images
 //! Every header field is checked against the file size and the limits in [`limits`] before a table
