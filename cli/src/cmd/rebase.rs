@@ -32,8 +32,10 @@ const OPTS: &[Opt] = &[
     flag("image-opts", None, Some("image-opts")),
 ];
 
-/// Largest unit compared at once.
+/// Largest unit read and compared at once.
 const CHUNK: u64 = 2 << 20;
+/// Largest unit compared at once where both views are mapped files (nothing is buffered).
+const MAPPED_CHUNK: u64 = 16 << 20;
 
 /// Runs `rebase`.
 pub fn run(args: &[String]) -> CmdResult {
@@ -155,9 +157,10 @@ fn copy_differences(
     let new_size = new.map(|b| b.size()).unwrap_or(0);
     let mut a = vec![0u8; CHUNK as usize];
     let mut b = vec![0u8; CHUNK as usize];
+    let mut maps = Maps::default();
     let mut offset = 0u64;
     while offset < size {
-        let ext = top.block_status(offset, (size - offset).min(CHUNK))?;
+        let ext = top.block_status(offset, (size - offset).min(MAPPED_CHUNK))?;
         let mut n = ext.len.clamp(1, size - offset);
         if ext.kind != ExtentKind::Unallocated {
             offset += n;
@@ -174,6 +177,14 @@ fn copy_differences(
             offset = start + zeros;
             continue;
         }
+        // Where both views are plain data in local files, compare the files' pages in place.
+        let mapped = maps.compare_mapped(top.as_ref(), old, new, start, n, unit, old_size, compress)?;
+        if mapped > 0 {
+            progress.add((start + mapped - offset) as f32 / size as f32 * 100.0, 100.0);
+            offset = start + mapped;
+            continue;
+        }
+        let n = n.min(CHUNK);
         let n_old = old_size.saturating_sub(start).min(n) as usize;
         let n_new = new_size.saturating_sub(start).min(n) as usize;
         // The two views are read at the same time (two files, often two disks' worth of reads).
@@ -204,10 +215,8 @@ fn write_differences(
     compress: bool,
 ) -> blockdev::Result<()> {
     let unit = unit as usize;
-    let differs = |i: usize| {
-        let end = (i + unit).min(old.len());
-        old[i..end] != new[i..end]
-    };
+    let mask = differing_units(old, new, unit);
+    let differs = |i: usize| mask[i / unit];
     let mut i = 0usize;
     while i < old.len() {
         if !differs(i) {
@@ -238,6 +247,29 @@ fn write_differences(
         i = j;
     }
     Ok(())
+}
+
+/// For each unit of `old`, whether `new` differs there; large ranges are compared by two threads.
+fn differing_units(old: &[u8], new: &[u8], unit: usize) -> Vec<bool> {
+    let units = old.len().div_ceil(unit);
+    let compare = |range: std::ops::Range<usize>| -> Vec<bool> {
+        range
+            .map(|i| {
+                let (s, e) = (i * unit, ((i + 1) * unit).min(old.len()));
+                old[s..e] != new[s..e]
+            })
+            .collect()
+    };
+    if old.len() < (4 << 20) || units < 2 {
+        return compare(0..units);
+    }
+    let half = units / 2;
+    std::thread::scope(|sc| {
+        let second = sc.spawn(|| compare(half..units));
+        let mut first = compare(0..half);
+        first.extend(second.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        first
+    })
 }
 
 /// How many bytes from `at` (up to `len`) a backing view reads as zeros, by its block status
@@ -277,4 +309,68 @@ fn read_view(d: Option<&dyn BlockDriver>, at: u64, buf: &mut [u8], valid: usize)
         d.read_at(at, &mut [IoSliceMut::new(&mut buf[..valid])])?;
     }
     Ok(())
+}
+
+/// Read-only mappings of the local files that backing views keep plain data in, so that safe
+/// rebase compares their pages in place instead of copying both views through read buffers.
+#[derive(Default)]
+struct Maps {
+    /// By container name; `None` when the file cannot be mapped (then reads are used).
+    files: std::collections::HashMap<Arc<str>, Option<memmap2::Mmap>>,
+}
+
+impl Maps {
+    /// Where `view` keeps `[at, at + len)` as plain bytes of a mapped file: the file, the offset
+    /// and how many bytes from `at` are contiguous there.
+    fn locate(&mut self, view: Option<&dyn BlockDriver>, at: u64, len: u64) -> Option<(Arc<str>, u64, u64)> {
+        let v = view?;
+        if at >= v.size() {
+            return None;
+        }
+        let (ext, _) = blockdev::chain_status(v, at, len.min(v.size() - at)).ok()?;
+        if ext.kind != ExtentKind::Data || ext.compressed {
+            return None;
+        }
+        let (name, off) = ext.host?;
+        let map = self.files.entry(name.clone()).or_insert_with(|| {
+            let f = std::fs::File::open(&*name).ok()?;
+            // SAFETY: the mapping is read-only, of a backing file rebase opened without write
+            // permission and holds shared locks on (a writer honouring QEMU's locks cannot
+            // truncate it meanwhile); bytes are only compared and copied out.
+            unsafe { memmap2::Mmap::map(&f) }.ok()
+        });
+        let m = map.as_ref()?;
+        let n = ext.len.min(len);
+        (off.checked_add(n)? <= m.len() as u64).then_some((name, off, n))
+    }
+
+    /// Compares the prefix of `[start, start + n)` where both views are plain mapped data (whole
+    /// units), writes the differences into `top`, and returns its length (0: not mapped, read).
+    #[allow(clippy::too_many_arguments)]
+    fn compare_mapped(
+        &mut self,
+        top: &dyn BlockDriver,
+        old: Option<&dyn BlockDriver>,
+        new: Option<&dyn BlockDriver>,
+        start: u64,
+        n: u64,
+        unit: u64,
+        old_size: u64,
+        compress: bool,
+    ) -> Result<u64, CliError> {
+        let (Some((fo, oo, lo)), Some((fn_, on, ln))) = (self.locate(old, start, n), self.locate(new, start, n)) else {
+            return Ok(0);
+        };
+        let m = lo.min(ln) / unit * unit;
+        if m == 0 {
+            return Ok(0);
+        }
+        let file = |name: &Arc<str>| self.files.get(name).and_then(|m| m.as_ref());
+        let (Some(a), Some(b)) = (file(&fo), file(&fn_)) else { return Ok(0) };
+        let a = &a[oo as usize..(oo + m) as usize];
+        let b = &b[on as usize..(on + m) as usize];
+        write_differences(top, start, a, b, unit, old_size, compress)
+            .map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
+        Ok(m)
+    }
 }
