@@ -34,8 +34,9 @@ const OPTS: &[Opt] = &[
 
 /// Largest unit read and compared at once.
 const CHUNK: u64 = 2 << 20;
-/// Largest unit compared at once where both views are mapped files (nothing is buffered).
-const MAPPED_CHUNK: u64 = 16 << 20;
+/// Largest unit compared at once where both views are mapped files (nothing is buffered; the
+/// two windows are what the comparison keeps in memory).
+const MAPPED_CHUNK: u64 = 2 << 20;
 
 /// Runs `rebase`.
 pub fn run(args: &[String]) -> CmdResult {
@@ -260,7 +261,7 @@ fn differing_units(old: &[u8], new: &[u8], unit: usize) -> Vec<bool> {
             })
             .collect()
     };
-    if old.len() < (4 << 20) || units < 2 {
+    if old.len() < (1 << 20) || units < 2 {
         return compare(0..units);
     }
     let half = units / 2;
@@ -311,16 +312,29 @@ fn read_view(d: Option<&dyn BlockDriver>, at: u64, buf: &mut [u8], valid: usize)
     Ok(())
 }
 
-/// Read-only mappings of the local files that backing views keep plain data in, so that safe
-/// rebase compares their pages in place instead of copying both views through read buffers.
+/// The local files that backing views keep plain data in, mapped read-only a window at a time so
+/// that safe rebase compares their pages in place instead of copying both views through read
+/// buffers (windows are unmapped after use: the process's memory stays small).
 #[derive(Default)]
 struct Maps {
-    /// By container name; `None` when the file cannot be mapped (then reads are used).
-    files: std::collections::HashMap<Arc<str>, Option<memmap2::Mmap>>,
+    /// By container name; `None` when the file cannot be opened (then reads are used).
+    files: std::collections::HashMap<Arc<str>, Option<std::fs::File>>,
+}
+
+/// A read-only mapping of part of a file: `map[skip..]` is the range asked for.
+struct Window {
+    map: memmap2::Mmap,
+    skip: usize,
+}
+
+impl Window {
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.skip..]
+    }
 }
 
 impl Maps {
-    /// Where `view` keeps `[at, at + len)` as plain bytes of a mapped file: the file, the offset
+    /// Where `view` keeps `[at, at + len)` as plain bytes of a local file: the file, the offset
     /// and how many bytes from `at` are contiguous there.
     fn locate(&mut self, view: Option<&dyn BlockDriver>, at: u64, len: u64) -> Option<(Arc<str>, u64, u64)> {
         let v = view?;
@@ -332,20 +346,32 @@ impl Maps {
             return None;
         }
         let (name, off) = ext.host?;
-        let map = self.files.entry(name.clone()).or_insert_with(|| {
-            let f = std::fs::File::open(&*name).ok()?;
-            // SAFETY: the mapping is read-only, of a backing file rebase opened without write
-            // permission and holds shared locks on (a writer honouring QEMU's locks cannot
-            // truncate it meanwhile); bytes are only compared and copied out.
-            unsafe { memmap2::Mmap::map(&f) }.ok()
-        });
-        let m = map.as_ref()?;
+        let file = self.files.entry(name.clone()).or_insert_with(|| std::fs::File::open(&*name).ok()).as_ref()?;
         let n = ext.len.min(len);
-        (off.checked_add(n)? <= m.len() as u64).then_some((name, off, n))
+        (off.checked_add(n)? <= file.metadata().ok()?.len()).then_some((name, off, n))
     }
 
-    /// Compares the prefix of `[start, start + n)` where both views are plain mapped data (whole
-    /// units), writes the differences into `top`, and returns its length (0: not mapped, read).
+    /// Maps `[off, off + len)` of the file called `name` (opened by [`Maps::locate`]).
+    fn window(&self, name: &Arc<str>, off: u64, len: u64) -> Option<Window> {
+        let file = self.files.get(name)?.as_ref()?;
+        let start = off / PAGE * PAGE;
+        let skip = (off - start) as usize;
+        let opts = {
+            let mut o = memmap2::MmapOptions::new();
+            o.offset(start).len(skip + len as usize);
+            o
+        };
+        // SAFETY: the mapping is read-only, of a backing file rebase opened without write
+        // permission and holds shared locks on (a writer honouring QEMU's locks cannot truncate
+        // it meanwhile), and lies within the file's length (checked by `locate`); its bytes are
+        // only compared and copied out, and it is unmapped when the window is dropped.
+        let map = unsafe { opts.map(file) }.ok()?;
+        Some(Window { map, skip })
+    }
+
+    /// Compares the prefix of `[start, start + n)` where both views are plain data in local files
+    /// (whole units), writes the differences into `top`, and returns its length (0: not mapped,
+    /// the caller reads instead).
     #[allow(clippy::too_many_arguments)]
     fn compare_mapped(
         &mut self,
@@ -365,12 +391,13 @@ impl Maps {
         if m == 0 {
             return Ok(0);
         }
-        let file = |name: &Arc<str>| self.files.get(name).and_then(|m| m.as_ref());
-        let (Some(a), Some(b)) = (file(&fo), file(&fn_)) else { return Ok(0) };
-        let a = &a[oo as usize..(oo + m) as usize];
-        let b = &b[on as usize..(on + m) as usize];
-        write_differences(top, start, a, b, unit, old_size, compress)
+        let (Some(a), Some(b)) = (self.window(&fo, oo, m), self.window(&fn_, on, m)) else { return Ok(0) };
+        write_differences(top, start, a.bytes(), b.bytes(), unit, old_size, compress)
             .map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
         Ok(m)
     }
 }
+
+/// Mapping offsets must be multiples of the page size (4 KiB or a multiple of it on Linux hosts
+/// vdisk runs on; 64 KiB covers the larger pages too).
+const PAGE: u64 = 65536;
