@@ -21,7 +21,10 @@ Subcommands:
       every run of every tool: for commands that change their inputs in place
       (commit, rebase), it lays out a fresh copy at {out}.  --expect FILE makes
       an image case compare every tool's output with FILE instead of with
-      qemu-img's output.
+      qemu-img's output, and `qemu-img check` every tool's output.
+      --expect-backing PATH|none (with --expect) also requires every tool's
+      output to name PATH (same file after resolving) as its backing file, in
+      the output format, or to have no backing file at all ("none").
       KIND says how the outputs are verified against qemu-img's:
         image   -- `qemu-img compare -f FMT -F FMT` of the two output images
                    (and `qemu-img check` of the vdisk output when FMT=qcow2)
@@ -174,6 +177,22 @@ def file_sizes(path):
     return {"apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512}
 
 
+def backing_matches(path, fmt, expect):
+    """(ok, description): does image `path` have backing file `expect` (or none, for "none")?"""
+    c = subprocess.run([QEMU_IMG, "info", "--output=json", "-U", "-f", fmt, path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if c.returncode != 0:
+        return False, f"qemu-img info failed (rc {c.returncode}): {c.stdout.strip()[:200]}"
+    info = json.loads(c.stdout)
+    name = info.get("full-backing-filename") or info.get("backing-filename")
+    bfmt = info.get("backing-filename-format")
+    if expect == "none":
+        return name is None, "none (as expected)" if name is None else f"{name} (expected none)"
+    ok = name is not None and os.path.realpath(name) == os.path.realpath(expect) and bfmt == fmt
+    what = f"{os.path.basename(name) if name else 'none'} ({bfmt or '-'})"
+    return ok, what + ("" if ok else f", expected {os.path.basename(expect)} ({fmt})")
+
+
 def render(template, tool_path, out_path):
     argv = shlex.split(template)
     return [a.replace("{tool}", tool_path).replace("{out}", out_path or "") for a in argv]
@@ -268,12 +287,19 @@ def cmd_case(args):
                               f"rc {c.returncode}: {c.stdout.strip().rstrip('.')}")
                 if c.returncode != 0:
                     verified = False
-            c = subprocess.run([QEMU_IMG, "check", "-f", args.out_fmt, outs[v]],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            detail.append(f"qemu-img check <vdisk out>: rc {c.returncode}: "
-                          + " / ".join(c.stdout.strip().splitlines()).rstrip("."))
-            if c.returncode not in (0, 63):
-                verified = False
+            for name in (v, q):
+                c = subprocess.run([QEMU_IMG, "check", "-f", args.out_fmt, outs[name]],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                detail.append(f"qemu-img check <{name} out>: rc {c.returncode}: "
+                              + " / ".join(c.stdout.strip().splitlines()).rstrip("."))
+                if c.returncode not in (0, 63):
+                    verified = False
+            if args.expect_backing:
+                for name in (v, q):
+                    ok, what = backing_matches(outs[name], args.out_fmt, args.expect_backing)
+                    detail.append(f"backing file of <{name} out>: {what}")
+                    if not ok:
+                        verified = False
         elif args.kind == "image" and verified:
             c = subprocess.run(
                 [QEMU_IMG, "compare", "-f", args.out_fmt, "-F", args.out_fmt, outs[v], outs[q]],
@@ -671,6 +697,8 @@ def main():
     c.add_argument("--drop-caches", type=int, default=0)
     c.add_argument("--setup", help="shell command run untimed before every run ({out} replaced)")
     c.add_argument("--expect", help="image every tool's output must compare equal to (kind image)")
+    c.add_argument("--expect-backing",
+                   help="with --expect: backing file every tool's output must have (PATH, or none)")
     c.set_defaults(func=cmd_case)
 
     p = sub.add_parser("report")

@@ -146,14 +146,14 @@ if [[ ! -f $REBASE_EXPECT ]]; then
     cp --sparse=always "$QCOW" "$CHAIN_BASE"
     scattered_writes 2048 524288 11 > "$BENCH_DIR/chain-top.qemu-io"
     "$QEMU_IMG" create -q -f qcow2 -b "$CHAIN_BASE" -F qcow2 "$CHAIN_TOP"
-    "$QEMU_IO" -f qcow2 "$CHAIN_TOP" < "$BENCH_DIR/chain-top.qemu-io" > /dev/null
+    "$QEMU_IO" -t unsafe -f qcow2 "$CHAIN_TOP" < "$BENCH_DIR/chain-top.qemu-io" > /dev/null
     "$QEMU_IMG" convert -O qcow2 "$CHAIN_TOP" "$COMMIT_EXPECT"
     cp --sparse=always "$QCOW" "$CHAIN_MID"
     scattered_writes 2048 524288 12 > "$BENCH_DIR/chain-mid.qemu-io"
-    "$QEMU_IO" -f qcow2 "$CHAIN_MID" < "$BENCH_DIR/chain-mid.qemu-io" > /dev/null
+    "$QEMU_IO" -t unsafe -f qcow2 "$CHAIN_MID" < "$BENCH_DIR/chain-mid.qemu-io" > /dev/null
     scattered_writes 512 524288 13 > "$BENCH_DIR/rebase-top.qemu-io"
     "$QEMU_IMG" create -q -f qcow2 -b "$CHAIN_MID" -F qcow2 "$REBASE_TOP"
-    "$QEMU_IO" -f qcow2 "$REBASE_TOP" < "$BENCH_DIR/rebase-top.qemu-io" > /dev/null
+    "$QEMU_IO" -t unsafe -f qcow2 "$REBASE_TOP" < "$BENCH_DIR/rebase-top.qemu-io" > /dev/null
     "$QEMU_IMG" convert -O qcow2 "$REBASE_TOP" "$REBASE_EXPECT.tmp"
     mv "$REBASE_EXPECT.tmp" "$REBASE_EXPECT"
 fi
@@ -216,28 +216,29 @@ case_ map_1m "map --output=json (1 TiB qcow2, 1M allocated clusters)" stdout "" 
     "{tool} map --output=json -f qcow2 $PREALLOC" "$PREALLOC"
 case_ map_sparse "map --output=json (1 TiB sparse qcow2)" stdout "" raw \
     "{tool} map --output=json -f qcow2 $SPARSE" "$SPARSE"
-# case_inplace ID TITLE SETUP EXPECT TEMPLATE INPUT...: commands that change their files in
-# place; SETUP lays out a fresh copy at {out} (untimed) before every run, and every tool's {out}
-# must then compare equal to EXPECT.
+# case_inplace ID TITLE SETUP EXPECT EXPECT_BACKING TEMPLATE INPUT...: commands that change their
+# files in place; SETUP lays out a fresh copy at {out} (untimed) before every run, and every tool's
+# {out} must then compare equal to EXPECT, pass `qemu-img check` and have the backing file
+# EXPECT_BACKING (a path, or none).
 case_inplace() {
-    local id=$1 title=$2 setup=$3 expect=$4 template=$5
-    shift 5
+    local id=$1 title=$2 setup=$3 expect=$4 expect_backing=$5 template=$6
+    shift 6
     want "$id" || return 0
     log "case $id: $template"
     local inputs=()
     for i in "$@"; do inputs+=(--input "$i"); done
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind image --out-ext .qcow2 --out-fmt qcow2 \
-        --setup "$setup" --expect "$expect" \
+        --setup "$setup" --expect "$expect" --expect-backing "$expect_backing" \
         --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" "${inputs[@]}"
 }
 
 case_inplace commit_chain "commit (4 GiB chain, 1 GiB in the top)" \
-    "cp --sparse=always $CHAIN_BASE {out} && cp --sparse=always $CHAIN_TOP {out}.top && $QEMU_IMG rebase -u -f qcow2 -b {out} -F qcow2 {out}.top" \
-    "$COMMIT_EXPECT" "{tool} commit -q -f qcow2 {out}.top" "$CHAIN_BASE" "$CHAIN_TOP"
+    "cp --reflink=never --sparse=always $CHAIN_BASE {out} && cp --reflink=never --sparse=always $CHAIN_TOP {out}.top && $QEMU_IMG rebase -u -f qcow2 -b {out} -F qcow2 {out}.top" \
+    "$COMMIT_EXPECT" none "{tool} commit -q -f qcow2 {out}.top" "$CHAIN_BASE" "$CHAIN_TOP"
 case_inplace rebase_safe "safe rebase (4 GiB chain: top over chain-mid onto chain-base)" \
-    "cp --sparse=always $REBASE_TOP {out} && $QEMU_IMG rebase -u -f qcow2 -b $CHAIN_MID -F qcow2 {out}" \
-    "$REBASE_EXPECT" "{tool} rebase -q -f qcow2 -b $CHAIN_BASE -F qcow2 {out}" "$CHAIN_BASE" "$CHAIN_MID" "$REBASE_TOP"
+    "cp --reflink=never --sparse=always $REBASE_TOP {out} && $QEMU_IMG rebase -u -f qcow2 -b $CHAIN_MID -F qcow2 {out}" \
+    "$REBASE_EXPECT" "$CHAIN_BASE" "{tool} rebase -q -f qcow2 -b $CHAIN_BASE -F qcow2 {out}" "$CHAIN_BASE" "$CHAIN_MID" "$REBASE_TOP"
 # What commit cannot avoid: writing the top's data into the base and making it durable.
 FLOOR_1G=$BENCH_DIR/floor-1G.bin
 [[ -f $FLOOR_1G ]] || head -c 1073741824 "$RAW" > "$FLOOR_1G"
