@@ -35,6 +35,31 @@ pub fn cache_mode(v: Option<&str>, default: CacheMode, what: &str) -> Result<Cac
     }
 }
 
+/// Cache mode for the image a bulk-copying command writes (commit's base, rebase's image): `-t` when
+/// given, otherwise `none` (`O_DIRECT`) where `path` is a local file that accepts it, and
+/// `writeback` where it does not (tmpfs, protocols, `json:` names).
+///
+/// Both commands flush before they report success, so durability is the same in every mode; what
+/// bypassing the page cache saves is staging gigabytes of copied clusters in freshly allocated
+/// cache pages (and evicting the host's working set to make room), which was most of commit's
+/// time (BENCHMARKS.md).
+pub fn bulk_write_cache(v: Option<&str>, path: &str) -> Result<CacheMode, CliError> {
+    if v.is_some() {
+        return cache_mode(v, CacheMode::Writeback, "cache");
+    }
+    Ok(if accepts_direct_io(path) { CacheMode::None } else { CacheMode::Writeback })
+}
+
+/// Whether `path` is a regular file that can be opened with `O_DIRECT`.
+fn accepts_direct_io(path: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        _ => return false,
+    }
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).is_ok()
+}
+
 /// Secrets given with `--object secret,id=..,data=..|file=..`; kept for the commands that need keys.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
@@ -285,5 +310,27 @@ mod tests {
         assert_eq!(o.secrets[0], ("s0".to_string(), b"pw".to_vec()));
         assert_eq!(o.secrets[1].1, b"password");
         assert!(Objects::parse(&["iothread,id=x".to_string()]).is_err());
+    }
+
+    #[test]
+    fn bulk_writes_bypass_the_page_cache_only_where_the_file_allows() {
+        let dir = std::env::temp_dir().join(format!("vdisk-bulk-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("img");
+        std::fs::write(&file, [0u8; 4096]).unwrap();
+        let name = file.to_str().unwrap();
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&file).is_ok()
+        };
+        let want = if direct { CacheMode::None } else { CacheMode::Writeback };
+        assert_eq!(bulk_write_cache(None, name).unwrap(), want);
+        assert_eq!(bulk_write_cache(Some("writeback"), name).unwrap(), CacheMode::Writeback);
+        assert_eq!(bulk_write_cache(Some("unsafe"), name).unwrap(), CacheMode::Unsafe);
+        assert!(bulk_write_cache(Some("bogus"), name).is_err());
+        for not_a_file in [dir.to_str().unwrap(), "json:{\"file.filename\": \"x\"}", "/nonexistent/x"] {
+            assert_eq!(bulk_write_cache(None, not_a_file).unwrap(), CacheMode::Writeback, "{not_a_file}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -203,3 +203,38 @@ fn rebase_between_raw_and_compressed_backings_matches_qemu_img() {
     }
     assert_eq!(results[0], results[1], "allocation after rebase");
 }
+
+/// Safe rebase where the old backing view reads zeros (unallocated in a qcow2) over data of the
+/// new one, a raw file with data, zero-filled bytes and a hole, and where the old view has data
+/// over the new one's hole: every differing unit is written, with qemu-img's allocation.
+#[test]
+fn rebase_from_sparse_old_view_onto_raw_data_matches_qemu_img() {
+    let d = tempdir();
+    let old = d.path().join("old.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&old), "6M"]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 7 0 1M", "-c", "write -P 8 5M 64k", s(&old)]).ok();
+    let new = d.path().join("new.raw");
+    let mut bytes = vec![0u8; 6 << 20];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i >> 16) as u8 | 0x80;
+    }
+    bytes[(2 << 20)..(2 << 20) + 131072].fill(0);
+    std::fs::write(&new, &bytes).unwrap();
+    // A hole over the old view's data at 5M.
+    let f = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
+    f.set_len(5 << 20).unwrap();
+    f.set_len(6 << 20).unwrap();
+    let mut results = Vec::new();
+    for (tool, tag) in [(qemu_img as fn(&[&str]) -> Run, "q"), (vdisk, "v")] {
+        let top = d.path().join(format!("sparse-top.{tag}"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&old), "-F", "qcow2", s(&top)]).ok();
+        qemu_io(&["-f", "qcow2", "-c", "write -P 3 3M 64k", s(&top)]).ok();
+        let want = d.path().join(format!("sparse-want.{tag}"));
+        flat(&top, &want);
+        tool(&["rebase", "-q", "-f", "qcow2", "-b", s(&new), "-F", "raw", s(&top)]).ok();
+        qemu_img(&["check", s(&top)]).ok();
+        qemu_img(&["compare", s(&top), s(&want)]).ok();
+        results.push(map(&top));
+    }
+    assert_eq!(results[0], results[1], "allocation after rebase");
+}

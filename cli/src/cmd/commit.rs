@@ -5,6 +5,9 @@
 //! which grows if it is smaller, and the base is flushed ([`formats::commit::commit_into`]); only
 //! then is the image emptied so that it shows the base through, unless `-d` (or `-b`, which
 //! implies it) keeps it.
+//!
+//! Without `-t` the base is written with `O_DIRECT` where its file allows it
+//! ([`crate::common::bulk_write_cache`]); the top, which only loses metadata, keeps `writeback`.
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use formats::commit::CommitStep;
 
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{cvtnum, registry};
-use crate::common::{cache_mode, img_open, Objects, OpenRequest};
+use crate::common::{bulk_write_cache, cache_mode, img_open, Objects, OpenRequest};
 use crate::progress::Progress;
 use crate::report::{CliError, CmdResult};
 
@@ -44,6 +47,7 @@ pub fn run(args: &[String]) -> CmdResult {
         return Err(CliError::usage("Expecting one image file name"));
     }
     let name = &p.positional[0];
+    // The top is only emptied (metadata and hole punching); the base gets the data.
     let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
     let drop_top = p.has("d") || p.has("b");
     let reg = registry();
@@ -52,7 +56,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
     let progress = Progress::new(p.has("p") && !quiet, 1.0);
     progress.set(0.0);
-    let result = commit(&reg, &top, p.value("b"), name, cache, &progress);
+    let result = commit(&reg, &top, p.value("b"), name, p.value("t"), &progress);
     let result = result.and_then(|()| {
         if drop_top {
             return Ok(());
@@ -83,7 +87,7 @@ fn commit(
     top: &Arc<dyn BlockDriver>,
     base_name: Option<&str>,
     name: &str,
-    cache: CacheMode,
+    cache: Option<&str>,
     progress: &Progress,
 ) -> Result<(), CliError> {
     // Find the base and how deep it is in the chain.
@@ -103,6 +107,7 @@ fn commit(
             Some(_) => cur = b,
         }
     };
+    let cache = bulk_write_cache(cache, base.filename())?;
     let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
     let base_rw = reg
         .open(base.filename(), Some(base.format()), &opts)

@@ -5,6 +5,18 @@
 //! new backing files are compared (in units of the image's subclusters, clusters when
 //! compressing) and differing units are copied from the old view into the image before the
 //! backing file name changes. Unsafe mode (`-u`) only changes the name.
+//!
+//! Where both backing views keep a run as plain data in local files, or one does and the other
+//! reads as zeros, the files' pages are compared in place ([`mapped`]) and the differences are
+//! written by a thread of their own ([`writer`]) while the next run is compared; everything else
+//! is read through the drivers into buffers. All writes have completed, and any error has been
+//! reported, before the backing file name changes.
+
+mod mapped;
+mod writer;
+
+use mapped::{Maps, Run};
+use writer::DiffWriter;
 
 use std::io::IoSliceMut;
 use std::sync::Arc;
@@ -13,7 +25,7 @@ use blockdev::{resolve_reference, BlockDriver, CacheMode, ExtentKind, OpenOption
 
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::registry;
-use crate::common::{cache_mode, img_open, Objects, OpenRequest};
+use crate::common::{bulk_write_cache, cache_mode, img_open, Objects, OpenRequest};
 use crate::progress::Progress;
 use crate::report::{error_report, CliError, CmdResult};
 
@@ -69,7 +81,7 @@ fn rebase(
     unsafe_mode: bool,
     progress: &Progress,
 ) -> CmdResult {
-    let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
+    let cache = bulk_write_cache(p.value("t"), name)?;
     let src_cache = cache_mode(p.value("T"), CacheMode::Writeback, "source cache")?;
     let reg = registry();
     let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
@@ -156,9 +168,11 @@ fn copy_differences(
     };
     let old_size = old.map(|b| b.size()).unwrap_or(0);
     let new_size = new.map(|b| b.size()).unwrap_or(0);
-    let mut a = vec![0u8; CHUNK as usize];
-    let mut b = vec![0u8; CHUNK as usize];
+    // Aligned, so that differences written from them need no bounce buffer under O_DIRECT.
+    let mut a = blockdev::buffer::AlignedBuf::new(CHUNK as usize, 4096);
+    let mut b = blockdev::buffer::AlignedBuf::new(CHUNK as usize, 4096);
     let mut maps = Maps::default();
+    let mut writer = DiffWriter::new(top.clone());
     let mut offset = 0u64;
     while offset < size {
         let ext = top.block_status(offset, (size - offset).min(MAPPED_CHUNK))?;
@@ -178,8 +192,9 @@ fn copy_differences(
             offset = start + zeros;
             continue;
         }
-        // Where both views are plain data in local files, compare the files' pages in place.
-        let mapped = maps.compare_mapped(top.as_ref(), old, new, start, n, unit, old_size, compress)?;
+        // Where both views are plain data in local files (or one reads zeros), compare in place.
+        let run = Run { top: top.as_ref(), old, new, start, len: n, unit, old_size, compress };
+        let mapped = maps.compare_mapped(&run, &mut writer)?;
         if mapped > 0 {
             progress.add((start + mapped - offset) as f32 / size as f32 * 100.0, 100.0);
             offset = start + mapped;
@@ -201,11 +216,10 @@ fn copy_differences(
         progress.add((start + n - offset) as f32 / size as f32 * 100.0, 100.0);
         offset = start + n;
     }
-    Ok(())
+    writer.finish().map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))
 }
 
-/// Writes into `top` at `start` the units where `old` (the old backing view) differs from `new`,
-/// each run of differing units in one request (compressed units one by one).
+/// Writes into `top` at `start` the units where `old` (the old backing view) differs from `new`.
 fn write_differences(
     top: &dyn BlockDriver,
     start: u64,
@@ -215,8 +229,22 @@ fn write_differences(
     old_size: u64,
     compress: bool,
 ) -> blockdev::Result<()> {
+    let mask = differing_units(old, new, unit as usize);
+    write_runs(top, start, old, &mask, unit, old_size, compress)
+}
+
+/// Writes into `top` at `start` the units of `old` that `mask` marks, each run of marked units in
+/// one request (compressed units one by one).
+fn write_runs(
+    top: &dyn BlockDriver,
+    start: u64,
+    old: &[u8],
+    mask: &[bool],
+    unit: u64,
+    old_size: u64,
+    compress: bool,
+) -> blockdev::Result<()> {
     let unit = unit as usize;
-    let mask = differing_units(old, new, unit);
     let differs = |i: usize| mask[i / unit];
     let mut i = 0usize;
     while i < old.len() {
@@ -311,93 +339,3 @@ fn read_view(d: Option<&dyn BlockDriver>, at: u64, buf: &mut [u8], valid: usize)
     }
     Ok(())
 }
-
-/// The local files that backing views keep plain data in, mapped read-only a window at a time so
-/// that safe rebase compares their pages in place instead of copying both views through read
-/// buffers (windows are unmapped after use: the process's memory stays small).
-#[derive(Default)]
-struct Maps {
-    /// By container name; `None` when the file cannot be opened (then reads are used).
-    files: std::collections::HashMap<Arc<str>, Option<std::fs::File>>,
-}
-
-/// A read-only mapping of part of a file: `map[skip..]` is the range asked for.
-struct Window {
-    map: memmap2::Mmap,
-    skip: usize,
-}
-
-impl Window {
-    fn bytes(&self) -> &[u8] {
-        &self.map[self.skip..]
-    }
-}
-
-impl Maps {
-    /// Where `view` keeps `[at, at + len)` as plain bytes of a local file: the file, the offset
-    /// and how many bytes from `at` are contiguous there.
-    fn locate(&mut self, view: Option<&dyn BlockDriver>, at: u64, len: u64) -> Option<(Arc<str>, u64, u64)> {
-        let v = view?;
-        if at >= v.size() {
-            return None;
-        }
-        let (ext, _) = blockdev::chain_status(v, at, len.min(v.size() - at)).ok()?;
-        if ext.kind != ExtentKind::Data || ext.compressed {
-            return None;
-        }
-        let (name, off) = ext.host?;
-        let file = self.files.entry(name.clone()).or_insert_with(|| std::fs::File::open(&*name).ok()).as_ref()?;
-        let n = ext.len.min(len);
-        (off.checked_add(n)? <= file.metadata().ok()?.len()).then_some((name, off, n))
-    }
-
-    /// Maps `[off, off + len)` of the file called `name` (opened by [`Maps::locate`]).
-    fn window(&self, name: &Arc<str>, off: u64, len: u64) -> Option<Window> {
-        let file = self.files.get(name)?.as_ref()?;
-        let start = off / PAGE * PAGE;
-        let skip = (off - start) as usize;
-        let opts = {
-            let mut o = memmap2::MmapOptions::new();
-            o.offset(start).len(skip + len as usize);
-            o
-        };
-        // SAFETY: the mapping is read-only, of a backing file rebase opened without write
-        // permission and holds shared locks on (a writer honouring QEMU's locks cannot truncate
-        // it meanwhile), and lies within the file's length (checked by `locate`); its bytes are
-        // only compared and copied out, and it is unmapped when the window is dropped.
-        let map = unsafe { opts.map(file) }.ok()?;
-        Some(Window { map, skip })
-    }
-
-    /// Compares the prefix of `[start, start + n)` where both views are plain data in local files
-    /// (whole units), writes the differences into `top`, and returns its length (0: not mapped,
-    /// the caller reads instead).
-    #[allow(clippy::too_many_arguments)]
-    fn compare_mapped(
-        &mut self,
-        top: &dyn BlockDriver,
-        old: Option<&dyn BlockDriver>,
-        new: Option<&dyn BlockDriver>,
-        start: u64,
-        n: u64,
-        unit: u64,
-        old_size: u64,
-        compress: bool,
-    ) -> Result<u64, CliError> {
-        let (Some((fo, oo, lo)), Some((fn_, on, ln))) = (self.locate(old, start, n), self.locate(new, start, n)) else {
-            return Ok(0);
-        };
-        let m = lo.min(ln) / unit * unit;
-        if m == 0 {
-            return Ok(0);
-        }
-        let (Some(a), Some(b)) = (self.window(&fo, oo, m), self.window(&fn_, on, m)) else { return Ok(0) };
-        write_differences(top, start, a.bytes(), b.bytes(), unit, old_size, compress)
-            .map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
-        Ok(m)
-    }
-}
-
-/// Mapping offsets must be multiples of the page size (4 KiB or a multiple of it on Linux hosts
-/// vdisk runs on; 64 KiB covers the larger pages too).
-const PAGE: u64 = 65536;
