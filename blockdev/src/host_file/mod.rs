@@ -196,7 +196,8 @@ impl HostFile {
         if offset % ra != 0 {
             return true;
         }
-        lens_and_ptrs.into_iter().any(|(len, ptr)| len as u64 % ra != 0 || ptr % ma != 0)
+        // Empty slices move no bytes (and may carry a dangling, unaligned pointer).
+        lens_and_ptrs.into_iter().any(|(len, ptr)| len != 0 && (len as u64 % ra != 0 || ptr % ma != 0))
     }
 
     fn aligned_window(&self, offset: u64, len: u64) -> Result<(u64, u64)> {

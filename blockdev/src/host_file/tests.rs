@@ -52,6 +52,25 @@ fn direct_io_bounces_unaligned_requests_and_keeps_length() {
 }
 
 #[test]
+fn empty_slices_do_not_make_aligned_direct_requests_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp_file(&dir, "e", 0);
+    let f = match HostFile::open(&p, &HostOpenOptions { cache: CacheMode::None, ..Default::default() }) {
+        Ok(f) => f,
+        Err(e) if e.errno() == Some(libc::EINVAL) => return, // tmpfs has no O_DIRECT
+        Err(e) => panic!("{e}"),
+    };
+    let data = crate::buffer::AlignedBuf::new(8192, 4096);
+    let empty: &[u8] = &[];
+    let bufs = [IoSlice::new(empty), IoSlice::new(&data), IoSlice::new(empty)];
+    assert!(!f.needs_bounce(0, bufs.iter().map(|b| (b.len(), b.as_ptr() as usize))));
+    let odd = [IoSlice::new(&data[1..])];
+    assert!(f.needs_bounce(0, odd.iter().map(|b| (b.len(), b.as_ptr() as usize))));
+    f.write_at(0, &bufs).unwrap();
+    assert_eq!(f.len().unwrap(), 8192);
+}
+
+#[test]
 fn concurrent_unaligned_direct_writes_are_not_lost() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp_file(&dir, "c", 65536);

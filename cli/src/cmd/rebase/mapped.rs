@@ -12,6 +12,10 @@ use blockdev::{BlockDriver, ExtentKind};
 
 use super::writer::{DiffWriter, Job};
 use super::{differing_units, write_runs, zero_run, MAPPED_CHUNK};
+
+/// Bytes of the zero buffer: a mapped run (up to [`MAPPED_CHUNK`], rounded up to the largest
+/// unit, a 2 MiB cluster).
+const ZERO_BUFFER: usize = if MAPPED_CHUNK > 2 << 20 { MAPPED_CHUNK as usize } else { 2 << 20 };
 use crate::report::CliError;
 
 /// Mapping offsets must be multiples of the page size (4 KiB or a multiple of it on Linux hosts
@@ -22,14 +26,14 @@ const PAGE: u64 = 65536;
 pub(super) struct Maps {
     /// By container name; `None` when the file cannot be opened (then reads are used).
     files: std::collections::HashMap<Arc<str>, Option<std::fs::File>>,
-    /// Zeros standing in for a view that has no data over a run (one mapped chunk's worth; the
-    /// allocation is lazily zeroed memory, so it costs next to nothing until compared against).
+    /// Zeros standing in for a view that has no data over a run ([`ZERO_BUFFER`] bytes, lazily
+    /// zeroed memory: it costs next to nothing).
     zeros: Arc<Vec<u8>>,
 }
 
 impl Default for Maps {
     fn default() -> Maps {
-        Maps { files: Default::default(), zeros: Arc::new(vec![0; MAPPED_CHUNK as usize]) }
+        Maps { files: Default::default(), zeros: Arc::new(vec![0; ZERO_BUFFER]) }
     }
 }
 

@@ -46,9 +46,9 @@ const OPTS: &[Opt] = &[
 
 /// Largest unit read and compared at once.
 const CHUNK: u64 = 2 << 20;
-/// Largest unit compared at once where both views are mapped files (nothing is buffered; the
-/// two windows are what the comparison keeps in memory).
-const MAPPED_CHUNK: u64 = 2 << 20;
+/// Largest unit compared at once where the views are mapped files (nothing is buffered; the two
+/// windows compared, and the one being written, are what rebase keeps in memory).
+const MAPPED_CHUNK: u64 = 1 << 20;
 
 /// Runs `rebase`.
 pub fn run(args: &[String]) -> CmdResult {

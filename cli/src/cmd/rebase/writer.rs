@@ -2,8 +2,9 @@
 //! while earlier differences are written (with the image opened `O_DIRECT`, each write waits for
 //! the device).
 //!
-//! Jobs touch disjoint units of the image and are written in the order sent. The queue holds at
-//! most [`QUEUE`] jobs (each keeps one mapped window), which bounds what is in flight. The first
+//! Jobs touch disjoint units of the image and are written in the order sent. A job is handed
+//! over only when the thread is ready for it ([`QUEUE`] is 0), so one window is being written
+//! while the next is compared and no more: each keeps its mapped pages resident. The first
 //! error stops the thread; the next [`DiffWriter::send`] or [`DiffWriter::finish`] returns it.
 //! Rebase calls `finish` (all writes returned) before it flushes and renames the backing file.
 
@@ -16,8 +17,8 @@ use blockdev::BlockDriver;
 use super::mapped::SideBytes;
 use super::write_runs;
 
-/// Jobs queued at most.
-const QUEUE: usize = 4;
+/// Jobs waiting beyond the one being written (more cost memory and gained nothing measurable).
+const QUEUE: usize = 0;
 
 /// Differences to write: the units of `old` (from `start`) that `mask` marks.
 pub(super) struct Job {
