@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod compare;
 mod concat;
 pub mod copy;
+pub mod crypto;
 mod driver;
 mod error;
 mod host_file;

@@ -67,6 +67,9 @@ pub struct OpenOptions {
     /// Where a driver reports what it does on its own during open (the findings of the automatic
     /// repair of a qcow2 image left dirty by lazy refcounts). Dropped when unset.
     pub diagnostics: Diagnostics,
+    /// The passphrase of the image's own encryption (qemu's `key-secret` of a `luks` node,
+    /// `encrypt.key-secret` of a qcow2 one); not passed on to backing files.
+    pub key_secret: Option<crate::crypto::Secret>,
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -128,6 +131,7 @@ impl Default for OpenOptions {
             data_file: None,
             metadata_cache: MetadataCacheSizes::default(),
             diagnostics: Diagnostics::default(),
+            key_secret: None,
         }
     }
 }
@@ -153,6 +157,7 @@ impl OpenOptions {
             no_backing: false,
             for_check: false,
             data_file: None,
+            key_secret: None,
             ..self.clone()
         }
     }

@@ -165,12 +165,30 @@ pub fn parse_size_option(name: &str, value: &str) -> Result<u64> {
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
     entries: Vec<(String, String)>,
+    /// Secrets by id, for options that name one (`key-secret`, `encrypt.key-secret`).
+    secrets: Vec<(String, crate::crypto::Secret)>,
 }
 
 impl CreateOptions {
     /// An empty list.
     pub fn new() -> CreateOptions {
         CreateOptions::default()
+    }
+
+    /// Makes the secrets the user defined (qemu's `--object secret,id=..`) available to options
+    /// that name them.
+    pub fn set_secrets(&mut self, secrets: Vec<(String, crate::crypto::Secret)>) {
+        self.secrets = secrets;
+    }
+
+    /// The secret named by option `key`: `None` if the option is not set; an error (qemu's) if
+    /// it names no defined secret.
+    pub fn secret(&self, key: &str) -> Result<Option<crate::crypto::Secret>> {
+        let Some(id) = self.get(key) else { return Ok(None) };
+        match self.secrets.iter().rev().find(|(i, _)| i == id) {
+            Some((_, s)) => Ok(Some(s.clone())),
+            None => Err(Error::invalid_argument(format!("No secret with id '{id}'"))),
+        }
     }
 
     /// Parses `s` and appends its entries after checking each key and value against `specs`.

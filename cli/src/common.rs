@@ -94,8 +94,29 @@ impl Objects {
             };
             objs.secrets.push((id, bytes));
         }
+        let mut defined = DEFINED_SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+        defined.extend(objs.secrets.iter().map(|(id, b)| (id.clone(), blockdev::crypto::Secret::new(b.clone()))));
         Ok(objs)
     }
+}
+
+/// Secrets defined by this command's `--object` arguments ([`Objects::parse`] adds them), for
+/// the options that name one (`key-secret`, `encrypt.key-secret`).
+static DEFINED_SECRETS: std::sync::Mutex<Vec<(String, blockdev::crypto::Secret)>> = std::sync::Mutex::new(Vec::new());
+
+/// Every secret defined so far, by id (a later definition of an id wins).
+pub fn defined_secrets() -> Vec<(String, blockdev::crypto::Secret)> {
+    DEFINED_SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The secret called `id`, with qemu's message when there is none.
+pub fn secret(id: &str) -> Result<blockdev::crypto::Secret, String> {
+    defined_secrets()
+        .into_iter()
+        .rev()
+        .find(|(i, _)| i == id)
+        .map(|(_, s)| s)
+        .ok_or_else(|| format!("No secret with id '{id}'"))
 }
 
 fn decode_base64(data: &[u8]) -> Option<Vec<u8>> {
@@ -270,6 +291,12 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         }
         opts.data_file = io.data_file.clone();
         opts.metadata_cache = io.metadata_cache;
+        for (k, v) in &io.other {
+            if k == "key-secret" || k == "encrypt.key-secret" {
+                opts.key_secret =
+                    Some(secret(v).map_err(|m| CliError::new(format!("Could not open '{}': {m}", req.name)))?);
+            }
+        }
         (io.filename, io.driver)
     } else {
         (req.name.to_string(), req.fmt.map(str::to_string))

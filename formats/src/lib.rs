@@ -15,6 +15,7 @@
 pub mod commit;
 pub mod file;
 pub mod json_name;
+pub mod luks;
 pub mod overlay;
 pub mod raw;
 
@@ -61,7 +62,7 @@ impl Default for Registry {
 impl Registry {
     /// The registry with all built-in formats.
     pub fn new() -> Registry {
-        Registry { formats: vec![Arc::new(raw::RawFormat), Arc::new(qcow2::Qcow2Format)] }
+        Registry { formats: vec![Arc::new(raw::RawFormat), Arc::new(qcow2::Qcow2Format), Arc::new(luks::LuksFormat)] }
     }
 
     /// Adds a format (a later registration with the same name replaces the earlier one).

@@ -186,6 +186,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     let total_size: u64 = sources.iter().map(|s| s.size().div_ceil(512) * 512).sum();
     // Target options.
     let mut create_opts = CreateOptions::new();
+    create_opts.set_secrets(crate::common::defined_secrets());
     let mut target_backing = p.value("B").map(str::to_string);
     if !p.has("n") {
         let fmt_name = a.out_fmt.unwrap_or("raw");
@@ -249,7 +250,13 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     }
     // Target: read-write with the output cache mode (unsafe by default: no flushes).
     let cache = cache_mode(p.value("t"), CacheMode::Unsafe, "cache")?;
-    let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
+    // An encrypted target is opened with the key it was created with (qemu passes the creation
+    // options on to the open).
+    let key_secret = match create_opts.secret("key-secret") {
+        Ok(Some(s)) => Some(s),
+        _ => create_opts.secret("encrypt.key-secret").ok().flatten(),
+    };
+    let opts = OpenOptions { read_only: false, cache, key_secret, ..OpenOptions::default() };
     let req = OpenRequest { name: a.out, fmt: a.out_fmt, image_opts: p.has("target-image-opts"), opts };
     let target = img_open(&reg, &req)?;
     if copy_bitmaps && !target.bitmaps().is_some_and(|b| b.supported()) {

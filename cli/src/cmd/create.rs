@@ -87,6 +87,7 @@ pub fn img_create(reg: &Registry, req: &CreateRequest<'_>) -> Result<(), String>
     let format = reg.format(req.fmt).ok_or_else(|| format!("Unknown file format '{}'", req.fmt))?;
     let specs = reg.create_specs(format);
     let mut opts = CreateOptions::new();
+    opts.set_secrets(crate::common::defined_secrets());
     if let Some(o) = req.options {
         opts.parse_into(o, &specs).map_err(|e| e.message().to_string())?;
     }

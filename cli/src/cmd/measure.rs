@@ -275,6 +275,7 @@ pub fn run(args: &[String]) -> CmdResult {
         })?,
         None => CreateOptions::new(),
     };
+    opts.set_secrets(crate::common::defined_secrets());
     if let Some(s) = a.size {
         opts.set("size", &s.to_string());
     }

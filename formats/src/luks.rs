@@ -1,0 +1,339 @@
+//! The `luks` format: a LUKS1 volume in a file (qemu-img's `-f luks`).
+//!
+//! The header and the key slots' material take the first `payload_offset` sectors; the guest disk
+//! is the rest of the file, each 512-byte sector encrypted with the volume key under its number
+//! counted from the payload start. Without a passphrase the image opens for metadata only (`info`,
+//! with [`OpenOptions::no_io`]); opening for data needs `key_secret`.
+//!
+//! Data never leaves in the clear and the caller's buffers are never encrypted in place: writes
+//! encrypt a copy. A request that does not cover whole sectors reads, decrypts, patches and
+//! re-encrypts the sectors it touches, under a range lock so that two such writes into one
+//! sector cannot lose each other's bytes.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use blockdev::crypto::luks::{LuksHeader, HEADER_LEN};
+use blockdev::crypto::volume::{header_area_len, luks_create_options, luks_info, read_header, unlock};
+use blockdev::crypto::{SectorCipher, SECTOR_SIZE};
+use blockdev::info::ImageInfo;
+use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
+use blockdev::range_lock::RangeLock;
+use blockdev::{
+    check_request, Chain, Error, ErrorKind, Extent, ExtentKind, Format, Measure, OpenOptions, Opener, Prealloc,
+    ResizeOptions, Result, Storage, ZeroFlags,
+};
+
+use crate::storage_info;
+
+/// The `luks` format's registry entry.
+#[derive(Debug, Default)]
+pub struct LuksFormat;
+
+/// qemu-img's `-o` options for `create -f luks`, in its order.
+const CREATE_OPTIONS: &[OptionSpec] = &[
+    OptionSpec::new("size", OptionKind::Size, "Virtual disk size"),
+    OptionSpec::new("key-secret", OptionKind::Str, "ID of the secret that provides the keyslot passphrase"),
+    OptionSpec::new("cipher-alg", OptionKind::Str, "Name of encryption cipher algorithm"),
+    OptionSpec::new("cipher-mode", OptionKind::Str, "Name of encryption cipher mode"),
+    OptionSpec::new("ivgen-alg", OptionKind::Str, "Name of IV generator algorithm"),
+    OptionSpec::new("ivgen-hash-alg", OptionKind::Str, "Name of IV generator hash algorithm"),
+    OptionSpec::new("hash-alg", OptionKind::Str, "Name of encryption hash algorithm"),
+    OptionSpec::new("iter-time", OptionKind::Number, "Time to spend in PBKDF in milliseconds"),
+    OptionSpec::new("detached-header", OptionKind::Bool, "Create a detached LUKS header"),
+];
+
+/// Largest request encrypted or decrypted through one bounce buffer.
+const CHUNK: usize = 1 << 20;
+
+impl Format for LuksFormat {
+    fn name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn probe(&self, head: &[u8], _filename: &str) -> u32 {
+        if head.len() >= 8 && head[..6] == *b"LUKS\xba\xbe" && head[6..8] == [0, 1] {
+            100
+        } else {
+            0
+        }
+    }
+
+    fn open(
+        &self,
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        _chain: &Chain,
+        _opener: &dyn Opener,
+    ) -> Result<Arc<dyn blockdev::BlockDriver>> {
+        Ok(Arc::new(LuksDriver::open(storage, opts)?))
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        CREATE_OPTIONS
+    }
+
+    fn create(&self, filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
+        let secret = opts
+            .secret("key-secret")?
+            .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))?;
+        if opts.get_bool("detached-header")?.unwrap_or(false) {
+            return Err(Error::unsupported("Detached LUKS headers are not supported by this version of vdisk"));
+        }
+        let size = opts.get_size("size")?.unwrap_or(0);
+        let volume = luks_create_options(opts, "")?.create(secret.bytes())?;
+        let mut file_opts = opts.clone();
+        file_opts.set("size", "0");
+        let storage = opener.create_storage(filename, &file_opts)?;
+        blockdev::write_all_at(storage.as_ref(), 0, &volume.area)?;
+        let total = (volume.area.len() as u64)
+            .checked_add(size.next_multiple_of(SECTOR_SIZE as u64))
+            .ok_or_else(|| Error::out_of_range("Image size too large"))?;
+        storage.set_len(total, Prealloc::Off)?;
+        storage.flush()
+    }
+
+    fn measure(&self, size: u64, source: Option<&dyn blockdev::BlockDriver>, opts: &CreateOptions) -> Result<Measure> {
+        // qemu measures with the volume it would create, which needs the passphrase.
+        if opts.secret("key-secret")?.is_none() {
+            return Err(Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"));
+        }
+        let spec = luks_create_options(opts, "")?.spec;
+        let size = source.map(|s| s.size()).unwrap_or(size).next_multiple_of(SECTOR_SIZE as u64);
+        let required = header_area_len(&spec) + size;
+        Ok(Measure { required, fully_allocated: required, bitmaps: None })
+    }
+}
+
+/// An open `luks` image.
+pub struct LuksDriver {
+    storage: Arc<dyn Storage>,
+    header: LuksHeader,
+    /// `None` when opened without a key (metadata only).
+    cipher: Option<SectorCipher>,
+    payload: u64,
+    size: std::sync::atomic::AtomicU64,
+    read_only: bool,
+    rmw: RangeLock,
+}
+
+impl std::fmt::Debug for LuksDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuksDriver").field("storage", &self.storage.name()).field("payload", &self.payload).finish()
+    }
+}
+
+impl LuksDriver {
+    /// Opens the LUKS volume in `storage`: unlocked with `opts.key_secret`, or for metadata only
+    /// when `opts.no_io` is set and no key is given.
+    pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<LuksDriver> {
+        let file_len = storage.len()?;
+        let header = read_header(storage.as_ref(), 0, file_len)?;
+        let payload = header.payload_offset as u64 * SECTOR_SIZE as u64;
+        if payload < HEADER_LEN as u64 || payload > file_len {
+            return Err(Error::invalid_image(format!(
+                "LUKS payload offset {payload} is outside the file of {file_len} bytes"
+            )));
+        }
+        for i in 0..header.slots.len() {
+            if header.material_range(i).end > payload {
+                return Err(Error::invalid_image(format!("Keyslot {i} is overlapping with the encrypted payload")));
+            }
+        }
+        let cipher = match &opts.key_secret {
+            Some(secret) => Some(unlock(storage.as_ref(), 0, &header, secret.bytes())?),
+            None if opts.no_io => None,
+            None => return Err(Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher")),
+        };
+        let size = (file_len - payload) / SECTOR_SIZE as u64 * SECTOR_SIZE as u64;
+        Ok(LuksDriver {
+            read_only: opts.read_only || storage.is_read_only(),
+            storage,
+            header,
+            cipher,
+            payload,
+            size: std::sync::atomic::AtomicU64::new(size),
+            rmw: RangeLock::new(),
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &LuksHeader {
+        &self.header
+    }
+
+    fn cipher(&self) -> Result<&SectorCipher> {
+        self.cipher
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only().with_path(self.storage.name()));
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts the whole sectors `[start, start + buf.len())` of the payload.
+    fn read_sectors(&self, start: u64, buf: &mut [u8]) -> Result<()> {
+        blockdev::read_exact_at(self.storage.as_ref(), self.payload + start, buf)?;
+        self.cipher()?.decrypt(start / SECTOR_SIZE as u64, buf)
+    }
+
+    /// Encrypts `plain` (whole sectors at payload offset `start`) into a copy and writes it.
+    fn write_sectors(&self, start: u64, plain: &[u8]) -> Result<()> {
+        let mut enc = plain.to_vec();
+        self.cipher()?.encrypt(start / SECTOR_SIZE as u64, &mut enc)?;
+        blockdev::write_all_at(self.storage.as_ref(), self.payload + start, &enc)
+    }
+
+    /// Writes `data` at payload offset `offset` (any alignment).
+    fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let ss = SECTOR_SIZE as u64;
+        let end = offset + data.len() as u64;
+        let (wstart, wend) = (offset / ss * ss, end.div_ceil(ss) * ss);
+        if wstart == offset && wend == end {
+            return self.write_sectors(offset, data);
+        }
+        let _g = self.rmw.lock(wstart, wend);
+        let mut window = vec![0u8; (wend - wstart) as usize];
+        self.read_sectors(wstart, &mut window)?;
+        window[(offset - wstart) as usize..(end - wstart) as usize].copy_from_slice(data);
+        self.write_sectors(wstart, &window)
+    }
+}
+
+impl blockdev::BlockDriver for LuksDriver {
+    fn format(&self) -> &'static str {
+        "luks"
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn filename(&self) -> &str {
+        self.storage.name()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = blockdev::iov_len_mut(bufs);
+        check_request(offset, len, self.size())?;
+        let ss = SECTOR_SIZE as u64;
+        let mut pos = offset;
+        let mut chunk = Vec::new();
+        let mut filled = 0usize;
+        let (mut bi, mut bo) = (0usize, 0usize);
+        while pos < offset + len {
+            let start = pos / ss * ss;
+            let end = (offset + len).div_ceil(ss).saturating_mul(ss).min(start + CHUNK as u64);
+            chunk.resize((end - start) as usize, 0);
+            self.read_sectors(start, &mut chunk)?;
+            let mut from = (pos - start) as usize;
+            let upto = ((offset + len).min(end) - start) as usize;
+            while from < upto {
+                let b = &mut bufs[bi];
+                let n = (b.len() - bo).min(upto - from);
+                b[bo..bo + n].copy_from_slice(&chunk[from..from + n]);
+                from += n;
+                bo += n;
+                filled += n;
+                if bo == b.len() {
+                    bi += 1;
+                    bo = 0;
+                }
+            }
+            pos = start + upto as u64;
+        }
+        debug_assert_eq!(filled as u64, len);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.writable()?;
+        let len = blockdev::iov_len(bufs);
+        check_request(offset, len, self.size())?;
+        let mut data = Vec::with_capacity(len as usize);
+        for b in bufs {
+            data.extend_from_slice(b);
+        }
+        for (i, piece) in data.chunks(CHUNK).enumerate() {
+            self.write_bytes(offset + (i * CHUNK) as u64, piece)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        // Zeros must be stored encrypted: a hole would read back as garbage.
+        self.writable()?;
+        check_request(offset, len, self.size())?;
+        if flags.no_fallback {
+            return Err(Error::unsupported("an encrypted image cannot write zeros without writing them"));
+        }
+        let zeros = vec![0u8; len.min(CHUNK as u64) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(CHUNK as u64) as usize;
+            self.write_bytes(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_request(offset, len, self.size())?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage.flush()
+    }
+
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let len = max_len.min(self.size().saturating_sub(offset));
+        if len == 0 {
+            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
+        }
+        Ok(Extent::new(len, ExtentKind::Data))
+    }
+
+    fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        self.writable()?;
+        if opts.prealloc != Prealloc::Off {
+            return Err(Error::unsupported("Unsupported preallocation mode for luks images"));
+        }
+        let new_size = new_size.next_multiple_of(SECTOR_SIZE as u64);
+        self.storage.set_len(self.payload + new_size, Prealloc::Off)?;
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let file = storage_info(self.storage.as_ref())?;
+        Ok(ImageInfo {
+            filename: self.storage.name().to_string(),
+            format: "luks".into(),
+            dirty_flag: Some(false),
+            actual_size: file.actual_size,
+            virtual_size: self.size(),
+            encrypted: Some(true),
+            format_specific: Some(("luks".into(), luks_info(&self.header))),
+            children: vec![("file".into(), file)],
+            ..ImageInfo::default()
+        })
+    }
+
+    fn storage(&self) -> Option<Arc<dyn Storage>> {
+        Some(self.storage.clone())
+    }
+
+    fn has_zero_init(&self) -> bool {
+        false
+    }
+}
