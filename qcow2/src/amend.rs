@@ -261,7 +261,7 @@ impl Qcow2 {
         let total: usize = tables.iter().map(Vec::len).sum();
         let mut done = 0usize;
         for l1 in &tables {
-            for &l1_entry in l1 {
+            for (index, &l1_entry) in l1.iter().enumerate() {
                 // Reported as each L1 entry is entered, after the first: the caller has printed
                 // 0% and prints 100% at the end, as qemu-img does.
                 if done > 0 {
@@ -270,7 +270,7 @@ impl Qcow2 {
                 done += 1;
                 let l2_off = l1_entry & OFFSET_MASK;
                 if l2_off != 0 {
-                    self.expand_zero_clusters_in(l2_off)?;
+                    self.expand_zero_clusters_in(l2_off, index as u64 * self.geo.l2_coverage())?;
                 }
             }
         }
@@ -279,8 +279,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Expands the zero clusters of the L2 table at `l2_off`.
-    fn expand_zero_clusters_in(&self, l2_off: u64) -> Result<()> {
+    /// Expands the zero clusters of the L2 table at `l2_off`, which maps guest offsets from
+    /// `first_guest` on.
+    fn expand_zero_clusters_in(&self, l2_off: u64, first_guest: u64) -> Result<()> {
         let cs = self.cluster_size();
         let mut m = self.lock();
         let io = self.file.as_ref();
@@ -312,7 +313,15 @@ impl Qcow2 {
                     let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
                     return Err(m.corruption(io, true, msg));
                 }
-                self.data.write_zeroes(host, cs, false)?;
+                match &self.cipher {
+                    // Zeros of an encrypted image are stored encrypted.
+                    Some(c) => {
+                        let mut zeros = vec![0u8; cs as usize];
+                        c.encrypt(host, first_guest + j as u64 * cs, &mut zeros)?;
+                        blockdev::write_all_at(self.data.as_ref(), host, &zeros)?;
+                    }
+                    None => self.data.write_zeroes(host, cs, false)?,
+                }
                 if m.rc.get(io, host / cs)? == 1 {
                     host | COPIED
                 } else {

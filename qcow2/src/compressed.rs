@@ -54,6 +54,10 @@ impl CompressedWrite for Qcow2 {
 
     fn write_compressed(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()> {
         self.check_writable()?;
+        if self.crypt_scheme.is_some() {
+            // Compressed clusters are never encrypted: qemu refuses them in encrypted images.
+            return Err(Error::unsupported("Compression and encryption not supported at the same time"));
+        }
         self.note_change(offset, data.len() as u64)?;
         let cs = self.cluster_size();
         if offset % cs != 0 || data.len() as u64 != cs {

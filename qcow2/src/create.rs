@@ -76,6 +76,54 @@ pub struct Params {
     pub backing: Option<(String, Option<String>)>,
     /// External data file name and the raw flag.
     pub data_file: Option<(String, bool)>,
+    /// Encryption.
+    pub encryption: Option<Encryption>,
+}
+
+/// How a new image is encrypted.
+#[derive(Debug, Clone)]
+pub enum Encryption {
+    /// Legacy AES keyed by the passphrase.
+    Aes(Option<blockdev::crypto::Secret>),
+    /// LUKS with these options and passphrase.
+    Luks(blockdev::crypto::luks::LuksCreateOptions, Option<blockdev::crypto::Secret>),
+}
+
+/// The LUKS options qcow2 takes under `encrypt.` (legacy AES takes none of them).
+const LUKS_ONLY: &[&str] = &["cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time"];
+
+/// The encryption `opts` ask for, with qemu's checks and messages; the passphrase is required
+/// unless `measure`.
+fn encryption_for(opts: &CreateOptions, measure: bool) -> Result<Option<Encryption>> {
+    let bad = |m: String| Error::invalid_argument(m);
+    let alias = opts.get_bool("encryption")?;
+    let format = match (opts.get("encrypt.format"), alias) {
+        (Some(_), Some(_)) => {
+            return Err(bad("'encrypt.format' and its alias 'encryption' can't be used at the same time".into()))
+        }
+        (Some(f), None) => f.to_string(),
+        (None, Some(true)) => "aes".to_string(),
+        (None, Some(false) | None) => {
+            if opts.entries().iter().any(|(k, _)| k.starts_with("encrypt.")) {
+                return Err(bad("Parameter 'encrypt.format' is missing".into()));
+            }
+            return Ok(None);
+        }
+    };
+    let secret = opts.secret("encrypt.key-secret")?;
+    if secret.is_none() && !measure {
+        return Err(Error::new(blockdev::ErrorKind::NeedsKey, "Parameter 'encrypt.key-secret' is required for cipher"));
+    }
+    match format.as_str() {
+        "aes" => {
+            if let Some(k) = LUKS_ONLY.iter().find(|k| opts.has(&format!("encrypt.{k}"))) {
+                return Err(bad(format!("Parameter 'encrypt.{k}' is unexpected")));
+            }
+            Ok(Some(Encryption::Aes(secret)))
+        }
+        "luks" => Ok(Some(Encryption::Luks(blockdev::crypto::volume::luks_create_options(opts, "encrypt.")?, secret))),
+        f => Err(bad(format!("Parameter 'format' does not accept value '{f}'"))),
+    }
 }
 
 /// Reads and validates the create options with qemu's messages.
@@ -157,9 +205,7 @@ fn params_for(opts: &CreateOptions, measure: bool) -> Result<Params> {
     if zstd && version < 3 {
         return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
     }
-    if opts.get_bool("encryption")?.unwrap_or(false) || opts.has("encrypt.format") {
-        return Err(Error::unsupported("Encrypted qcow2 images cannot be created by this version of vdisk"));
-    }
+    let encryption = encryption_for(opts, measure)?;
     Ok(Params {
         size,
         version,
@@ -171,6 +217,7 @@ fn params_for(opts: &CreateOptions, measure: bool) -> Result<Params> {
         prealloc,
         backing,
         data_file,
+        encryption,
     })
 }
 
@@ -198,7 +245,7 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         file.clone(),
         &OpenOptions { read_only: false, no_backing: true, ..OpenOptions::default() },
         &Chain::new(),
-        &DataOnly { data },
+        &DataOnly { data: data.clone() },
     )?;
     {
         let mut m = q.lock();
@@ -215,6 +262,10 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         m.exts.backing_format = fmt.clone();
         m.write_header(file.as_ref(), true)?;
     }
+    let q = match &p.encryption {
+        None => q,
+        Some(e) => set_up_encryption(q, file.clone(), data.clone(), e)?,
+    };
     match p.prealloc {
         Prealloc::Off => {}
         Prealloc::Falloc | Prealloc::Full if p.data_file.is_none() => q.grow_allocated(0, p.size, p.prealloc)?,
@@ -222,6 +273,44 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
     }
     blockdev::BlockDriver::close(q.as_ref())?;
     Ok(())
+}
+
+/// Encrypts the freshly created (still empty) image `q`: records the scheme in the header (for
+/// LUKS, after writing the LUKS area into newly allocated clusters) and reopens it with the key
+/// so that preallocation writes encrypted data.
+fn set_up_encryption(
+    q: Arc<Qcow2>,
+    file: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    e: &Encryption,
+) -> Result<Arc<Qcow2>> {
+    let secret = match e {
+        Encryption::Aes(s) | Encryption::Luks(_, s) => s.clone().ok_or_else(crate::crypt::key_required)?,
+    };
+    {
+        let mut m = q.lock();
+        let io = file.as_ref();
+        match e {
+            Encryption::Aes(_) => m.h.crypt_method = crate::crypt::CRYPT_AES,
+            Encryption::Luks(o, _) => {
+                let volume = o.create(secret.bytes())?;
+                let cs = m.geo.cluster_size();
+                let len = volume.area.len() as u64;
+                let host = m.alloc(io, len.div_ceil(cs))?;
+                // The whole clusters are written, zeros after the area, as qemu does.
+                let mut area = volume.area;
+                area.resize((len.div_ceil(cs) * cs) as usize, 0);
+                write_all_at(io, host, &area)?;
+                m.h.crypt_method = crate::crypt::CRYPT_LUKS;
+                m.exts.crypto = Some((host, len));
+            }
+        }
+        m.write_header(io, true)?;
+    }
+    blockdev::BlockDriver::close(q.as_ref())?;
+    drop(q);
+    let opts = OpenOptions { read_only: false, no_backing: true, key_secret: Some(secret), ..OpenOptions::default() };
+    Qcow2::open(file, &opts, &Chain::new(), &DataOnly { data })
 }
 
 /// The header, refcount table and refcount block of an empty image (clusters 0, 1 and 2).

@@ -57,6 +57,10 @@ pub struct Qcow2 {
     pub(crate) recording: Mutex<crate::bitmap::RecordingSlot>,
     /// Whether guest writes must be noted in bitmaps: some bitmap is enabled and consistent.
     pub(crate) watch_bitmaps: AtomicBool,
+    /// How the image is encrypted (for `info`), if it is.
+    pub(crate) crypt_scheme: Option<crate::crypt::Scheme>,
+    /// The key to the data of an encrypted image opened for data (see `crypt.rs`).
+    pub(crate) cipher: Option<crate::crypt::DataCipher>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -102,7 +106,11 @@ impl Qcow2 {
             match sub {
                 Sub::Data { host, .. } => {
                     let at = host + pos % self.cluster_size();
-                    self.data.read_at(at, &mut iov::slice_mut(bufs, done, run))?;
+                    match &self.cipher {
+                        None if self.crypt_scheme.is_some() => return Err(crate::crypt::key_required()),
+                        None => self.data.read_at(at, &mut iov::slice_mut(bufs, done, run))?,
+                        Some(c) => self.read_encrypted(c, at, pos, run, bufs, done)?,
+                    }
                 }
                 Sub::Zero { .. } => iov::zero(bufs, done, run),
                 Sub::Unallocated { .. } => self.read_backing(pos, &mut iov::slice_mut(bufs, done, run))?,
@@ -117,6 +125,26 @@ impl Qcow2 {
             }
             done += run;
         }
+        Ok(())
+    }
+
+    /// Reads `run` bytes of guest data at `pos` (host `at`) into `bufs` from `done` on, decrypting
+    /// the whole sectors around them in a private buffer (sectors never straddle clusters).
+    fn read_encrypted(
+        &self,
+        c: &crate::crypt::DataCipher,
+        at: u64,
+        pos: u64,
+        run: u64,
+        bufs: &mut [IoSliceMut<'_>],
+        done: u64,
+    ) -> Result<()> {
+        let ss = blockdev::crypto::SECTOR_SIZE as u64;
+        let skip = at % ss;
+        let mut buf = vec![0u8; (skip + run).div_ceil(ss) as usize * ss as usize];
+        blockdev::read_exact_at(self.data.as_ref(), at - skip, &mut buf)?;
+        c.decrypt(at - skip, pos - skip, &mut buf)?;
+        iov::scatter(bufs, done, &buf[skip as usize..(skip + run) as usize]);
         Ok(())
     }
 
@@ -163,7 +191,9 @@ impl Qcow2 {
     fn specific_info(&self, m: &Meta) -> Dict {
         let mut d = Dict::new();
         if m.h.version == 2 {
-            d.insert("compat", "0.10".into()).insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64));
+            d.insert("compat", "0.10".into())
+                .insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64))
+                .insert_opt("encrypt", self.crypt_scheme.as_ref().map(crate::crypt::info));
         } else {
             let has_data_file = m.h.incompatible & incompat::DATA_FILE != 0;
             d.insert("compat", "1.1".into())
@@ -176,6 +206,7 @@ impl Qcow2 {
                 .insert("lazy-refcounts", Value::Bool(m.h.compatible & compat::LAZY_REFCOUNTS != 0))
                 .insert("corrupt", Value::Bool(m.h.incompatible & incompat::CORRUPT != 0))
                 .insert("refcount-bits", Value::Int(m.h.refcount_bits() as i64))
+                .insert_opt("encrypt", self.crypt_scheme.as_ref().map(crate::crypt::info))
                 .insert_opt("bitmaps", (!m.bitmaps.is_empty()).then(|| bitmap_list(m)));
         }
         d.insert("compression-type", m.h.compression().name().into());
@@ -282,7 +313,7 @@ impl BlockDriver for Qcow2 {
             actual_size: file.actual_size,
             virtual_size: self.size(),
             cluster_size: Some(self.cluster_size()),
-            encrypted: None,
+            encrypted: self.crypt_scheme.is_some().then_some(true),
             backing_filename: self.backing_info.name.clone(),
             full_backing_filename: self.backing_info.full.clone(),
             backing_filename_format: self.backing_info.format.clone(),

@@ -60,6 +60,16 @@ pub fn scatter(bufs: &mut [IoSliceMut<'_>], start: u64, data: &[u8]) {
     }
 }
 
+/// Copies the bytes of `bufs`, in order, into `out` (which is exactly as long).
+pub fn gather(bufs: &[IoSlice<'_>], out: &mut [u8]) {
+    let mut pos = 0;
+    for b in bufs {
+        let n = b.len().min(out.len() - pos);
+        out[pos..pos + n].copy_from_slice(&b[..n]);
+        pos += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

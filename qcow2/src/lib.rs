@@ -4,7 +4,9 @@
 //! to 64 bits, zero clusters, compressed clusters (zlib and zstd), extended L2 entries
 //! (subclusters), external data files, lazy refcounts with the dirty bit, the corrupt bit, and
 //! preallocation; internal snapshots (`snapshot/`, with the VM state area a VMM saves into);
-//! persistent dirty bitmaps (`bitmap/`); plus `check` with repair.
+//! persistent dirty bitmaps (`bitmap/`); encryption, LUKS and legacy AES (`crypt.rs`: only guest
+//! data is encrypted, in private buffers, whole 512-byte sectors at a time); plus `check` with
+//! repair.
 //!
 //! # Crash consistency
 //! The update order (DESIGN.md, "Crash consistency") is kept by construction:
@@ -23,7 +25,9 @@
 //!    lower them only after the pointer is gone (`snapshot/ops.rs`), so a crash leaks at worst;
 //! 7. bitmap changes write new bit data, tables and directory, sync, switch the header, sync, and
 //!    only then free the old ones; bitmaps recording writes are marked in use on disk first
-//!    (`bitmap/`).
+//!    (`bitmap/`);
+//! 8. creating an encrypted image writes the LUKS area into clusters it allocated before the
+//!    header names them (`create.rs`).
 //!
 //! # Hostile images
 //! Every header field is checked against the file size and the limits in [`limits`] before a table
@@ -38,6 +42,7 @@ mod check;
 mod compress;
 mod compressed;
 mod create;
+mod crypt;
 mod driver;
 mod entry;
 mod grow;

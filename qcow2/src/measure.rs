@@ -78,7 +78,11 @@ pub fn measure(size: u64, source: Option<&dyn BlockDriver>, opts: &CreateOptions
     if matches!(p.prealloc, Prealloc::Full | Prealloc::Falloc) {
         required = virtual_size;
     }
-    let fully = prealloc_size(virtual_size, cs, p.refcount_order, p.extended_l2);
+    let mut fully = prealloc_size(virtual_size, cs, p.refcount_order, p.extended_l2);
+    // A LUKS area takes whole clusters of its own.
+    if let Some(crate::create::Encryption::Luks(o, _)) = &p.encryption {
+        fully += blockdev::crypto::volume::header_area_len(&o.spec).div_ceil(cs) * cs;
+    }
     Ok(Measure {
         required: fully - virtual_size + required,
         fully_allocated: fully,

@@ -64,12 +64,7 @@ impl Qcow2 {
         if h.crypt_method > 2 {
             return Err(Error::invalid_image(format!("Unsupported encryption method: {}", h.crypt_method)));
         }
-        if h.crypt_method != 0 {
-            return Err(Error::new(
-                blockdev::ErrorKind::NeedsKey,
-                "Encrypted qcow2 images are not supported by this version of vdisk (the data would be ciphertext)",
-            ));
-        }
+        let (crypt_scheme, cipher) = crate::crypt::open(&h, &exts, file.as_ref(), opts)?;
         if h.refcount_table_clusters == 0 && !opts.for_check {
             return Err(Error::invalid_image("Image does not contain a reference count table"));
         }
@@ -221,6 +216,8 @@ impl Qcow2 {
             metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
             recording: Mutex::new(None),
             watch_bitmaps: AtomicBool::new(false),
+            crypt_scheme,
+            cipher,
         });
         q.refresh_bitmap_watch(&q.lock());
         if repair_needed {

@@ -20,7 +20,7 @@ impl Qcow2 {
         let run = run.clamp(1, max_len);
         let name: Arc<str> = Arc::from(self.data.name());
         let within = offset % self.cluster_size();
-        Ok(match sub {
+        let extent = match sub {
             Sub::Data { host, .. } if self.metadata_preallocated()? => {
                 let (data, file_run) = self.data.data_status(host + within, run)?;
                 let kind = if data { ExtentKind::Data } else { ExtentKind::ZeroData };
@@ -33,7 +33,9 @@ impl Qcow2 {
             Sub::Unallocated { host: None } => Extent::new(run, ExtentKind::Unallocated),
             Sub::Compressed { .. } => Extent { len: run, kind: ExtentKind::Data, host: None, compressed: true },
             Sub::Invalid(why) => return Err(blockdev::Error::corrupt(why)),
-        })
+        };
+        // Encrypted data has no plain bytes in the file to point at (qemu reports no offsets).
+        Ok(if self.crypt_scheme.is_some() { Extent { host: None, ..extent } } else { extent })
     }
 
     /// Whether the image looks preallocated with metadata only: more clusters in use than a

@@ -46,11 +46,47 @@ impl Qcow2 {
         }
         let cs = self.cluster_size();
         let _g = self.writes.lock(offset / cs, (offset + len - 1) / cs + 1);
+        if self.crypt_scheme.is_some() {
+            if self.cipher.is_none() {
+                return Err(crate::crypt::key_required());
+            }
+            // Encryption works on whole sectors (which never straddle clusters, so the lock
+            // taken above covers the widened range too).
+            let ss = blockdev::crypto::SECTOR_SIZE as u64;
+            let (start, end) = (offset / ss * ss, (offset + len).div_ceil(ss) * ss);
+            if (start, end) != (offset, offset + len) {
+                let mut whole = vec![0u8; (end - start) as usize];
+                let readable = self.disk_size().min(end).saturating_sub(start) as usize;
+                self.read_range(start, &mut [std::io::IoSliceMut::new(&mut whole[..readable])])?;
+                iov::gather(bufs, &mut whole[(offset - start) as usize..(offset - start + len) as usize]);
+                return self.write_pieces(start, &[IoSlice::new(&whole)], end - start);
+            }
+        }
+        self.write_pieces(offset, bufs, len)
+    }
+
+    /// Writes `len` bytes of `bufs` at `offset`, one planned step after the other (the clusters
+    /// are locked by the caller).
+    fn write_pieces(&self, offset: u64, bufs: &[IoSlice<'_>], len: u64) -> Result<()> {
         let mut done = 0;
         while done < len {
             done += self.write_step(offset + done, &iov::slice(bufs, done, len - done), len - done)?;
         }
         Ok(())
+    }
+
+    /// Writes guest data `parts` (guest offset `guest`) at host offset `host`, encrypted (from a
+    /// private copy) when the image is.
+    fn write_data(&self, host: u64, guest: u64, parts: &[IoSlice<'_>]) -> Result<()> {
+        let Some(c) = &self.cipher else {
+            return self.data.write_at(host, parts);
+        };
+        let mut buf = Vec::with_capacity(iov_len(parts) as usize);
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
+        c.encrypt(host, guest, &mut buf)?;
+        self.data.write_at(host, &[IoSlice::new(&buf)])
     }
 
     /// Performs the first piece of a write at `pos`; returns how many bytes it wrote.
@@ -61,7 +97,7 @@ impl Qcow2 {
         };
         match step {
             Step::InPlace { host, len: n, update } => {
-                self.data.write_at(host, &iov::slice(bufs, 0, n))?;
+                self.write_data(host, pos, &iov::slice(bufs, 0, n))?;
                 if let Some((gc, entry, bitmap)) = update {
                     let mut m = self.lock();
                     m.set_entry(self.file.as_ref(), gc, entry, bitmap)?;
@@ -208,7 +244,7 @@ impl Qcow2 {
         parts.push(IoSlice::new(&head));
         parts.extend(iov::slice(bufs, 0, n));
         parts.push(IoSlice::new(&tail));
-        let result = self.data.write_at(host + (run_start - gc * cs), &parts);
+        let result = self.write_data(host + (run_start - gc * cs), run_start, &parts);
         let mut m = self.lock();
         let io = self.file.as_ref();
         if let Err(e) = result {

@@ -1,0 +1,126 @@
+//! Encrypted qcow2 images.
+//!
+//! - LUKS (`crypt_method` 2): a LUKS1 area inside the image file, located by the 0x0537BE77
+//!   header extension (cluster-aligned offset, length); guest data sectors are encrypted under
+//!   their **host** offset / 512.
+//! - Legacy AES (`crypt_method` 1): AES-128-CBC keyed by the passphrase itself, IVs from the
+//!   **guest** offset / 512. Read to get data out; created only on explicit request.
+//!
+//! Only guest data clusters are encrypted; metadata never is, and neither are compressed clusters
+//! (qemu refuses to write them into encrypted images and reads them as stored). Decryption and
+//! encryption work on whole 512-byte sectors in private buffers: the caller's memory never holds
+//! ciphertext. A guest write that does not cover whole sectors is widened to them, reading the
+//! rest of each sector first, while the write holds its clusters' lock (see `write.rs`).
+//!
+//! Without a key an encrypted image opens only with `no_io` (for `info`); opening it for data
+//! fails with qemu's "Parameter 'encrypt.key-secret' is required for cipher".
+
+use blockdev::crypto::luks::LuksHeader;
+use blockdev::crypto::{legacy_aes_cipher, volume, SectorCipher, SECTOR_SIZE};
+use blockdev::qobject::{Dict, Value};
+use blockdev::{Error, ErrorKind, OpenOptions, Result, Storage};
+
+use crate::header::{Extensions, Header};
+
+/// `crypt_method` values.
+pub const CRYPT_NONE: u32 = 0;
+/// Legacy AES.
+pub const CRYPT_AES: u32 = 1;
+/// LUKS.
+pub const CRYPT_LUKS: u32 = 2;
+
+/// How an open image is encrypted, for `info`.
+#[derive(Debug, Clone)]
+pub(crate) enum Scheme {
+    /// Legacy AES.
+    Aes,
+    /// LUKS with this header.
+    Luks(Box<LuksHeader>),
+}
+
+/// The key to an open image's data.
+pub(crate) struct DataCipher {
+    cipher: SectorCipher,
+    /// IVs from host offsets (LUKS) rather than guest offsets (legacy AES).
+    physical: bool,
+}
+
+impl DataCipher {
+    fn sector(&self, host: u64, guest: u64) -> u64 {
+        (if self.physical { host } else { guest }) / SECTOR_SIZE as u64
+    }
+
+    /// Decrypts `buf` (whole sectors) read from host offset `host`, guest offset `guest`.
+    pub(crate) fn decrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
+        self.cipher.decrypt(self.sector(host, guest), buf)
+    }
+
+    /// Encrypts `buf` (whole sectors) to be written at host offset `host`, guest offset `guest`.
+    pub(crate) fn encrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
+        self.cipher.encrypt(self.sector(host, guest), buf)
+    }
+}
+
+/// The message qemu gives when an encrypted image is opened for data without a key.
+pub(crate) fn key_required() -> Error {
+    Error::new(ErrorKind::NeedsKey, "Parameter 'encrypt.key-secret' is required for cipher")
+}
+
+/// Reads the image's encryption from its header: the scheme (for `info`) and, when a key is
+/// given, the data cipher. Errors as qemu's for a missing LUKS area, a missing or wrong key.
+pub(crate) fn open(
+    h: &Header,
+    exts: &Extensions,
+    file: &dyn Storage,
+    opts: &OpenOptions,
+) -> Result<(Option<Scheme>, Option<DataCipher>)> {
+    let secret = opts.key_secret.as_ref();
+    match h.crypt_method {
+        CRYPT_NONE => Ok((None, None)),
+        CRYPT_AES => {
+            let cipher = match secret {
+                Some(s) => Some(DataCipher { cipher: legacy_aes_cipher(s.bytes())?, physical: false }),
+                None if opts.no_io => None,
+                None => return Err(key_required()),
+            };
+            Ok((Some(Scheme::Aes), cipher))
+        }
+        CRYPT_LUKS => {
+            let (offset, length) = exts
+                .crypto
+                .ok_or_else(|| Error::invalid_image(format!("Missing CRYPTO header for crypt method {CRYPT_LUKS}")))?;
+            let file_len = file.len()?;
+            if offset.checked_add(length).is_none_or(|end| end > file_len) {
+                return Err(Error::invalid_image("CRYPTO header extension points past the end of the file"));
+            }
+            let header = volume::read_header(file, offset, length)?;
+            let cipher = match secret {
+                Some(s) => {
+                    Some(DataCipher { cipher: volume::unlock(file, offset, &header, s.bytes())?, physical: true })
+                }
+                None if opts.no_io => None,
+                None => return Err(key_required()),
+            };
+            Ok((Some(Scheme::Luks(Box::new(header))), cipher))
+        }
+        n => Err(Error::invalid_image(format!("Unsupported encryption method: {n}"))),
+    }
+}
+
+/// The `encrypt` entry of qcow2's `info` block.
+pub(crate) fn info(scheme: &Scheme) -> Value {
+    match scheme {
+        Scheme::Aes => {
+            let mut d = Dict::new();
+            d.insert("format", "aes".into());
+            Value::Dict(d)
+        }
+        Scheme::Luks(h) => {
+            // The union's discriminator comes first, as qemu's visitor inserts it.
+            let mut d = Dict::new();
+            d.insert("format", "luks".into());
+            d.0.extend(volume::luks_info(h).0);
+            Value::Dict(d)
+        }
+    }
+}
