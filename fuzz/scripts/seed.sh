@@ -33,6 +33,14 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
     qemu-img bitmap --add --disable "$tmp/b.qcow2" off
     qemu-io -c "write -P 3 4k 12k" -c "write -P 4 200k 8k" "$tmp/b.qcow2" >/dev/null
     { printf '\x01\x00'; cat "$tmp/b.qcow2"; } > "$C/qcow2_image/seed-bitmaps"
+    # luks_header: the area length (little-endian u32), then a LUKS header of each key size.
+    mkdir -p "$C/luks_header"
+    for alg in aes-128 aes-256; do
+        qemu-img create -q -f luks --object secret,id=s0,data=x -o key-secret=s0,iter-time=1,cipher-alg=$alg "$tmp/l.luks" 1M
+        area=$(($(stat -c %s "$tmp/l.luks") - 1048576))
+        { python3 -c "import struct,sys; sys.stdout.buffer.write(struct.pack('<I', $area))"; head -c 592 "$tmp/l.luks"; } \
+            > "$C/luks_header/seed-$alg"
+    done
     rm -rf "$tmp"
 fi
 

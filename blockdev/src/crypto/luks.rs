@@ -131,8 +131,10 @@ fn text(b: &[u8], what: &str) -> Result<String> {
         .map_err(|_| Error::invalid_image(format!("LUKS header {what} is not text")))
 }
 
+/// Writes `s` into a fixed field, NUL-padded; a string that fills the field (as read from an
+/// image without a terminator) is written without one, so that headers round-trip.
 fn put_text(out: &mut [u8], s: &str) {
-    let n = s.len().min(out.len() - 1);
+    let n = s.len().min(out.len());
     out[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 

@@ -170,3 +170,14 @@ fn legacy_aes_is_aes128_cbc_keyed_by_the_passphrase() {
     padded.encrypt(1, &mut b).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn text_fields_that_fill_their_field_round_trip() {
+    // Found by the luks_header fuzz target: a UUID of 40 characters has no terminator.
+    let v = quick(LuksCreateOptions::default().spec).create(b"x").unwrap();
+    let mut b = v.area[..HEADER_LEN].to_vec();
+    b[168..208].copy_from_slice(&[b'a'; 40]);
+    let h = LuksHeader::parse(&b, v.area.len() as u64).unwrap();
+    assert_eq!(h.uuid.len(), 40);
+    assert_eq!(LuksHeader::parse(&h.encode(), v.area.len() as u64).unwrap(), h);
+}
