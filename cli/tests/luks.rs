@@ -106,7 +106,6 @@ fn header_layout_matches_qemu_for_each_key_size() {
     let d = tempdir();
     let combos = ["", "cipher-alg=aes-128", "cipher-alg=aes-128,cipher-mode=cbc", "cipher-alg=aes-192"];
     for (i, combo) in combos.iter().enumerate() {
-        // Fresh names: qemu-img 10.0.2 aborts creating a LUKS volume over some existing ones.
         let (q, v) = (d.path().join(format!("q{i}.luks")), d.path().join(format!("v{i}.luks")));
         qemu_img(&["create", "-q", "-f", "luks", "--object", SECRET, "-o", &opts(combo), s(&q), "1M"]).ok();
         vdisk(&["create", "-q", "-f", "luks", "--object", SECRET, "-o", &opts(combo), s(&v), "1M"]).ok();
