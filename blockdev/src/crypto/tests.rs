@@ -181,3 +181,38 @@ fn text_fields_that_fill_their_field_round_trip() {
     assert_eq!(h.uuid.len(), 40);
     assert_eq!(LuksHeader::parse(&h.encode(), v.area.len() as u64).unwrap(), h);
 }
+
+#[test]
+fn xts_matches_the_xts_mode_crate() {
+    use aes::cipher::{array::Array, KeyInit};
+    use xts_mode::Xts128;
+    let data: Vec<u8> = (0..4 * SECTOR_SIZE).map(|i| (i * 31 % 253) as u8).collect();
+    for key_len in [32usize, 48, 64] {
+        let key: Vec<u8> = (0..key_len as u8).map(|i| i.wrapping_mul(7).wrapping_add(3)).collect();
+        let alg = CipherAlg::from_key_len(key_len / 2).unwrap();
+        let ours = SectorCipher::new(alg, CipherMode::Xts, IvGen::Plain64, &key).unwrap();
+        let mut got = data.clone();
+        ours.encrypt(0x1234_5678_9abc, &mut got).unwrap();
+        let mut want = data.clone();
+        let (k1, k2) = key.split_at(key_len / 2);
+        let tweak = |n: u64| {
+            let mut t = [0u8; 16];
+            t[..8].copy_from_slice(&n.to_le_bytes());
+            Array::from(t)
+        };
+        for (i, sector) in want.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let n = 0x1234_5678_9abc + i as u64;
+            match key_len {
+                32 => Xts128::new(aes::Aes128::new_from_slice(k1).unwrap(), aes::Aes128::new_from_slice(k2).unwrap())
+                    .encrypt_sector(sector, tweak(n)),
+                48 => Xts128::new(aes::Aes192::new_from_slice(k1).unwrap(), aes::Aes192::new_from_slice(k2).unwrap())
+                    .encrypt_sector(sector, tweak(n)),
+                _ => Xts128::new(aes::Aes256::new_from_slice(k1).unwrap(), aes::Aes256::new_from_slice(k2).unwrap())
+                    .encrypt_sector(sector, tweak(n)),
+            }
+        }
+        assert!(got == want, "XTS with a {key_len}-byte key differs from xts-mode");
+        ours.decrypt(0x1234_5678_9abc, &mut got).unwrap();
+        assert_eq!(got, data);
+    }
+}
