@@ -181,15 +181,16 @@ impl LuksDriver {
         self.cipher()?.decrypt(start / SECTOR_SIZE as u64, buf)
     }
 
-    /// Encrypts `plain` (whole sectors at payload offset `start`) into a copy and writes it.
-    fn write_sectors(&self, start: u64, plain: &[u8]) -> Result<()> {
-        let mut enc = plain.to_vec();
-        self.cipher()?.encrypt(start / SECTOR_SIZE as u64, &mut enc)?;
-        blockdev::write_all_at(self.storage.as_ref(), self.payload + start, &enc)
+    /// Encrypts `plain` (whole sectors at payload offset `start`, a private buffer) in place and
+    /// writes it.
+    fn write_sectors(&self, start: u64, plain: &mut [u8]) -> Result<()> {
+        self.cipher()?.encrypt(start / SECTOR_SIZE as u64, plain)?;
+        blockdev::write_all_at(self.storage.as_ref(), self.payload + start, plain)
     }
 
-    /// Writes `data` at payload offset `offset` (any alignment).
-    fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` (a private buffer, encrypted in place) at payload offset `offset` (any
+    /// alignment).
+    fn write_bytes(&self, offset: u64, data: &mut [u8]) -> Result<()> {
         let ss = SECTOR_SIZE as u64;
         let end = offset + data.len() as u64;
         let (wstart, wend) = (offset / ss * ss, end.div_ceil(ss) * ss);
@@ -200,7 +201,25 @@ impl LuksDriver {
         let mut window = vec![0u8; (wend - wstart) as usize];
         self.read_sectors(wstart, &mut window)?;
         window[(offset - wstart) as usize..(end - wstart) as usize].copy_from_slice(data);
-        self.write_sectors(wstart, &window)
+        self.write_sectors(wstart, &mut window)
+    }
+}
+
+/// Copies the bytes of `bufs` from byte `start` on into `out` (which they fill).
+fn gather_from(bufs: &[IoSlice<'_>], mut start: usize, out: &mut [u8]) {
+    let mut pos = 0;
+    for b in bufs {
+        if start >= b.len() {
+            start -= b.len();
+            continue;
+        }
+        let n = (b.len() - start).min(out.len() - pos);
+        out[pos..pos + n].copy_from_slice(&b[start..start + n]);
+        pos += n;
+        start = 0;
+        if pos == out.len() {
+            break;
+        }
     }
 }
 
@@ -258,12 +277,14 @@ impl blockdev::BlockDriver for LuksDriver {
         self.writable()?;
         let len = blockdev::iov_len(bufs);
         check_request(offset, len, self.size())?;
-        let mut data = Vec::with_capacity(len as usize);
-        for b in bufs {
-            data.extend_from_slice(b);
-        }
-        for (i, piece) in data.chunks(CHUNK).enumerate() {
-            self.write_bytes(offset + (i * CHUNK) as u64, piece)?;
+        // Encrypted a chunk at a time in one private buffer: the caller's memory is never touched.
+        let mut buf = vec![0u8; len.min(CHUNK as u64) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            gather_from(bufs, done as usize, &mut buf[..n]);
+            self.write_bytes(offset + done, &mut buf[..n])?;
+            done += n as u64;
         }
         Ok(())
     }
@@ -275,11 +296,12 @@ impl blockdev::BlockDriver for LuksDriver {
         if flags.no_fallback {
             return Err(Error::unsupported("an encrypted image cannot write zeros without writing them"));
         }
-        let zeros = vec![0u8; len.min(CHUNK as u64) as usize];
+        let mut zeros = vec![0u8; len.min(CHUNK as u64) as usize];
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(CHUNK as u64) as usize;
-            self.write_bytes(at, &zeros[..n])?;
+            zeros[..n].fill(0); // the previous chunk was encrypted in place
+            self.write_bytes(at, &mut zeros[..n])?;
             at += n as u64;
         }
         Ok(())

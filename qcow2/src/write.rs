@@ -55,9 +55,14 @@ impl Qcow2 {
             let ss = blockdev::crypto::SECTOR_SIZE as u64;
             let (start, end) = (offset / ss * ss, (offset + len).div_ceil(ss) * ss);
             if (start, end) != (offset, offset + len) {
+                // Only the first and last sectors hold bytes the write does not bring.
                 let mut whole = vec![0u8; (end - start) as usize];
-                let readable = self.disk_size().min(end).saturating_sub(start) as usize;
-                self.read_range(start, &mut [std::io::IoSliceMut::new(&mut whole[..readable])])?;
+                let disk = self.disk_size();
+                for sector in [start, end - ss] {
+                    let readable = disk.min(sector + ss).saturating_sub(sector) as usize;
+                    let at = (sector - start) as usize;
+                    self.read_range(sector, &mut [std::io::IoSliceMut::new(&mut whole[at..at + readable])])?;
+                }
                 iov::gather(bufs, &mut whole[(offset - start) as usize..(offset - start + len) as usize]);
                 return self.write_pieces(start, &[IoSlice::new(&whole)], end - start);
             }
