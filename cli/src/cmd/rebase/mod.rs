@@ -211,7 +211,11 @@ fn copy_differences(
         });
         ra.map_err(|_| CliError::new("error while reading from old backing file"))?;
         rb.map_err(|_| CliError::new("error while reading from new backing file"))?;
-        write_differences(top.as_ref(), start, &a[..n as usize], &b[..n as usize], unit, old_size, compress)
+        writer
+            .settle()
+            .and_then(|()| {
+                write_differences(top.as_ref(), start, &a[..n as usize], &b[..n as usize], unit, old_size, compress)
+            })
             .map_err(|e| CliError::new(format!("Error while writing to COW image: {}", e.message())))?;
         progress.add((start + n - offset) as f32 / size as f32 * 100.0, 100.0);
         offset = start + n;

@@ -2,7 +2,8 @@
 //! while earlier differences are written (with the image opened `O_DIRECT`, each write waits for
 //! the device).
 //!
-//! Jobs touch disjoint units of the image and are written in the order sent. A job is handed
+//! Jobs touch disjoint units of the image and are written in the order sent; whoever else writes
+//! into the image first calls [`DiffWriter::settle`]. A job is handed
 //! over only when the thread is ready for it ([`QUEUE`] is 0), so one window is being written
 //! while the next is compared and no more: each keeps its mapped pages resident. The first
 //! error stops the thread; the next [`DiffWriter::send`] or [`DiffWriter::finish`] returns it.
@@ -56,6 +57,15 @@ impl DiffWriter {
         }
         self.finish()?;
         Err(blockdev::Error::from_errno("rebase", libc::EIO))
+    }
+
+    /// Returns once every job sent so far is written, so that the caller may write into the image
+    /// itself without racing the thread (allocation then follows guest order, as it would
+    /// without the thread). With [`QUEUE`] 0, handing over an empty job waits exactly for that.
+    pub(super) fn settle(&mut self) -> blockdev::Result<()> {
+        let empty =
+            Job { start: 0, old: SideBytes::Zero(Arc::new(Vec::new()), 0), mask: Vec::new(), unit: 1, old_size: 0 };
+        self.send(empty)
     }
 
     /// Waits until every queued job is written; returns the first error.
