@@ -31,7 +31,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 QEMU_VERSION=10.0.2
-ALL_FORMATS=(raw qcow2 vmdk vdi vpc)
+ALL_FORMATS=(raw qcow2 luks vmdk vdi vpc)
 
 usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2

@@ -262,6 +262,21 @@ pub trait Opener: Send + Sync {
     /// Creates (truncating) the container `name` with the protocol-level options in `opts`
     /// (preallocation and friends for files) and returns it opened read-write and locked.
     fn create_storage(&self, name: &str, opts: &CreateOptions) -> Result<Arc<dyn Storage>>;
+
+    /// Removes the container `name` that [`Opener::create_storage`] created, after the format
+    /// failed to create an image in it (qemu's qcow2 and luks drivers leave no file behind a
+    /// failed creation). Regular files only; the default removes nothing.
+    fn delete_storage(&self, _name: &str) {}
+}
+
+/// Runs `build` (which fills the container `name` just created through `opener`); if it fails,
+/// deletes the container and returns the error.
+pub fn delete_on_error<T>(opener: &dyn Opener, name: &str, build: impl FnOnce() -> Result<T>) -> Result<T> {
+    let result = build();
+    if result.is_err() {
+        opener.delete_storage(name);
+    }
+    result
 }
 
 /// One image format: the registry's entry for it.

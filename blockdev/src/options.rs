@@ -181,12 +181,12 @@ impl CreateOptions {
         self.secrets = secrets;
     }
 
-    /// The secret named by option `key`: `None` if the option is not set; an error (qemu's) if
-    /// it names no defined secret.
+    /// The passphrase named by option `key`: `None` if the option is not set; an error (qemu's)
+    /// if it names no defined secret or one that is not UTF-8 text.
     pub fn secret(&self, key: &str) -> Result<Option<crate::crypto::Secret>> {
         let Some(id) = self.get(key) else { return Ok(None) };
         match self.secrets.iter().rev().find(|(i, _)| i == id) {
-            Some((_, s)) => Ok(Some(s.clone())),
+            Some((_, s)) => s.passphrase(id).map(Some),
             None => Err(Error::invalid_argument(format!("No secret with id '{id}'"))),
         }
     }

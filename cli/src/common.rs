@@ -109,14 +109,15 @@ pub fn defined_secrets() -> Vec<(String, blockdev::crypto::Secret)> {
     DEFINED_SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// The secret called `id`, with qemu's message when there is none.
+/// The passphrase in the secret called `id`, with qemu's message when there is none or it is
+/// not UTF-8 text.
 pub fn secret(id: &str) -> Result<blockdev::crypto::Secret, String> {
     defined_secrets()
         .into_iter()
         .rev()
         .find(|(i, _)| i == id)
-        .map(|(_, s)| s)
         .ok_or_else(|| format!("No secret with id '{id}'"))
+        .and_then(|(_, s)| s.passphrase(id).map_err(|e| e.message().to_string()))
 }
 
 fn decode_base64(data: &[u8]) -> Option<Vec<u8>> {
@@ -291,10 +292,13 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         }
         opts.data_file = io.data_file.clone();
         opts.metadata_cache = io.metadata_cache;
-        for (k, v) in &io.other {
-            if k == "key-secret" || k == "encrypt.key-secret" {
-                opts.key_secret =
-                    Some(secret(v).map_err(|m| CliError::new(format!("Could not open '{}': {m}", req.name)))?);
+        // A key given twice counts once, the last time (as qemu's option dictionaries do).
+        // Opening for metadata only (`info`) does not look at the key, as in qemu.
+        if let Some((_, v)) = io.other.iter().rev().find(|(k, _)| k == "key-secret" || k == "encrypt.key-secret") {
+            match secret(v) {
+                Ok(key) => opts.key_secret = Some(key),
+                Err(_) if opts.no_io => {}
+                Err(m) => return Err(CliError::new(format!("Could not open '{}': {m}", req.name))),
             }
         }
         (io.filename, io.driver)

@@ -150,6 +150,25 @@ fn info_and_key_errors_match_qemu_img() {
     assert_eq!((q.code, &q.stdout, &q.stderr), (v.code, &v.stdout, &v.stderr));
 }
 
+/// A `luks` creation that fails once the file exists (no key, a key that is not UTF-8, an unknown
+/// secret) removes the file, even one that was there before, with qemu-img's messages.
+#[test]
+fn failed_creation_leaves_no_file_like_qemu_img() {
+    let d = tempdir();
+    let not_utf8 = "secret,id=s0,data=/w==,format=base64";
+    for (object, o) in [(SECRET, "iter-time=10"), (not_utf8, "key-secret=s0"), (SECRET, "key-secret=nosuch")] {
+        let mut outcomes = Vec::new();
+        for (tool, name) in [(qemu_img as fn(&[&str]) -> Run, "q.luks"), (vdisk, "v.luks")] {
+            let img = d.path().join(name);
+            std::fs::write(&img, b"existing").unwrap();
+            let r = tool(&["create", "-f", "luks", "--object", object, "-o", o, s(&img), "1M"]);
+            outcomes.push((r.code, r.stdout.replace(name, "IMG"), r.stderr.replace(name, "IMG"), img.exists()));
+        }
+        assert_eq!(outcomes[0], outcomes[1], "{object} -o {o}");
+        assert_eq!((outcomes[1].0, outcomes[1].3), (1, false), "{object} -o {o}: fails and removes the file");
+    }
+}
+
 /// cryptsetup (an independent LUKS implementation) accepts the headers vdisk writes and unlocks
 /// their key slot with the passphrase, and only with it.
 #[test]

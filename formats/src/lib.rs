@@ -251,6 +251,13 @@ impl Opener for Registry {
         let f: Arc<dyn Storage> = file::create_file(&local_path(name), size, prealloc)?;
         Ok(f)
     }
+
+    fn delete_storage(&self, name: &str) {
+        let path = local_path(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 pub use blockdev::info::storage_info;

@@ -13,15 +13,16 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
+use blockdev::crypto::keyslots::SlotEditor;
 use blockdev::crypto::luks::{LuksHeader, HEADER_LEN};
 use blockdev::crypto::volume::{header_area_len, luks_create_options, luks_info, read_header, unlock};
-use blockdev::crypto::{SectorCipher, SECTOR_SIZE};
+use blockdev::crypto::{Secret, SectorCipher, SECTOR_SIZE};
 use blockdev::info::ImageInfo;
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::range_lock::RangeLock;
 use blockdev::{
-    check_request, Chain, Error, ErrorKind, Extent, ExtentKind, Format, Measure, OpenOptions, Opener, Prealloc,
-    ResizeOptions, Result, Storage, ZeroFlags,
+    check_request, delete_on_error, Amend, Chain, Error, ErrorKind, Extent, ExtentKind, Format, Measure, OpenOptions,
+    Opener, Prealloc, ResizeOptions, Result, Storage, ZeroFlags,
 };
 
 use crate::storage_info;
@@ -43,12 +44,25 @@ const CREATE_OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("detached-header", OptionKind::Bool, "Create a detached LUKS header"),
 ];
 
+/// qemu-img's `-o` options for `amend -f luks`, in its order.
+const AMEND_OPTIONS: &[OptionSpec] = &[
+    OptionSpec::new("state", OptionKind::Str, "Select new state of affected keyslots (active/inactive)"),
+    OptionSpec::new("keyslot", OptionKind::Number, "Select a single keyslot to modify explicitly"),
+    OptionSpec::new("old-secret", OptionKind::Str, "Select all keyslots that match this password"),
+    OptionSpec::new("new-secret", OptionKind::Str, "New secret to set in the matching keyslots. Empty string to erase"),
+    OptionSpec::new("iter-time", OptionKind::Number, "Time to spend in PBKDF in milliseconds"),
+];
+
 /// Largest request encrypted or decrypted through one bounce buffer.
 const CHUNK: usize = 1 << 20;
 
 impl Format for LuksFormat {
     fn name(&self) -> &'static str {
         "luks"
+    }
+
+    fn amend_options(&self) -> Option<&'static [OptionSpec]> {
+        Some(AMEND_OPTIONS)
     }
 
     fn probe(&self, head: &[u8], _filename: &str) -> u32 {
@@ -73,24 +87,28 @@ impl Format for LuksFormat {
         CREATE_OPTIONS
     }
 
+    /// As qemu: the file is created first, and removed again if the volume cannot be made in it
+    /// (no key, a key that is not UTF-8, unsupported parameters).
     fn create(&self, filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
-        let secret = opts
-            .secret("key-secret")?
-            .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))?;
         if opts.get_bool("detached-header")?.unwrap_or(false) {
             return Err(Error::unsupported("Detached LUKS headers are not supported by this version of vdisk"));
         }
         let size = opts.get_size("size")?.unwrap_or(0);
-        let volume = luks_create_options(opts, "")?.create(secret.bytes())?;
         let mut file_opts = opts.clone();
         file_opts.set("size", "0");
         let storage = opener.create_storage(filename, &file_opts)?;
-        blockdev::write_all_at(storage.as_ref(), 0, &volume.area)?;
-        let total = (volume.area.len() as u64)
-            .checked_add(size.next_multiple_of(SECTOR_SIZE as u64))
-            .ok_or_else(|| Error::out_of_range("Image size too large"))?;
-        storage.set_len(total, Prealloc::Off)?;
-        storage.flush()
+        delete_on_error(opener, filename, || {
+            let secret = opts
+                .secret("key-secret")?
+                .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))?;
+            let volume = luks_create_options(opts, "")?.create(secret.bytes())?;
+            blockdev::write_all_at(storage.as_ref(), 0, &volume.area)?;
+            let total = (volume.area.len() as u64)
+                .checked_add(size.next_multiple_of(SECTOR_SIZE as u64))
+                .ok_or_else(|| Error::out_of_range("Image size too large"))?;
+            storage.set_len(total, Prealloc::Off)?;
+            storage.flush()
+        })
     }
 
     fn measure(&self, size: u64, source: Option<&dyn blockdev::BlockDriver>, opts: &CreateOptions) -> Result<Measure> {
@@ -108,9 +126,12 @@ impl Format for LuksFormat {
 /// An open `luks` image.
 pub struct LuksDriver {
     storage: Arc<dyn Storage>,
-    header: LuksHeader,
+    /// The header as on disk (`amend` changes its key slots).
+    header: std::sync::Mutex<LuksHeader>,
     /// `None` when opened without a key (metadata only).
     cipher: Option<SectorCipher>,
+    /// The passphrase that unlocked the volume (adding a key slot needs the volume key again).
+    opened_with: Option<Secret>,
     payload: u64,
     size: std::sync::atomic::AtomicU64,
     read_only: bool,
@@ -149,17 +170,18 @@ impl LuksDriver {
         Ok(LuksDriver {
             read_only: opts.read_only || storage.is_read_only(),
             storage,
-            header,
+            header: std::sync::Mutex::new(header),
             cipher,
+            opened_with: opts.key_secret.clone(),
             payload,
             size: std::sync::atomic::AtomicU64::new(size),
             rmw: RangeLock::new(),
         })
     }
 
-    /// The parsed header.
-    pub fn header(&self) -> &LuksHeader {
-        &self.header
+    /// The header as it is on disk now.
+    pub fn header(&self) -> LuksHeader {
+        self.header.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn cipher(&self) -> Result<&SectorCipher> {
@@ -345,7 +367,7 @@ impl blockdev::BlockDriver for LuksDriver {
             actual_size: file.actual_size,
             virtual_size: self.size(),
             encrypted: Some(true),
-            format_specific: Some(("luks".into(), luks_info(&self.header))),
+            format_specific: Some(("luks".into(), luks_info(&self.header()))),
             children: vec![("file".into(), file)],
             ..ImageInfo::default()
         })
@@ -357,5 +379,23 @@ impl blockdev::BlockDriver for LuksDriver {
 
     fn has_zero_init(&self) -> bool {
         false
+    }
+
+    fn amend(&self) -> Option<&dyn Amend> {
+        Some(self)
+    }
+}
+
+impl Amend for LuksDriver {
+    fn amend_options(&self) -> &'static [OptionSpec] {
+        AMEND_OPTIONS
+    }
+
+    /// Key-slot management (the only thing `amend` changes in a LUKS volume).
+    fn amend(&self, opts: &CreateOptions, force: bool, _progress: &mut dyn FnMut(f32)) -> Result<()> {
+        self.writable()?;
+        let editor = SlotEditor { storage: self.storage.as_ref(), base: 0, opened_with: self.opened_with.as_ref() };
+        let mut header = self.header.lock().unwrap_or_else(|p| p.into_inner());
+        editor.amend(&mut header, opts, "", force)
     }
 }

@@ -5,10 +5,14 @@
 //! where no backing file would show through, allocated zeroed clusters otherwise) before the
 //! header changes version. Changing the refcount width rewrites the whole refcount structure
 //! (`rebuild.rs`) with the same counts.
+//!
+//! `encrypt.*` options manage the key slots of a LUKS-encrypted image (after any upgrade, before
+//! the other changes, as qemu orders them); see `blockdev::crypto::keyslots`.
 
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{Amend, Error, ResizeOptions, Result};
 
+use crate::crypt::Scheme;
 use crate::driver::Qcow2;
 use crate::entry::{COPIED, OFFSET_MASK, ZERO};
 use crate::header::{autoclear, compat, incompat};
@@ -39,7 +43,7 @@ impl Amend for Qcow2 {
         AMEND_OPTIONS
     }
 
-    fn amend(&self, opts: &CreateOptions, _force: bool, progress: &mut dyn FnMut(f32)) -> Result<()> {
+    fn amend(&self, opts: &CreateOptions, force: bool, progress: &mut dyn FnMut(f32)) -> Result<()> {
         self.check_writable()?;
         let bad = |m: &str| Error::invalid_argument(m.to_string());
         let (old_version, old_order, lazy_now, raw_now, has_data_file) = {
@@ -60,9 +64,12 @@ impl Amend for Qcow2 {
                 _ => return Err(bad(&format!("Unknown compatibility level {c}"))),
             };
         }
-        if opts.entries().iter().any(|(k, _)| k.starts_with("encrypt.")) {
-            return Err(bad("Can't amend encryption options - encryption not present"));
-        }
+        let luks = match &self.crypt_scheme {
+            _ if !opts.entries().iter().any(|(k, _)| k.starts_with("encrypt.")) => None,
+            None => return Err(bad("Can't amend encryption options - encryption not present")),
+            Some(Scheme::Aes) => return Err(Error::unsupported("Only LUKS encryption options can be amended")),
+            Some(Scheme::Luks(area)) => Some(area),
+        };
         let lazy = opts.get_bool("lazy_refcounts")?.unwrap_or(lazy_now);
         let mut order = old_order;
         if let Some(bits) = opts.get_number("refcount_bits")? {
@@ -81,6 +88,9 @@ impl Amend for Qcow2 {
         }
         if new_version > old_version {
             self.upgrade()?;
+        }
+        if let Some(area) = luks {
+            area.amend_keyslots(self.file.as_ref(), opts, force)?;
         }
         if order != old_order {
             if new_version < 3 && order != 4 {

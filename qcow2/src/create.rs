@@ -232,15 +232,21 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
     let mut file_opts = CreateOptions::new();
     file_opts.set("size", "0");
     let file = opener.create_storage(filename, &file_opts)?;
-    let data = match &p.data_file {
+    // As qemu, no half-made image is left behind: the files are removed again on failure.
+    blockdev::delete_on_error(opener, filename, || match &p.data_file {
         Some((name, _)) => {
             let mut o = CreateOptions::new();
             o.set("size", "0");
-            Some(opener.create_storage(name, &o)?)
+            let data = opener.create_storage(name, &o)?;
+            blockdev::delete_on_error(opener, name, || build(file.clone(), Some(data), &p))
         }
-        None => None,
-    };
-    write_initial(file.as_ref(), &p)?;
+        None => build(file.clone(), None, &p),
+    })
+}
+
+/// Writes the image described by `p` into the freshly created `file` (and `data`).
+fn build(file: Arc<dyn Storage>, data: Option<Arc<dyn Storage>>, p: &Params) -> Result<()> {
+    write_initial(file.as_ref(), p)?;
     let q = Qcow2::open(
         file.clone(),
         &OpenOptions { read_only: false, no_backing: true, ..OpenOptions::default() },
@@ -271,8 +277,7 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         Prealloc::Falloc | Prealloc::Full if p.data_file.is_none() => q.grow_allocated(0, p.size, p.prealloc)?,
         mode => q.preallocate(0, p.size, mode)?,
     }
-    blockdev::BlockDriver::close(q.as_ref())?;
-    Ok(())
+    blockdev::BlockDriver::close(q.as_ref())
 }
 
 /// Encrypts the freshly created (still empty) image `q`: records the scheme in the header (for

@@ -15,8 +15,12 @@
 //! Without a key an encrypted image opens only with `no_io` (for `info`); opening it for data
 //! fails with qemu's "Parameter 'encrypt.key-secret' is required for cipher".
 
+use std::sync::{Mutex, MutexGuard};
+
+use blockdev::crypto::keyslots::SlotEditor;
 use blockdev::crypto::luks::LuksHeader;
-use blockdev::crypto::{legacy_aes_cipher, volume, SectorCipher, SECTOR_SIZE};
+use blockdev::crypto::{legacy_aes_cipher, volume, Secret, SectorCipher, SECTOR_SIZE};
+use blockdev::options::CreateOptions;
 use blockdev::qobject::{Dict, Value};
 use blockdev::{Error, ErrorKind, OpenOptions, Result, Storage};
 
@@ -29,13 +33,36 @@ pub const CRYPT_AES: u32 = 1;
 /// LUKS.
 pub const CRYPT_LUKS: u32 = 2;
 
-/// How an open image is encrypted, for `info`.
-#[derive(Debug, Clone)]
+/// How an open image is encrypted, for `info` and `amend`.
+#[derive(Debug)]
 pub(crate) enum Scheme {
     /// Legacy AES.
     Aes,
-    /// LUKS with this header.
-    Luks(Box<LuksHeader>),
+    /// LUKS.
+    Luks(Box<LuksArea>),
+}
+
+/// The LUKS area of an open image.
+#[derive(Debug)]
+pub(crate) struct LuksArea {
+    /// Its offset in the image file.
+    base: u64,
+    /// The header as on disk (`amend` changes its key slots).
+    header: Mutex<LuksHeader>,
+    /// The passphrase that unlocked the volume (adding a key slot needs the volume key again).
+    opened_with: Option<Secret>,
+}
+
+impl LuksArea {
+    fn header(&self) -> MutexGuard<'_, LuksHeader> {
+        self.header.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `amend`'s `encrypt.*` key-slot options (see [`SlotEditor`]).
+    pub(crate) fn amend_keyslots(&self, file: &dyn Storage, opts: &CreateOptions, force: bool) -> Result<()> {
+        let editor = SlotEditor { storage: file, base: self.base, opened_with: self.opened_with.as_ref() };
+        editor.amend(&mut self.header(), opts, "encrypt.", force)
+    }
 }
 
 /// The key to an open image's data.
@@ -101,7 +128,8 @@ pub(crate) fn open(
                 None if opts.no_io => None,
                 None => return Err(key_required()),
             };
-            Ok((Some(Scheme::Luks(Box::new(header))), cipher))
+            let area = LuksArea { base: offset, header: Mutex::new(header), opened_with: secret.cloned() };
+            Ok((Some(Scheme::Luks(Box::new(area))), cipher))
         }
         n => Err(Error::invalid_image(format!("Unsupported encryption method: {n}"))),
     }
@@ -115,11 +143,12 @@ pub(crate) fn info(scheme: &Scheme) -> Value {
             d.insert("format", "aes".into());
             Value::Dict(d)
         }
-        Scheme::Luks(h) => {
+        Scheme::Luks(area) => {
+            let h = area.header();
             // The union's discriminator comes first, as qemu's visitor inserts it.
             let mut d = Dict::new();
             d.insert("format", "luks".into());
-            d.0.extend(volume::luks_info(h).0);
+            d.0.extend(volume::luks_info(&h).0);
             Value::Dict(d)
         }
     }

@@ -15,6 +15,7 @@
 pub mod af;
 mod cipher;
 mod hash;
+pub mod keyslots;
 pub mod luks;
 mod random;
 pub mod volume;
@@ -43,6 +44,15 @@ impl Secret {
     /// The secret's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The secret as a passphrase: itself if it is UTF-8 text, as qemu requires of passphrases,
+    /// else qemu's error naming the secret `id`.
+    pub fn passphrase(&self, id: &str) -> Result<Secret> {
+        match std::str::from_utf8(self.bytes()) {
+            Ok(_) => Ok(self.clone()),
+            Err(_) => Err(Error::invalid_argument(format!("Data from secret {id} is not valid UTF-8"))),
+        }
     }
 }
 

@@ -78,7 +78,8 @@ pub fn run(args: &[String]) -> CmdResult {
         return Err(CliError::new(format!("Format driver '{fmt}' does not support option amendment")));
     };
     let create_specs = reg.format(fmt).map(|f| reg.create_specs(f)).unwrap_or_default();
-    let parsed = parse_amend(&options, amender.amend_options(), &create_specs)?;
+    let mut parsed = parse_amend(&options, amender.amend_options(), &create_specs)?;
+    parsed.set_secrets(crate::common::defined_secrets());
     let progress = Progress::new(p.has("p") && !quiet, 1.0);
     progress.set(0.0);
     let result = amender.amend(&parsed, p.has("force"), &mut |share| progress.set(share * 100.0));
