@@ -206,6 +206,16 @@ def display(template, tool_name, out_path):
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def out_images(args, *paths):
+    """qemu-img arguments naming output images `paths` (format args.out_fmt): `-f/-F FMT PATH...`,
+    or, for encrypted outputs (--out-image-opts), `--object OBJ --image-opts` strings."""
+    if not args.out_image_opts:
+        flags = ["-f", args.out_fmt] + (["-F", args.out_fmt] if len(paths) > 1 else [])
+        return flags + list(paths)
+    opts = [f"driver={args.out_fmt},file.filename={p},{args.out_image_opts}" for p in paths]
+    return (["--object", args.object] if args.object else []) + ["--image-opts"] + opts
+
+
 def cmd_case(args):
     tools = []
     for spec in args.tool:
@@ -302,14 +312,15 @@ def cmd_case(args):
                         verified = False
         elif args.kind == "image" and verified:
             c = subprocess.run(
-                [QEMU_IMG, "compare", "-f", args.out_fmt, "-F", args.out_fmt, outs[v], outs[q]],
+                [QEMU_IMG, "compare"] + out_images(args, outs[v], outs[q]),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            detail.append(f"qemu-img compare -f {args.out_fmt} -F {args.out_fmt} <vdisk out> <qemu-img out>: "
+            how = "--image-opts (with the key)" if args.out_image_opts else f"-f {args.out_fmt} -F {args.out_fmt}"
+            detail.append(f"qemu-img compare {how} <vdisk out> <qemu-img out>: "
                           f"rc {c.returncode}: {c.stdout.strip().rstrip('.')}")
             if c.returncode != 0:
                 verified = False
             if args.out_fmt == "qcow2":
-                c = subprocess.run([QEMU_IMG, "check", "-f", "qcow2", outs[v]],
+                c = subprocess.run([QEMU_IMG, "check"] + out_images(args, outs[v]),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 detail.append(f"qemu-img check <vdisk out>: rc {c.returncode}: "
                               + " / ".join(c.stdout.strip().splitlines()).rstrip("."))
@@ -697,6 +708,9 @@ def main():
     c.add_argument("--drop-caches", type=int, default=0)
     c.add_argument("--setup", help="shell command run untimed before every run ({out} replaced)")
     c.add_argument("--expect", help="image every tool's output must compare equal to (kind image)")
+    c.add_argument("--object", help="qemu object (a secret) the verification of encrypted outputs needs")
+    c.add_argument("--out-image-opts",
+                   help="extra --image-opts for opening the outputs in verification (encrypt.key-secret=ID)")
     c.add_argument("--expect-backing",
                    help="with --expect: backing file every tool's output must have (PATH, or none)")
     c.set_defaults(func=cmd_case)

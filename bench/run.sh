@@ -116,6 +116,17 @@ EOF
     mv "$SPARSE.tmp" "$SPARSE"
 fi
 
+# LUKS-encrypted copy of disk.qcow2 (AES-256-XTS, the default). iter-time=100 keeps the key
+# derivation (the same for both tools: both run PBKDF2 on the same header) from drowning the data path.
+BENCH_SECRET=secret,id=bk,data=vdisk-bench
+LUKS_QCOW=$BENCH_DIR/disk-luks.qcow2
+if [[ ! -f $LUKS_QCOW ]]; then
+    log "creating the LUKS qcow2 copy of disk.raw"
+    "$QEMU_IMG" convert -q --object "$BENCH_SECRET" -f raw -O qcow2 \
+        -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 "$RAW" "$LUKS_QCOW.tmp"
+    mv "$LUKS_QCOW.tmp" "$LUKS_QCOW"
+fi
+
 PREALLOC=$BENCH_DIR/prealloc-1T.qcow2
 if [[ ! -f $PREALLOC ]]; then
     log "creating 1 TiB qcow2 with 1M allocated clusters (metadata preallocation of 64 GiB)"
@@ -169,6 +180,7 @@ META=$WORK/meta.json
     --load-note "${BENCH_LOAD_NOTE:-}" \
     --input "disk.raw|$RAW|raw image, 4 GiB, ext4 created with \`mke2fs -q -t ext4 -d <stage> -F disk.raw 4G\` ($(mke2fs -V 2>&1 | head -1)); <stage> = copy of ${STAGE_SRC[*]} ($STAGE_DESC)" \
     --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
+    --input "disk-luks.qcow2|$LUKS_QCOW|\`qemu-img convert -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 disk.raw disk-luks.qcow2\` (LUKS1, AES-256-XTS-plain64, sha256; passphrase from \`--object $BENCH_SECRET\`; iter-time 100 ms so that key derivation, identical work for both tools, does not drown the data path)" \
     --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
     --input "chain-base.qcow2 ← chain-top.qcow2|$CHAIN_TOP|commit chain: chain-base.qcow2 is a copy of disk.qcow2; chain-top.qcow2 is a qcow2 over it into which \`qemu-io\` wrote 2048 × 512 KiB at random 64 KiB-aligned offsets (fixed seed; about 1 GiB, \`target/bench/chain-top.qemu-io\`)" \
     --input "chain-mid.qcow2 ← rebase-top.qcow2|$REBASE_TOP|safe rebase chain: chain-mid.qcow2 is a copy of disk.qcow2 with 2048 × 512 KiB written over it the same way (another seed); rebase-top.qcow2 is a qcow2 over chain-mid with 512 × 512 KiB written (256 MiB); rebased onto chain-base.qcow2" \
@@ -189,9 +201,12 @@ case_() {
     for i in "$@"; do inputs+=(--input "$i"); done
     local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG")
     if [[ $kind == none ]]; then tools=(--tool "${FLOOR_TOOL:-cp}=$(command -v "${FLOOR_TOOL:-cp}")"); fi
+    # ENCRYPTED_OUT=1: the outputs are LUKS qcow2 under the bench key; verification opens them with it.
+    local verify=()
+    if [[ -n ${ENCRYPTED_OUT:-} ]]; then verify=(--object "$BENCH_SECRET" --out-image-opts "encrypt.key-secret=bk"); fi
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind "$kind" --out-ext "$ext" --out-fmt "$fmt" \
-        --template "$template" "${tools[@]}" "${inputs[@]}"
+        --template "$template" "${tools[@]}" "${inputs[@]}" "${verify[@]}"
 }
 
 case_ convert_raw_raw "convert raw → raw" image .raw raw \
@@ -204,6 +219,10 @@ case_ convert_zlib "convert -c raw → qcow2 (zlib)" image .qcow2 qcow2 \
     "{tool} convert -q -c -f raw -O qcow2 $RAW {out}" "$RAW"
 case_ convert_zstd "convert -c -o compression_type=zstd raw → qcow2" image .qcow2 qcow2 \
     "{tool} convert -q -c -o compression_type=zstd -f raw -O qcow2 $RAW {out}" "$RAW"
+case_ convert_luks_raw "convert LUKS qcow2 → raw (decrypt)" image .raw raw \
+    "{tool} convert -q --object $BENCH_SECRET --image-opts driver=qcow2,file.filename=$LUKS_QCOW,encrypt.key-secret=bk -O raw {out}" "$LUKS_QCOW"
+ENCRYPTED_OUT=1 case_ convert_raw_luks "convert raw → LUKS qcow2 (encrypt)" image .qcow2 qcow2 \
+    "{tool} convert -q --object $BENCH_SECRET -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 $RAW {out}" "$RAW"
 case_ compare_raw_qcow2 "compare raw vs qcow2 (identical)" stdout "" raw \
     "{tool} compare -f raw -F qcow2 $RAW $QCOW" "$RAW" "$QCOW"
 case_ map_qcow2 "map --output=json (disk.qcow2)" stdout "" raw \
