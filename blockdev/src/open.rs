@@ -70,6 +70,10 @@ pub struct OpenOptions {
     /// The passphrase of the image's own encryption (qemu's `key-secret` of a `luks` node,
     /// `encrypt.key-secret` of a qcow2 one); not passed on to backing files.
     pub key_secret: Option<crate::crypto::Secret>,
+    /// Passphrases of the backing files' encryption, nearest backing file first (qemu's
+    /// `backing.encrypt.key-secret`, `backing.backing.encrypt.key-secret`, ...); `None` for a
+    /// backing file opened without one.
+    pub backing_keys: Vec<Option<crate::crypto::Secret>>,
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -132,6 +136,7 @@ impl Default for OpenOptions {
             metadata_cache: MetadataCacheSizes::default(),
             diagnostics: Diagnostics::default(),
             key_secret: None,
+            backing_keys: Vec::new(),
         }
     }
 }
@@ -157,7 +162,8 @@ impl OpenOptions {
             no_backing: false,
             for_check: false,
             data_file: None,
-            key_secret: None,
+            key_secret: self.backing_keys.first().cloned().flatten(),
+            backing_keys: self.backing_keys.iter().skip(1).cloned().collect(),
             ..self.clone()
         }
     }

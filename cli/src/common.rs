@@ -1,6 +1,7 @@
 //! What every command shares: opening images the way qemu-img's `img_open` does, `--image-opts`
 //! and `--object` arguments, cache modes and the `--output` switch.
 
+use blockdev::crypto::Secret;
 use std::sync::Arc;
 
 use blockdev::options::split_options;
@@ -165,6 +166,23 @@ pub struct ImageOpts {
     pub metadata_cache: blockdev::MetadataCacheSizes,
     /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
     pub other: Vec<(String, String)>,
+    /// Secret ids of the backing files' keys, nearest first (`backing.encrypt.key-secret`,
+    /// `backing.backing.key-secret`, ...).
+    pub backing_keys: Vec<Option<String>>,
+    /// `backing.driver` / `backing.file.filename` (at any depth): vdisk opens the backing files
+    /// the images record and checks that these name the same: `(depth, key, value)`.
+    pub backing_nodes: Vec<(usize, String, String)>,
+}
+
+/// Splits `backing.backing.KEY` into (2, KEY); `None` without a `backing.` prefix.
+fn backing_option(key: &str) -> Option<(usize, &str)> {
+    let mut rest = key;
+    let mut depth = 0;
+    while let Some(r) = rest.strip_prefix("backing.") {
+        rest = r;
+        depth += 1;
+    }
+    (depth > 0).then_some((depth, rest))
 }
 
 /// qcow2 node options vdisk accepts in `--image-opts` besides the cache sizes (the cache entry
@@ -212,6 +230,25 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             "file.driver" => return Err(CliError::new(format!("Unknown protocol '{v}'"))),
             "file.locking" | "locking" | "file.aio" | "read-only" | "discard" | "detect-zeroes" => {
                 o.other.push((k.clone(), v.clone()))
+            }
+            k if backing_option(k).is_some() => {
+                let (depth, key) = backing_option(k).unwrap_or((1, k));
+                match key {
+                    "key-secret" | "encrypt.key-secret" => {
+                        if o.backing_keys.len() < depth {
+                            o.backing_keys.resize(depth, None);
+                        }
+                        o.backing_keys[depth - 1] = Some(v.clone());
+                    }
+                    "file.driver" if v == "file" || v == "host_device" => {}
+                    "driver" | "file" | "file.filename" | "filename" => {
+                        o.backing_nodes.push((depth, key.to_string(), v.clone()))
+                    }
+                    _ => {
+                        let fmt = o.driver.clone().unwrap_or_else(|| "raw".into());
+                        return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
+                    }
+                }
             }
             k if k.ends_with("key-secret") => o.other.push((k.to_string(), v.clone())),
             "data-file" | "data-file.filename" if qcow2_node(&o) => o.data_file = Some(v.clone()),
@@ -272,6 +309,7 @@ impl<'a> OpenRequest<'a> {
 /// read-write open of a probed raw image prints qemu's warning.
 pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
     let mut opts = req.opts.clone();
+    let mut backing_nodes = Vec::new();
     opts.diagnostics = blockdev::Diagnostics::stderr();
     let (filename, fmt) = if req.image_opts {
         if req.fmt.is_some() {
@@ -293,14 +331,11 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         opts.data_file = io.data_file.clone();
         opts.metadata_cache = io.metadata_cache;
         // A key given twice counts once, the last time (as qemu's option dictionaries do).
-        // Opening for metadata only (`info`) does not look at the key, as in qemu.
-        if let Some((_, v)) = io.other.iter().rev().find(|(k, _)| k == "key-secret" || k == "encrypt.key-secret") {
-            match secret(v) {
-                Ok(key) => opts.key_secret = Some(key),
-                Err(_) if opts.no_io => {}
-                Err(m) => return Err(CliError::new(format!("Could not open '{}': {m}", req.name))),
-            }
-        }
+        let (key, backing_keys) =
+            image_keys(&io, opts.no_io).map_err(|m| CliError::new(format!("Could not open '{}': {m}", req.name)))?;
+        opts.key_secret = key;
+        opts.backing_keys = backing_keys;
+        backing_nodes = io.backing_nodes.clone();
         (io.filename, io.driver)
     } else {
         (req.name.to_string(), req.fmt.map(str::to_string))
@@ -315,7 +350,58 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
              Specify the 'raw' format explicitly to remove the restrictions."
         );
     }
+    if !opts.no_backing {
+        check_backing_nodes(&opened.driver, &backing_nodes)?;
+    }
     Ok(opened.driver)
+}
+
+/// The keys an `--image-opts` string names: the image's own (the last `key-secret` /
+/// `encrypt.key-secret` given) and its backing files'. Opening for metadata only (`no_io`,
+/// `info`) does not look at them, as in qemu.
+pub fn image_keys(io: &ImageOpts, no_io: bool) -> Result<(Option<Secret>, Vec<Option<Secret>>), String> {
+    let lookup = |id: &Option<String>| match id {
+        None => Ok(None),
+        Some(_) if no_io => Ok(None),
+        Some(id) => secret(id).map(Some),
+    };
+    let own =
+        io.other.iter().rev().find(|(k, _)| k == "key-secret" || k == "encrypt.key-secret").map(|(_, v)| v.clone());
+    let backing = io.backing_keys.iter().map(lookup).collect::<Result<Vec<_>, _>>()?;
+    Ok((lookup(&own)?, backing))
+}
+
+/// Checks `backing.driver` / `backing.file.filename` options against the chain `top` opened:
+/// vdisk follows the backing files the images record and refuses to pretend it replaced one.
+fn check_backing_nodes(top: &Arc<dyn BlockDriver>, nodes: &[(usize, String, String)]) -> Result<(), CliError> {
+    for (depth, key, value) in nodes {
+        let mut node = Some(top.clone());
+        for _ in 0..*depth {
+            node = node.and_then(|n| n.backing());
+        }
+        let matches = match &node {
+            None => false,
+            Some(n) if key == "driver" => n.format() == value,
+            Some(n) => same_file(value, n.filename()),
+        };
+        if !matches {
+            let prefix = "backing.".repeat(*depth);
+            return Err(CliError::new(format!(
+                "{prefix}{key}={value} names another backing file than the image records; vdisk cannot replace \
+                 backing files through --image-opts (use 'rebase -u' to change the recorded one)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two names refer to the same file.
+pub fn same_file(a: &str, b: &str) -> bool {
+    a == b
+        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
 }
 
 #[cfg(test)]
@@ -329,6 +415,17 @@ mod tests {
         assert_eq!(o.driver.as_deref(), Some("raw"));
         assert_eq!(parse_image_opts("/a/b").unwrap().filename, "/a/b");
         assert!(parse_image_opts("driver=raw,bogus=1,file=x").is_err());
+    }
+
+    #[test]
+    fn image_opts_backing_keys_by_depth() {
+        let o = parse_image_opts(
+            "driver=qcow2,file.filename=t,backing.backing.key-secret=k2,backing.driver=qcow2,backing.encrypt.key-secret=k1",
+        )
+        .unwrap();
+        assert_eq!(o.backing_keys, vec![Some("k1".to_string()), Some("k2".to_string())]);
+        assert_eq!(o.backing_nodes, vec![(1, "driver".to_string(), "qcow2".to_string())]);
+        assert!(parse_image_opts("driver=qcow2,file=t,backing.bogus=1").is_err());
     }
 
     #[test]

@@ -121,6 +121,11 @@ fn images_qemu_writes_decrypt_identically() {
     for (i, o) in [
         "encrypt.format=luks,encrypt.iter-time=10",
         "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=aes-192,encrypt.hash-alg=sha512,cluster_size=2M",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64,encrypt.hash-alg=sha384",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha224,cluster_size=4k",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=ecb",
         "encrypt.format=aes",
     ]
     .iter()
@@ -258,4 +263,69 @@ fn downgrade_stores_encrypted_zeros() {
         let raw = format!("driver=raw,file.filename={}", s(&before));
         qemu_img(&["compare", "--object", SECRET, "--image-opts", &keyed(&img), &raw]).ok();
     }
+}
+
+/// A chain whose layers have different keys (`backing.encrypt.key-secret`): vdisk reads through
+/// it, commits the top into the base with the base's key, and gives qemu-img's messages when
+/// the backing key is missing or wrong; the library takes the keys as `backing_keys`.
+#[test]
+fn encrypted_chain_with_a_key_per_layer() {
+    let d = tempdir();
+    let (base, top) = (d.path().join("base.qcow2"), d.path().join("top.qcow2"));
+    let (s0, s1) = ("secret,id=b0,data=base key", "secret,id=t1,data=top key");
+    let luks = |id: &str| format!("encrypt.format=luks,encrypt.key-secret={id},encrypt.iter-time=10");
+    vdisk(&["create", "-q", "-f", "qcow2", "--object", s0, "-o", &luks("b0"), s(&base), "4M"]).ok();
+    let base_spec = format!("driver=qcow2,file.filename={},encrypt.key-secret=b0", s(&base));
+    qemu_io(&["--object", s0, "-c", "write -P 0xa 0 4M", "--image-opts", &base_spec]).ok();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        s1,
+        "-o",
+        &luks("t1"),
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ])
+    .ok();
+    let top_only = format!("driver=qcow2,file.filename={},encrypt.key-secret=t1", s(&top));
+    let spec =
+        format!("{top_only},backing.driver=qcow2,backing.file.filename={},backing.encrypt.key-secret=b0", s(&base));
+    qemu_io(&["--object", s0, "--object", s1, "-c", "write -P 0x9 512k 1M", "--image-opts", &spec]).ok();
+    let mut want = vec![0xau8; 4 << 20];
+    want[512 << 10..(512 + 1024) << 10].fill(0x9);
+
+    let out = d.path().join("chain.raw");
+    vdisk(&["convert", "--object", s0, "--object", s1, "--image-opts", &spec, "-O", "raw", s(&out)]).ok();
+    assert!(std::fs::read(&out).unwrap() == want, "vdisk reads the chain through both keys");
+    let wrong_backing = format!("{top_only},backing.encrypt.key-secret=t1");
+    for image in [&top_only, &wrong_backing] {
+        let args = ["convert", "--object", s0, "--object", s1, "--image-opts", image.as_str(), "-O", "raw", s(&out)];
+        let (q, v) = (qemu_img(&args), vdisk(&args));
+        assert_eq!((q.code, &q.stderr), (v.code, &v.stderr.replace("vdisk:", "qemu-img:")), "{image}");
+        assert_eq!(v.code, 1);
+    }
+
+    let reg = Registry::new();
+    let opts = OpenOptions {
+        key_secret: Some(Secret::new(b"top key".to_vec())),
+        backing_keys: vec![Some(Secret::new(b"base key".to_vec()))],
+        ..OpenOptions::default()
+    };
+    let chain = reg.open(s(&top), Some("qcow2"), &opts).unwrap().driver;
+    let mut buf = vec![0u8; 4 << 20];
+    chain.read_exact_at(0, &mut buf).unwrap();
+    assert!(buf == want, "the library reads the chain with backing_keys");
+    drop(chain);
+
+    let r = vdisk(&["commit", "--object", s0, "--object", s1, "--image-opts", &spec]).ok();
+    assert_eq!(r.stdout, "Image committed.\n");
+    qemu_io(&["--object", s0, "-c", "read -P 0x9 512k 1M", "-c", "read -P 0xa 0 512k", "--image-opts", &base_spec])
+        .ok();
+    qemu_img(&["check", "--object", s0, "--image-opts", &base_spec]).ok();
 }

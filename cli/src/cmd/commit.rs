@@ -16,7 +16,9 @@ use formats::commit::CommitStep;
 
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{cvtnum, registry};
-use crate::common::{bulk_write_cache, cache_mode, img_open, Objects, OpenRequest};
+use crate::common::{
+    bulk_write_cache, cache_mode, image_keys, img_open, parse_image_opts, same_file, Objects, OpenRequest,
+};
 use crate::progress::Progress;
 use crate::report::{CliError, CmdResult};
 
@@ -56,7 +58,12 @@ pub fn run(args: &[String]) -> CmdResult {
     let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
     let progress = Progress::new(p.has("p") && !quiet, 1.0);
     progress.set(0.0);
-    let result = commit(&reg, &top, p.value("b"), name, p.value("t"), &progress);
+    // The base is reopened for writing with its key (`backing.encrypt.key-secret`, ...).
+    let backing_keys = match p.has("image-opts") {
+        true => image_keys(&parse_image_opts(name)?, false).map_err(CliError::new)?.1,
+        false => Vec::new(),
+    };
+    let result = commit(&reg, &top, p.value("b"), name, p.value("t"), &backing_keys, &progress);
     let result = result.and_then(|()| {
         if drop_top {
             return Ok(());
@@ -64,7 +71,9 @@ pub fn run(args: &[String]) -> CmdResult {
         let fmt = top.format();
         drop(top);
         let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
-        let rw = img_open(&reg, &OpenRequest { name, fmt: Some(fmt), image_opts: p.has("image-opts"), opts })?;
+        let image_opts = p.has("image-opts");
+        let fmt = (!image_opts).then_some(fmt);
+        let rw = img_open(&reg, &OpenRequest { name, fmt, image_opts, opts })?;
         if let Some(ops) = rw.backing_ops() {
             ops.make_empty()?;
         }
@@ -88,6 +97,7 @@ fn commit(
     base_name: Option<&str>,
     name: &str,
     cache: Option<&str>,
+    backing_keys: &[Option<blockdev::crypto::Secret>],
     progress: &Progress,
 ) -> Result<(), CliError> {
     // Find the base and how deep it is in the chain.
@@ -108,7 +118,9 @@ fn commit(
         }
     };
     let cache = bulk_write_cache(cache, base.filename())?;
-    let opts = OpenOptions { read_only: false, cache, ..OpenOptions::default() };
+    let key_secret = backing_keys.get(depth as usize - 1).cloned().flatten();
+    let backing_keys = backing_keys.iter().skip(depth as usize).cloned().collect();
+    let opts = OpenOptions { read_only: false, cache, key_secret, backing_keys, ..OpenOptions::default() };
     let base_rw = reg
         .open(base.filename(), Some(base.format()), &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())))?
@@ -125,13 +137,4 @@ fn commit(
     })?;
     base_rw.close()?;
     Ok(())
-}
-
-/// Whether two names refer to the same file.
-fn same_file(a: &str, b: &str) -> bool {
-    a == b
-        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        }
 }
