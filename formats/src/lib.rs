@@ -62,7 +62,14 @@ impl Default for Registry {
 impl Registry {
     /// The registry with all built-in formats.
     pub fn new() -> Registry {
-        Registry { formats: vec![Arc::new(raw::RawFormat), Arc::new(qcow2::Qcow2Format), Arc::new(luks::LuksFormat)] }
+        Registry {
+            formats: vec![
+                Arc::new(raw::RawFormat),
+                Arc::new(qcow2::Qcow2Format),
+                Arc::new(luks::LuksFormat),
+                Arc::new(vmdk::VmdkFormat),
+            ],
+        }
     }
 
     /// Adds a format (a later registration with the same name replaces the earlier one).

@@ -1,0 +1,347 @@
+//! A hosted sparse extent: grain directory, grain tables (and their redundant copies), grains
+//! (plain or deflate-compressed), allocation at the end of the file.
+//!
+//! Invariants and update order:
+//! - every table offset is checked against the file before it is read, and every grain offset
+//!   before it is followed; a table or grain inside the header or the grain directory is
+//!   corruption, reported as such;
+//! - a new grain's data is written before the grain table entry that points at it, and a new
+//!   grain table is written (zeroed) before the grain directory entry that points at it; the
+//!   redundant copies are updated right after the primary ones;
+//! - grain tables are cached in memory (bounded by [`MAX_CACHED_TABLES`]) and written through:
+//!   the cache never holds anything the file does not.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockdev::{Error, Result, Storage};
+
+use crate::header::{SparseHeader, GD_AT_END, SECTOR};
+
+/// Grain tables kept in memory at most (2 KiB each with 512 entries).
+pub const MAX_CACHED_TABLES: usize = 8192;
+
+/// Largest compressed grain record vdisk reads: twice the grain plus slack (deflate may expand).
+fn max_compressed(grain: u64) -> u64 {
+    grain * 2 + 4096
+}
+
+/// Where a grain of the extent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// Not allocated: reads from the parent disk, or zeros.
+    Unallocated,
+    /// A zeroed grain (table entry 1).
+    Zero,
+    /// Plain data at this byte offset of the file.
+    Data(u64),
+    /// A compressed grain record at this byte offset.
+    Compressed(u64),
+}
+
+struct State {
+    gd: Vec<u32>,
+    rgd: Option<Vec<u32>>,
+    tables: HashMap<u64, Arc<Vec<u32>>>,
+    /// Byte offset where the next grain or table is appended.
+    end: u64,
+}
+
+/// An open sparse extent.
+pub struct SparseExtent {
+    storage: Arc<dyn Storage>,
+    /// The effective header (the footer's copy for streamOptimized files that have one).
+    header: SparseHeader,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for SparseExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseExtent").field("file", &self.storage.name()).field("header", &self.header).finish()
+    }
+}
+
+fn corrupt(storage: &dyn Storage, what: String) -> Error {
+    Error::invalid_image(format!("{}: {what}", storage.name()))
+}
+
+/// Reads `n` little-endian u32 entries at byte offset `at`.
+fn read_table(storage: &dyn Storage, at: u64, n: u64) -> Result<Vec<u32>> {
+    let mut raw = vec![0u8; (n * 4) as usize];
+    blockdev::read_exact_at(storage, at, &mut raw)?;
+    Ok(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+impl SparseExtent {
+    /// Opens the sparse extent in `storage` whose header is `header` (for streamOptimized
+    /// files with the directory at the end, the footer's copy).
+    pub fn open(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<SparseExtent> {
+        let file_len = storage.len()?;
+        header.validate(storage.name())?;
+        if header.gd_offset == GD_AT_END {
+            header = read_footer(storage.as_ref(), file_len)?;
+            header.validate(storage.name())?;
+        }
+        let entries = header.gd_entries();
+        let gd_bytes = entries * 4;
+        let check_table = |sector: u64, what: &str| -> Result<u64> {
+            let at = sector.checked_mul(SECTOR).filter(|&a| a > 0 && a.saturating_add(gd_bytes) <= file_len);
+            at.ok_or_else(|| corrupt(storage.as_ref(), format!("{what} at sector {sector} lies outside the file")))
+        };
+        let gd_at = check_table(header.gd_offset, "grain directory")?;
+        let gd = read_table(storage.as_ref(), gd_at, entries)?;
+        let rgd = if header.flags & crate::header::FLAG_RGD != 0 && header.rgd_offset != 0 {
+            let at = check_table(header.rgd_offset, "redundant grain directory")?;
+            Some(read_table(storage.as_ref(), at, entries)?)
+        } else {
+            None
+        };
+        let end = file_len.next_multiple_of(SECTOR);
+        let state = State { gd, rgd, tables: HashMap::new(), end };
+        Ok(SparseExtent { storage, header, state: Mutex::new(state) })
+    }
+
+    /// The effective header.
+    pub fn header(&self) -> &SparseHeader {
+        &self.header
+    }
+
+    /// The extent's file.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Byte offset of the directory's table `sector` entries, checked.
+    fn table_at(&self, sector: u32) -> Result<u64> {
+        let at = sector as u64 * SECTOR;
+        let len = self.header.gtes_per_gt as u64 * 4;
+        let meta_end = self.header.gd_offset.saturating_mul(SECTOR).saturating_add(self.header.gd_entries() * 4);
+        if at == 0 || at.saturating_add(len) > self.lock_end() {
+            return Err(corrupt(
+                self.storage.as_ref(),
+                format!("grain table at sector {sector} lies outside the file"),
+            ));
+        }
+        if at < meta_end && at + len > self.header.gd_offset * SECTOR {
+            return Err(corrupt(
+                self.storage.as_ref(),
+                format!("grain table at sector {sector} overlaps the grain directory"),
+            ));
+        }
+        Ok(at)
+    }
+
+    fn lock_end(&self) -> u64 {
+        self.lock().end
+    }
+
+    /// The grain table of directory entry `gd_index`, if allocated.
+    fn table(&self, gd_index: u64) -> Result<Option<Arc<Vec<u32>>>> {
+        let sector = {
+            let st = self.lock();
+            if let Some(t) = st.tables.get(&gd_index) {
+                return Ok(Some(t.clone()));
+            }
+            match st.gd.get(gd_index as usize) {
+                Some(&0) | None => return Ok(None),
+                Some(&s) => s,
+            }
+        };
+        let at = self.table_at(sector)?;
+        let table = Arc::new(read_table(self.storage.as_ref(), at, self.header.gtes_per_gt as u64)?);
+        let mut st = self.lock();
+        if st.tables.len() >= MAX_CACHED_TABLES {
+            st.tables.clear();
+        }
+        st.tables.insert(gd_index, table.clone());
+        Ok(Some(table))
+    }
+
+    /// Where the grain holding byte `offset` of the extent is, checked against the file.
+    pub fn lookup(&self, offset: u64) -> Result<Grain> {
+        let g = self.entry(offset)?;
+        if let Grain::Data(at) | Grain::Compressed(at) = g {
+            if at >= self.lock_end() {
+                return Err(corrupt(
+                    self.storage.as_ref(),
+                    format!("grain for offset {offset} at byte {at} lies outside the file"),
+                ));
+            }
+        }
+        Ok(g)
+    }
+
+    /// What the grain table says about the grain holding byte `offset`, unchecked (`check`).
+    pub fn entry(&self, offset: u64) -> Result<Grain> {
+        let grain = self.header.grain_bytes();
+        let gd_index = offset / self.header.gt_coverage();
+        let gt_index = (offset / grain) % self.header.gtes_per_gt as u64;
+        let Some(table) = self.table(gd_index)? else { return Ok(Grain::Unallocated) };
+        Ok(match table[gt_index as usize] {
+            0 => Grain::Unallocated,
+            1 if self.header.zeroed_grains() => Grain::Zero,
+            s if self.header.compressed() => Grain::Compressed(s as u64 * SECTOR),
+            s => Grain::Data(s as u64 * SECTOR),
+        })
+    }
+
+    /// Reads the whole grain at `at` into `out` (a grain's bytes), decompressing if needed.
+    pub fn read_grain(&self, grain: Grain, out: &mut [u8]) -> Result<()> {
+        match grain {
+            Grain::Unallocated | Grain::Zero => out.fill(0),
+            Grain::Data(at) => {
+                let file_end = self.lock_end();
+                let n = (file_end.saturating_sub(at)).min(out.len() as u64) as usize;
+                blockdev::read_exact_at(self.storage.as_ref(), at, &mut out[..n])?;
+                out[n..].fill(0);
+            }
+            Grain::Compressed(at) => self.read_compressed(at, out)?,
+        }
+        Ok(())
+    }
+
+    fn read_compressed(&self, at: u64, out: &mut [u8]) -> Result<()> {
+        let mut head = [0u8; 12];
+        blockdev::read_exact_at(self.storage.as_ref(), at, &mut head)?;
+        let size = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as u64;
+        let limit = max_compressed(self.header.grain_bytes());
+        if size == 0 || size > limit || at + 12 + size > self.lock_end() {
+            return Err(corrupt(self.storage.as_ref(), format!("compressed grain at {at} has a bad size {size}")));
+        }
+        let mut data = vec![0u8; size as usize];
+        blockdev::read_exact_at(self.storage.as_ref(), at + 12, &mut data)?;
+        let mut z = flate2::Decompress::new(true);
+        match z.decompress(&data, out, flate2::FlushDecompress::Finish) {
+            Ok(_) => {
+                let n = z.total_out() as usize;
+                out[n..].fill(0);
+                Ok(())
+            }
+            Err(_) => Err(corrupt(self.storage.as_ref(), format!("compressed grain at {at} does not inflate"))),
+        }
+    }
+
+    /// Points consecutive grains, from the one holding byte `offset`, at `entries` (sectors, or
+    /// 1 for zeroed grains), allocating grain tables as needed; each table's run of entries is
+    /// written to the table and its copy in one request.
+    fn set_entries(&self, offset: u64, entries: &[u32]) -> Result<()> {
+        let gtes = self.header.gtes_per_gt as u64;
+        let mut done = 0usize;
+        while done < entries.len() {
+            let off = offset + done as u64 * self.header.grain_bytes();
+            let gd_index = off / self.header.gt_coverage();
+            let gt_index = (off / self.header.grain_bytes()) % gtes;
+            let n = ((gtes - gt_index) as usize).min(entries.len() - done);
+            if self.table(gd_index)?.is_none() {
+                self.allocate_table(gd_index)?;
+            }
+            let (gt_sector, rgt_sector) = {
+                let st = self.lock();
+                (st.gd[gd_index as usize], st.rgd.as_ref().map(|r| r[gd_index as usize]))
+            };
+            let run = &entries[done..done + n];
+            let bytes: Vec<u8> = run.iter().flat_map(|e| e.to_le_bytes()).collect();
+            blockdev::write_all_at(self.storage.as_ref(), gt_sector as u64 * SECTOR + gt_index * 4, &bytes)?;
+            if let Some(r) = rgt_sector.filter(|&r| r != 0) {
+                blockdev::write_all_at(self.storage.as_ref(), r as u64 * SECTOR + gt_index * 4, &bytes)?;
+            }
+            let mut st = self.lock();
+            if let Some(t) = st.tables.get_mut(&gd_index) {
+                Arc::make_mut(t)[gt_index as usize..gt_index as usize + n].copy_from_slice(run);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Appends zeroed grain tables for directory entry `gd_index` (and its redundant copy), then
+    /// points the directories at them.
+    fn allocate_table(&self, gd_index: u64) -> Result<()> {
+        let len = (self.header.gtes_per_gt as u64 * 4).next_multiple_of(SECTOR);
+        let copies = if self.lock().rgd.is_some() { 2 } else { 1 };
+        let zeros = vec![0u8; (len * copies) as usize];
+        let at = self.reserve(len * copies);
+        blockdev::write_all_at(self.storage.as_ref(), at, &zeros)?;
+        let gt = (at / SECTOR) as u32;
+        let rgt = ((at + len) / SECTOR) as u32;
+        let idx = gd_index as usize;
+        blockdev::write_all_at(
+            self.storage.as_ref(),
+            self.header.gd_offset * SECTOR + gd_index * 4,
+            &gt.to_le_bytes(),
+        )?;
+        if copies == 2 {
+            let rgd_at = self.header.rgd_offset * SECTOR + gd_index * 4;
+            blockdev::write_all_at(self.storage.as_ref(), rgd_at, &rgt.to_le_bytes())?;
+        }
+        let mut st = self.lock();
+        st.gd[idx] = gt;
+        if let Some(r) = st.rgd.as_mut() {
+            r[idx] = rgt;
+        }
+        st.tables.insert(gd_index, Arc::new(vec![0u32; self.header.gtes_per_gt as usize]));
+        Ok(())
+    }
+
+    /// Reserves `len` bytes at the end of the file; returns where they start.
+    fn reserve(&self, len: u64) -> u64 {
+        let mut st = self.lock();
+        let at = st.end;
+        st.end += len.next_multiple_of(SECTOR);
+        at
+    }
+
+    /// Writes new grains for the extent from byte `offset` (a grain boundary; `data` is whole
+    /// grains) at the end of the file in one request, then points the grain tables at them.
+    pub fn allocate_grains(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let grain = self.header.grain_bytes();
+        let at = self.reserve(data.len() as u64);
+        blockdev::write_all_at(self.storage.as_ref(), at, data)?;
+        let first = at / SECTOR;
+        let sectors = (0..data.len() as u64 / grain)
+            .map(|i| u32::try_from(first + i * self.header.grain_sectors))
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|_| Error::out_of_range("VMDK sparse extent is full"))?;
+        self.set_entries(offset, &sectors)
+    }
+
+    /// Marks `count` grains from the one holding byte `offset` as zeroed grains (zeroed_grain
+    /// images only).
+    pub fn zero_grains(&self, offset: u64, count: usize) -> Result<()> {
+        self.set_entries(offset, &vec![1u32; count])
+    }
+
+    /// Bytes of the file in use (for `check`'s image end offset).
+    pub fn end(&self) -> u64 {
+        self.lock_end()
+    }
+}
+
+/// Reads the footer header of a streamOptimized file (512 bytes, 1024 bytes before the end,
+/// behind a footer marker), qemu's and the spec's way to find the grain directory.
+fn read_footer(storage: &dyn Storage, file_len: u64) -> Result<SparseHeader> {
+    if file_len < 1536 {
+        return Err(Error::invalid_image(format!("{}: streamOptimized file has no footer", storage.name())));
+    }
+    let mut marker = [0u8; 512];
+    blockdev::read_exact_at(storage, file_len - 1536, &mut marker)?;
+    let kind = u32::from_le_bytes([marker[12], marker[13], marker[14], marker[15]]);
+    let size = u32::from_le_bytes([marker[8], marker[9], marker[10], marker[11]]);
+    if size != 0 || kind != 3 {
+        return Err(Error::invalid_image(format!("{}: streamOptimized file has no footer marker", storage.name())));
+    }
+    let mut footer = [0u8; 512];
+    blockdev::read_exact_at(storage, file_len - 1024, &mut footer)?;
+    let h = SparseHeader::parse(&footer)?;
+    if h.gd_offset == GD_AT_END {
+        return Err(Error::invalid_image(format!(
+            "{}: the footer does not locate the grain directory",
+            storage.name()
+        )));
+    }
+    Ok(h)
+}
