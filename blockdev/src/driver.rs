@@ -341,4 +341,10 @@ pub trait CompressedWrite: Send + Sync {
     fn finish_compressed(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether the image takes data only as compressed units (streamOptimized VMDK): `convert`
+    /// then writes compressed without `-c`, as qemu-img does.
+    fn compression_required(&self) -> bool {
+        false
+    }
 }

@@ -213,6 +213,51 @@ fn delta_disks_follow_and_check_their_parent() {
     assert_eq!(v.code, 1);
 }
 
+/// streamOptimized files vdisk writes have the specification's layout (header with the
+/// directory at the end, footer marker and footer 1536 and 1024 bytes before the end, the
+/// end-of-stream marker last), read identically in qemu-img and in libvmdk (an independent
+/// reader, Debian's python3-libvmdk), and check clean.
+#[test]
+fn stream_optimized_files_have_the_spec_layout_and_read_everywhere() {
+    let d = tempdir();
+    let raw = source(d.path());
+    let img = d.path().join("s.vmdk");
+    vdisk(&["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&raw), s(&img)]).ok();
+    qemu_img(&["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&img)]).ok();
+    qemu_img(&["check", s(&img)]).ok();
+    let bytes = std::fs::read(&img).unwrap();
+    let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    assert_eq!((le32(4), le32(8), le64(56)), (3, 0x30001, u64::MAX), "header: v3, compressed + markers, GD at end");
+    let end = bytes.len();
+    assert_eq!((le32(end - 1536 + 8), le32(end - 1536 + 12)), (0, 3), "footer marker");
+    assert_eq!(&bytes[end - 1024..end - 1020], b"KDMV", "footer");
+    let gd = le64(end - 1024 + 56) as usize * 512;
+    assert_eq!((le32(gd - 512 + 8), le32(gd - 512 + 12)), (0, 2), "GD marker before the directory");
+    assert!(bytes[end - 512..].iter().all(|&b| b == 0), "end-of-stream marker");
+    let script = format!(
+        "import pyvmdk\nh = pyvmdk.handle()\nh.open('{}')\nh.open_extent_data_files()\n\
+         n = h.get_media_size()\nd = h.read_buffer(n)\nr = open('{}', 'rb').read()\n\
+         r += bytes(n - len(r))\nprint('same' if d == r else 'differs')\n",
+        s(&img),
+        s(&raw)
+    );
+    let out = std::process::Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "same", "libvmdk (python3-libvmdk): {}", String::from_utf8_lossy(&out.stderr));
+    // An empty stream vdisk creates is one too, and qemu-img writes into its own files alike.
+    let empty = d.path().join("e.vmdk");
+    vdisk(&["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", s(&empty), "3M"]).ok();
+    qemu_img(&["check", s(&empty)]).ok();
+    let (qi, vi) = (qemu_img(&["map", "--output=json", s(&empty)]), vdisk(&["map", "--output=json", s(&empty)]));
+    assert_eq!((qi.code, &qi.stdout), (vi.code, &vi.stdout));
+    // A qemu-made empty stream disk takes vdisk's stream (rewritten in the spec's layout).
+    let q = d.path().join("q.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", s(&q), "8M"]).ok();
+    vdisk(&["convert", "-n", "-f", "raw", "-O", "vmdk", s(&raw), s(&q)]).ok();
+    qemu_img(&["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&q)]).ok();
+}
+
 #[test]
 fn hostile_images_fail_cleanly() {
     let d = tempdir();

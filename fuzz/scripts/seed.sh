@@ -41,6 +41,19 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
         { python3 -c "import struct,sys; sys.stdout.buffer.write(struct.pack('<I', $area))"; head -c 592 "$tmp/l.luks"; } \
             > "$C/luks_header/seed-$alg"
     done
+    # vmdk_image: small disks of each sparse kind (monolithic, zeroed grains, streamOptimized with
+    # data) and a descriptor with a ZERO extent, each behind 0x01 0x00.
+    mkdir -p "$C/vmdk_image"
+    head -c 262144 /dev/urandom > "$tmp/r.raw"
+    qemu-img create -q -f vmdk "$tmp/v1.vmdk" 1M
+    qemu-io -f vmdk -c "write -P 5 64k 64k" "$tmp/v1.vmdk" >/dev/null
+    qemu-img create -q -f vmdk -o zeroed_grain=on "$tmp/v2.vmdk" 1M
+    qemu-io -f vmdk -c "write -z 0 64k" -c "write -P 6 128k 4k" "$tmp/v2.vmdk" >/dev/null
+    qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$tmp/r.raw" "$tmp/v3.vmdk"
+    printf 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="custom"\nRW 2048 ZERO\nNOACCESS 8 ZERO\n' > "$tmp/v4.vmdk"
+    for i in 1 2 3 4; do
+        { printf '\x01\x00'; cat "$tmp/v$i.vmdk"; } > "$C/vmdk_image/seed-$i"
+    done
     rm -rf "$tmp"
 fi
 

@@ -1,13 +1,17 @@
 //! Creating VMDK disks with qemu-img's options and layouts: monolithicSparse (header, embedded
 //! descriptor, redundant grain directory and tables, grain directory and tables, all tables
 //! preallocated, first grain at a grain boundary) and monolithicFlat (a descriptor file and a
-//! `-flat` data file).
+//! `-flat` data file), twoGbMaxExtentSparse/Flat (split into 2 GiB extent files), and
+//! streamOptimized in the layout of VMware's specification (see `stream.rs`).
 
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{Error, Opener, Prealloc, Result};
 
 use crate::descriptor::{NewDescriptor, NO_PARENT};
-use crate::header::{SparseHeader, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR};
+use crate::header::{
+    SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
+    GD_AT_END, SECTOR,
+};
 
 /// qemu-img's `-o` options for vmdk, in its order.
 pub const CREATE_OPTIONS: &[OptionSpec] = &[
@@ -130,6 +134,36 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
             blockdev::delete_on_error(opener, filename, || {
                 let image = sparse_image(sectors, p.zeroed_grain, text.as_bytes())?;
                 blockdev::write_all_at(storage.as_ref(), 0, &image)?;
+                storage.flush()
+            })
+        }
+        "streamOptimized" => {
+            let text = describe("streamOptimized", &[format!("RW {sectors} SPARSE \"{}\"", base_name(filename))]);
+            let storage = opener.create_storage(filename, &CreateOptions::new())?;
+            blockdev::delete_on_error(opener, filename, || {
+                if text.len() as u64 > DESC_SECTORS * SECTOR {
+                    return Err(Error::invalid_argument("VMDK descriptor too long"));
+                }
+                let header = SparseHeader {
+                    version: 3,
+                    flags: FLAG_NL_DETECT | FLAG_COMPRESSED | FLAG_MARKERS,
+                    capacity: sectors,
+                    grain_sectors: GRAIN_SECTORS,
+                    desc_offset: 1,
+                    desc_size: DESC_SECTORS,
+                    gtes_per_gt: GTES as u32,
+                    rgd_offset: 0,
+                    gd_offset: GD_AT_END,
+                    overhead: GRAIN_SECTORS,
+                    unclean: false,
+                    compression: COMPRESSION_DEFLATE,
+                };
+                let mut head = vec![0u8; (GRAIN_SECTORS * SECTOR) as usize];
+                head[..512].copy_from_slice(&header.encode());
+                head[512..512 + text.len()].copy_from_slice(text.as_bytes());
+                blockdev::write_all_at(storage.as_ref(), 0, &head)?;
+                // An empty stream: no grains, an empty directory, the footer, end of stream.
+                crate::stream::StreamWriter::new(storage.clone(), header).finish()?;
                 storage.flush()
             })
         }

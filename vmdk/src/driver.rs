@@ -77,6 +77,8 @@ pub struct Vmdk {
     pub(crate) parent_cid_ok: bool,
     pub(crate) read_only: bool,
     pub(crate) cid_updated: AtomicBool,
+    /// The writer of a streamOptimized disk opened for writing while empty.
+    pub(crate) stream: Option<crate::stream::StreamWriter>,
     pub(crate) grain_locks: RangeLock,
 }
 
@@ -355,6 +357,22 @@ impl BlockDriver for Vmdk {
             return Err(Error::read_only().with_path(self.storage.name()));
         }
         self.touch_cid()?;
+        if let Some(stream) = &self.stream {
+            // Whole grains only, each compressed as it arrives.
+            let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let grain = stream.grain_bytes();
+            let whole = offset % grain == 0 && (len % grain == 0 || offset + len == self.size);
+            if !whole {
+                return Err(Error::unsupported("streamOptimized VMDK disks are written in whole grains"));
+            }
+            for (i, chunk) in data.chunks(grain as usize).enumerate() {
+                let mut unit = chunk.to_vec();
+                unit.resize(grain as usize, 0);
+                let c = crate::stream::StreamWriter::compress(&unit)?;
+                stream.write_grain(offset + i as u64 * grain, &c)?;
+            }
+            return Ok(());
+        }
         if bufs.len() == 1 {
             return self.write_into(offset, &bufs[0]);
         }
@@ -528,6 +546,17 @@ impl BlockDriver for Vmdk {
         Some(self)
     }
 
+    fn compressed(&self) -> Option<&dyn blockdev::CompressedWrite> {
+        self.stream.as_ref().map(|_| self as &dyn blockdev::CompressedWrite)
+    }
+
+    fn close(&self) -> Result<()> {
+        if let Some(stream) = &self.stream {
+            stream.finish()?;
+        }
+        self.flush()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         self.extents.iter().find_map(|e| match &e.data {
             ExtentData::Sparse(s) => Some(s.header().grain_bytes()),
@@ -570,4 +599,35 @@ fn sparse_status(s: &SparseExtent, within: u64, max_len: u64) -> Result<Extent> 
         // qemu reports no host offset for compressed grains.
         Grain::Compressed(_) => Extent { len, kind: ExtentKind::Data, host: None, compressed: true },
     })
+}
+
+impl blockdev::CompressedWrite for Vmdk {
+    fn compressed_unit(&self) -> u64 {
+        self.stream.as_ref().map(|s| s.grain_bytes()).unwrap_or(65536)
+    }
+
+    fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        crate::stream::StreamWriter::compress(data).map(Some)
+    }
+
+    fn write_compressed(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()> {
+        let stream =
+            self.stream.as_ref().ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
+        self.touch_cid()?;
+        match compressed {
+            Some(c) => stream.write_grain(offset, c),
+            None => stream.write_grain(offset, &crate::stream::StreamWriter::compress(data)?),
+        }
+    }
+
+    fn finish_compressed(&self) -> Result<()> {
+        match &self.stream {
+            Some(s) => s.finish(),
+            None => Ok(()),
+        }
+    }
+
+    fn compression_required(&self) -> bool {
+        self.stream.is_some()
+    }
 }

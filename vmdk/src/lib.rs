@@ -20,6 +20,7 @@ pub mod descriptor;
 mod driver;
 pub mod header;
 pub mod sparse;
+mod stream;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,7 @@ fn sparse_header(storage: &dyn Storage) -> Result<Option<SparseHeader>> {
 fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &dyn Opener) -> Result<Vmdk> {
     let file_len = storage.len()?;
     let name = storage.name().to_string();
+    let mut stream = None;
     let (descriptor, place, extents) = if let Some(h) = sparse_header(storage.as_ref())? {
         h.validate(&name)?;
         let (descriptor, place) = embedded_descriptor(storage.as_ref(), &h, file_len)?;
@@ -107,7 +109,12 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
         line.file = Some(name.clone());
         line.type_name = String::new();
         let access = line.access;
-        let data = ExtentData::Sparse(SparseExtent::open(storage.clone(), h)?);
+        let sparse = SparseExtent::open(storage.clone(), h.clone())?;
+        // An empty stream disk opened for writing takes a stream of compressed grains.
+        if h.compressed() && !opts.read_only && !storage.is_read_only() && sparse.is_empty()? {
+            stream = Some(stream::StreamWriter::new(storage.clone(), h));
+        }
+        let data = ExtentData::Sparse(sparse);
         let extent = DiskExtent { start: 0, len: capacity, access, line, data };
         (descriptor, place, vec![extent])
     } else {
@@ -137,6 +144,7 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
         backing,
         parent_cid_ok,
         cid_updated: AtomicBool::new(false),
+        stream,
         grain_locks: RangeLock::new(),
     })
 }

@@ -315,6 +315,18 @@ impl SparseExtent {
         self.set_entries(offset, &vec![1u32; count])
     }
 
+    /// Whether no grain is allocated (every directory entry empty, or every table all zeros).
+    pub fn is_empty(&self) -> Result<bool> {
+        for i in 0..self.header.gd_entries() {
+            if let Some(t) = self.table(i)? {
+                if t.iter().any(|&e| e != 0) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Bytes of the file in use (for `check`'s image end offset).
     pub fn end(&self) -> u64 {
         self.lock_end()

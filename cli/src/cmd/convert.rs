@@ -265,6 +265,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     if p.has("c") && target.compressed().is_none() {
         return Err(CliError::new("Compression not supported for this file format"));
     }
+    let compress = p.has("c") || target.compressed().is_some_and(|c| c.compression_required());
     if p.has("n") && target.size() < total_size {
         return Err(CliError::new("output file is smaller than input file"));
     }
@@ -291,7 +292,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             above: target_backing.is_some().then_some(1),
             buf_size: DEFAULT_BUF_SIZE,
             salvage: p.has("salvage"),
-            compress: p.has("c"),
+            compress,
             detect_zeroes: true,
         },
     };

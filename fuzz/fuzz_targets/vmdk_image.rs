@@ -1,0 +1,87 @@
+//! Opens fuzzed bytes as a VMDK disk (in memory: a monolithic sparse or streamOptimized file, or
+//! a descriptor whose extents need no other file; references to other files are refused) and
+//! runs a short sequence of reads, writes, zero writes, block-status queries, flushes and a check,
+//! then closes it (which ends a stream). Any panic, hang or unbounded allocation is a bug: errors
+//! are fine.
+
+#![no_main]
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use arbitrary::Arbitrary;
+use blockdev::{Chain, Format, OpenOptions, RepairMode, ZeroFlags};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Read { offset: u32, len: u16 },
+    Write { offset: u32, len: u16, byte: u8 },
+    Zeroes { offset: u32, len: u32 },
+    Status { offset: u32, len: u32 },
+    Flush,
+    Check,
+}
+
+/// Input layout: a flag byte (bit 0: open writable), an operation count byte, the operations,
+/// then the disk bytes (so that seed files are a two-byte prefix and a real disk).
+fn parse(data: &[u8]) -> arbitrary::Result<(bool, Vec<Op>, Vec<u8>)> {
+    let mut u = arbitrary::Unstructured::new(data);
+    let writable = u.arbitrary::<u8>()? & 1 == 1;
+    let count = u.arbitrary::<u8>()? % 17;
+    let mut ops = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        ops.push(u.arbitrary()?);
+    }
+    Ok((writable, ops, u.take_rest().to_vec()))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok((writable, ops, image)) = parse(data) else { return };
+    let storage = Arc::new(blockdev::MemStorage::new("fuzz.vmdk", image));
+    let opts = OpenOptions {
+        read_only: !writable,
+        no_backing: true,
+        references: blockdev::ReferencePolicy::Deny,
+        ..OpenOptions::default()
+    };
+    let registry = formats::Registry::new();
+    let Ok(img) = vmdk::VmdkFormat.open(storage, &opts, &Chain::new(), &registry) else { return };
+    let size = img.size();
+    let clamp = |offset: u64, len: u64| -> Option<(u64, u64)> { (offset < size).then(|| (offset, len.min(size - offset))) };
+    for op in ops {
+        match op {
+            Op::Read { offset, len } => {
+                if let Some((o, l)) = clamp(offset as u64, len as u64) {
+                    let mut buf = vec![0u8; l as usize];
+                    let _ = img.read_at(o, &mut [IoSliceMut::new(&mut buf)]);
+                }
+            }
+            Op::Write { offset, len, byte } => {
+                if let Some((o, l)) = clamp(offset as u64, len as u64) {
+                    let _ = img.write_at(o, &[IoSlice::new(&vec![byte; l as usize])]);
+                }
+            }
+            Op::Zeroes { offset, len } => {
+                if let Some((o, l)) = clamp(offset as u64, len as u64 % (64 << 20)) {
+                    let _ = img.write_zeroes(o, l, ZeroFlags::default());
+                }
+            }
+            Op::Status { offset, len } => {
+                if let Some((o, l)) = clamp(offset as u64, len as u64) {
+                    let _ = img.block_status(o, l.max(1));
+                }
+            }
+            Op::Flush => {
+                let _ = img.flush();
+            }
+            Op::Check => {
+                if let Some(c) = img.check() {
+                    let _ = c.check(RepairMode::None, &mut |_| {});
+                }
+            }
+        }
+    }
+    let _ = img.info();
+    let _ = img.close();
+});

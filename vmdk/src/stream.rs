@@ -1,0 +1,158 @@
+//! Writing streamOptimized extents in the layout of VMware's specification (what ESXi and OVF
+//! importers expect): header (version 3, compressed grains and markers, `gdOffset` = all ones),
+//! embedded descriptor, then compressed grain records (LBA, size, zlib data, padded to a sector),
+//! then for every non-empty grain table a GT marker and the table, a GD marker and the grain
+//! directory, a footer marker and the footer (the header with the real `gdOffset`), and the
+//! end-of-stream marker.
+//!
+//! A stream is written once: a disk is writable this way only while it holds no grains (as
+//! created). Grains are appended as they come (the copy engine compresses them in parallel and
+//! hands them over in order); the tables live in memory until [`StreamWriter::finish`] writes
+//! them and the footer. Until then the file has no valid footer: a crash mid-stream leaves a disk
+//! that does not open, never one that reads wrong data.
+
+use std::sync::{Arc, Mutex};
+
+use blockdev::{Error, Prealloc, Result, Storage};
+
+use crate::header::{
+    SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NL_DETECT, GD_AT_END, SECTOR,
+};
+
+/// Marker types.
+const MARKER_EOS: u32 = 0;
+const MARKER_GT: u32 = 1;
+const MARKER_GD: u32 = 2;
+const MARKER_FOOTER: u32 = 3;
+
+struct State {
+    /// Where the next record goes.
+    pos: u64,
+    /// Grain tables by directory index (absent: no grain written under it).
+    tables: Vec<Option<Vec<u32>>>,
+    finished: bool,
+}
+
+/// The writer of one streamOptimized extent.
+pub(crate) struct StreamWriter {
+    storage: Arc<dyn Storage>,
+    header: SparseHeader,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter").field("file", &self.storage.name()).finish()
+    }
+}
+
+/// A marker sector.
+fn marker(value: u64, kind: u32) -> [u8; 512] {
+    let mut m = [0u8; 512];
+    m[..8].copy_from_slice(&value.to_le_bytes());
+    m[12..16].copy_from_slice(&kind.to_le_bytes());
+    m
+}
+
+impl StreamWriter {
+    /// A writer for the empty stream extent in `storage` whose primary header is `header` (in
+    /// qemu's layout or the spec's; the result is the spec's either way).
+    pub(crate) fn new(storage: Arc<dyn Storage>, mut header: SparseHeader) -> StreamWriter {
+        header.version = 3;
+        header.flags = FLAG_NL_DETECT | FLAG_COMPRESSED | FLAG_MARKERS;
+        header.rgd_offset = 0;
+        header.gd_offset = GD_AT_END;
+        header.compression = COMPRESSION_DEFLATE;
+        let entries = header.gd_entries() as usize;
+        let pos = header.overhead * SECTOR;
+        let state = State { pos, tables: vec![None; entries], finished: false };
+        StreamWriter { storage, header, state: Mutex::new(state) }
+    }
+
+    /// Bytes per grain.
+    pub(crate) fn grain_bytes(&self) -> u64 {
+        self.header.grain_bytes()
+    }
+
+    /// Compresses one grain into its record body (a zlib stream, as VMware and qemu write).
+    pub(crate) fn compress(data: &[u8]) -> Result<Vec<u8>> {
+        let mut z = flate2::Compress::new(flate2::Compression::default(), true);
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        loop {
+            let before = z.total_in() as usize;
+            let status = z
+                .compress_vec(&data[before..], &mut out, flate2::FlushCompress::Finish)
+                .map_err(|e| Error::invalid_argument(format!("deflate failed: {e}")))?;
+            if status == flate2::Status::StreamEnd {
+                return Ok(out);
+            }
+            out.reserve(out.capacity().max(4096));
+        }
+    }
+
+    /// Appends the grain at extent byte `offset` (grain-aligned) with body `compressed`.
+    pub(crate) fn write_grain(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        let grain = self.header.grain_bytes();
+        if offset % grain != 0 || offset >= self.header.capacity * SECTOR {
+            return Err(Error::invalid_argument("streamOptimized writes must cover whole grains"));
+        }
+        let len = 12 + compressed.len() as u64;
+        let mut record = Vec::with_capacity(len.next_multiple_of(SECTOR) as usize);
+        record.extend_from_slice(&(offset / SECTOR).to_le_bytes());
+        record.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        record.extend_from_slice(compressed);
+        record.resize(len.next_multiple_of(SECTOR) as usize, 0);
+        let at = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.finished {
+                return Err(Error::invalid_argument("the streamOptimized disk is already complete"));
+            }
+            let at = st.pos;
+            st.pos += record.len() as u64;
+            let sector = u32::try_from(at / SECTOR).map_err(|_| Error::out_of_range("VMDK stream too large"))?;
+            let gd_index = (offset / self.header.gt_coverage()) as usize;
+            let gt_index = ((offset / grain) % self.header.gtes_per_gt as u64) as usize;
+            let gtes = self.header.gtes_per_gt as usize;
+            st.tables[gd_index].get_or_insert_with(|| vec![0; gtes])[gt_index] = sector;
+            at
+        };
+        blockdev::write_all_at(self.storage.as_ref(), at, &record)
+    }
+
+    /// Writes the grain tables, the directory, the footer and the end-of-stream marker after the
+    /// last grain, and cuts the file there. Idempotent.
+    pub(crate) fn finish(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.finished {
+            return Ok(());
+        }
+        let gt_sectors = (self.header.gtes_per_gt as u64 * 4).div_ceil(SECTOR);
+        let mut out = Vec::new();
+        let base = st.pos;
+        let mut gd = vec![0u32; st.tables.len()];
+        for (i, t) in st.tables.iter().enumerate() {
+            let Some(t) = t else { continue };
+            out.extend_from_slice(&marker(gt_sectors, MARKER_GT));
+            gd[i] = u32::try_from((base + out.len() as u64) / SECTOR)
+                .map_err(|_| Error::out_of_range("VMDK stream too large"))?;
+            let start = out.len();
+            out.extend(t.iter().flat_map(|e| e.to_le_bytes()));
+            out.resize(start + (gt_sectors * SECTOR) as usize, 0);
+        }
+        let gd_sectors = (gd.len() as u64 * 4).div_ceil(SECTOR);
+        out.extend_from_slice(&marker(gd_sectors, MARKER_GD));
+        let gd_offset = (base + out.len() as u64) / SECTOR;
+        let start = out.len();
+        out.extend(gd.iter().flat_map(|e| e.to_le_bytes()));
+        out.resize(start + (gd_sectors * SECTOR) as usize, 0);
+        out.extend_from_slice(&marker(1, MARKER_FOOTER));
+        let footer = SparseHeader { gd_offset, ..self.header.clone() };
+        out.extend_from_slice(&footer.encode());
+        out.extend_from_slice(&marker(0, MARKER_EOS));
+        blockdev::write_all_at(self.storage.as_ref(), base, &out)?;
+        self.storage.set_len(base + out.len() as u64, Prealloc::Off)?;
+        blockdev::write_all_at(self.storage.as_ref(), 0, &self.header.encode())?;
+        st.finished = true;
+        Ok(())
+    }
+}
