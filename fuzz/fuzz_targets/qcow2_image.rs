@@ -31,21 +31,8 @@ enum Op {
     BitmapRead { index: u8 },
 }
 
-/// Input layout: a flag byte (bit 0: open writable), an operation count byte, the operations,
-/// then the image bytes (so that seed files are a two-byte prefix and a real image).
-fn parse(data: &[u8]) -> arbitrary::Result<(bool, Vec<Op>, Vec<u8>)> {
-    let mut u = arbitrary::Unstructured::new(data);
-    let writable = u.arbitrary::<u8>()? & 1 == 1;
-    let count = u.arbitrary::<u8>()? % 17;
-    let mut ops = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        ops.push(u.arbitrary()?);
-    }
-    Ok((writable, ops, u.take_rest().to_vec()))
-}
-
 fuzz_target!(|data: &[u8]| {
-    let Ok((writable, ops, image)) = parse(data) else { return };
+    let Ok((writable, ops, image)) = vdisk_fuzz::flag_ops_image::<Op>(data) else { return };
     let storage = Arc::new(blockdev::MemStorage::new("fuzz.qcow2", image));
     let opts = OpenOptions {
         read_only: !writable,
@@ -58,9 +45,8 @@ fuzz_target!(|data: &[u8]| {
     for op in ops {
         // (Applying a snapshot may change the size.)
         let size = img.size();
-        let clamp = |offset: u64, len: u64| -> Option<(u64, u64)> {
-            (offset < size).then(|| (offset, len.min(size - offset)))
-        };
+        let clamp =
+            |offset: u64, len: u64| -> Option<(u64, u64)> { (offset < size).then(|| (offset, len.min(size - offset))) };
         match op {
             Op::Read { offset, len } => {
                 if let Some((o, l)) = clamp(offset as u64, len as u64) {
