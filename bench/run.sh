@@ -219,6 +219,10 @@ case_ convert_zlib "convert -c raw → qcow2 (zlib)" image .qcow2 qcow2 \
     "{tool} convert -q -c -f raw -O qcow2 $RAW {out}" "$RAW"
 case_ convert_zstd "convert -c -o compression_type=zstd raw → qcow2" image .qcow2 qcow2 \
     "{tool} convert -q -c -o compression_type=zstd -f raw -O qcow2 $RAW {out}" "$RAW"
+case_ convert_raw_vmdk "convert raw → vmdk (monolithicSparse)" image .vmdk vmdk \
+    "{tool} convert -q -f raw -O vmdk $RAW {out}" "$RAW"
+case_ convert_raw_stream "convert raw → vmdk (streamOptimized)" image .vmdk vmdk \
+    "{tool} convert -q -f raw -O vmdk -o subformat=streamOptimized $RAW {out}" "$RAW"
 case_ convert_luks_raw "convert LUKS qcow2 → raw (decrypt)" image .raw raw \
     "{tool} convert -q --object $BENCH_SECRET --image-opts driver=qcow2,file.filename=$LUKS_QCOW,encrypt.key-secret=bk -O raw {out}" "$LUKS_QCOW"
 ENCRYPTED_OUT=1 case_ convert_raw_luks "convert raw → LUKS qcow2 (encrypt)" image .qcow2 qcow2 \

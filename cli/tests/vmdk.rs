@@ -285,6 +285,16 @@ fn hostile_images_fail_cleanly() {
         assert_ne!(r.code, 0, "{}: {}", s(img), r.stdout);
         assert!(!r.stderr.contains("panicked"), "{}: {}", s(img), r.stderr);
     }
+    // A grain table entry pointing at the header: reads see header bytes, writes are refused.
+    let meta = patch("meta.vmdk", 27 * 512, &1u32.to_le_bytes());
+    let r = qemu_io(&["-f", "vmdk", "-c", "read 0 512", s(&meta)]);
+    assert_eq!(r.code, 0);
+    let raw = d.path().join("one.raw");
+    std::fs::write(&raw, vec![7u8; 10 << 20]).unwrap();
+    let r = vdisk(&["convert", "-n", "-f", "raw", "-O", "vmdk", s(&raw), s(&meta)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("points into the metadata"), "{}", r.stderr);
+    assert_eq!(&std::fs::read(&meta).unwrap()[..4], b"KDMV", "the header survives");
     let desc = d.path().join("desc.vmdk");
     let mut text = String::from("# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"custom\"\n");
     for _ in 0..5000 {

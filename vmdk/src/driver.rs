@@ -277,6 +277,13 @@ impl Vmdk {
             let grain_start = within - in_grain;
             let _g = self.grain_locks.lock(ext_start + grain_start, ext_start + grain_start + grain);
             match s.lookup(within)? {
+                // A grain inside the header or tables would overwrite metadata: refuse, as qcow2 does.
+                Grain::Data(at) if at < s.header().overhead * SECTOR => {
+                    return Err(Error::corrupt(format!(
+                        "{}: grain for offset {within} points into the metadata (byte {at}); refusing to write",
+                        s.storage().name()
+                    )));
+                }
                 Grain::Data(at) => blockdev::write_all_at(s.storage().as_ref(), at + in_grain, now)?,
                 g => {
                     let mut full = vec![0u8; grain as usize];
