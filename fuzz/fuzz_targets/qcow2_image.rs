@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use blockdev::bitmap::{BitmapChange, MergeSource};
-use blockdev::{BlockDriver, Chain, OpenOptions, RepairMode, ZeroFlags};
+use blockdev::{BlockDriver, Chain, RepairMode, ZeroFlags};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -34,12 +34,7 @@ enum Op {
 fuzz_target!(|data: &[u8]| {
     let Ok((writable, ops, image)) = vdisk_fuzz::flag_ops_image::<Op>(data) else { return };
     let storage = Arc::new(blockdev::MemStorage::new("fuzz.qcow2", image));
-    let opts = OpenOptions {
-        read_only: !writable,
-        no_backing: true,
-        references: blockdev::ReferencePolicy::Deny,
-        ..OpenOptions::default()
-    };
+    let opts = vdisk_fuzz::isolated_open_options(writable);
     let registry = formats::Registry::new();
     let Ok(img) = qcow2::Qcow2::open(storage, &opts, &Chain::new(), &registry) else { return };
     for op in ops {

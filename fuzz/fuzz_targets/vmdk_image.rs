@@ -10,7 +10,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
-use blockdev::{Chain, Format, OpenOptions, RepairMode, ZeroFlags};
+use blockdev::{Chain, Format, RepairMode, ZeroFlags};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -26,12 +26,7 @@ enum Op {
 fuzz_target!(|data: &[u8]| {
     let Ok((writable, ops, image)) = vdisk_fuzz::flag_ops_image::<Op>(data) else { return };
     let storage = Arc::new(blockdev::MemStorage::new("fuzz.vmdk", image));
-    let opts = OpenOptions {
-        read_only: !writable,
-        no_backing: true,
-        references: blockdev::ReferencePolicy::Deny,
-        ..OpenOptions::default()
-    };
+    let opts = vdisk_fuzz::isolated_open_options(writable);
     let registry = formats::Registry::new();
     let Ok(img) = vmdk::VmdkFormat.open(storage, &opts, &Chain::new(), &registry) else { return };
     let size = img.size();

@@ -15,3 +15,14 @@ pub fn flag_ops_image<'a, Op: Arbitrary<'a>>(data: &'a [u8]) -> arbitrary::Resul
     }
     Ok((writable, ops, u.take_rest().to_vec()))
 }
+
+/// Options for opening a fuzzed image in memory: writable or not, and never following a
+/// reference to another file (backing files, data files, extents).
+pub fn isolated_open_options(writable: bool) -> blockdev::OpenOptions {
+    blockdev::OpenOptions {
+        read_only: !writable,
+        no_backing: true,
+        references: blockdev::ReferencePolicy::Deny,
+        ..blockdev::OpenOptions::default()
+    }
+}

@@ -160,9 +160,24 @@ impl Vmdk {
         let mut scratch: Vec<u8> = Vec::new();
         while !buf.is_empty() {
             let in_grain = within % grain;
-            let n = ((grain - in_grain) as usize).min(buf.len());
+            let mut n = ((grain - in_grain) as usize).min(buf.len());
+            let found = s.lookup(within)?;
+            if let Grain::Data(at) = found {
+                // Grains stored one after another in the file are read in one request.
+                let mut next = at + in_grain + n as u64;
+                while n < buf.len() {
+                    match s.lookup(within + n as u64)? {
+                        Grain::Data(a) if a == next => {
+                            let m = (grain as usize).min(buf.len() - n);
+                            n += m;
+                            next += m as u64;
+                        }
+                        _ => break,
+                    }
+                }
+            }
             let (now, rest) = buf.split_at_mut(n);
-            match s.lookup(within)? {
+            match found {
                 Grain::Unallocated => self.read_parent(ext_start + within, now)?,
                 Grain::Zero => now.fill(0),
                 Grain::Data(at) => s.read_grain(Grain::Data(at + in_grain), now)?,
