@@ -251,9 +251,15 @@ fn stream_optimized_files_have_the_spec_layout_and_read_everywhere() {
     qemu_img(&["check", s(&empty)]).ok();
     let (qi, vi) = (qemu_img(&["map", "--output=json", s(&empty)]), vdisk(&["map", "--output=json", s(&empty)]));
     assert_eq!((qi.code, &qi.stdout), (vi.code, &vi.stdout));
-    // A qemu-made empty stream disk takes vdisk's stream (rewritten in the spec's layout).
+    // A qemu-made empty stream disk opened for writing but not written stays as it was; one
+    // that is written takes vdisk's stream (rewritten in the spec's layout).
     let q = d.path().join("q.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", s(&q), "8M"]).ok();
+    let before = std::fs::read(&q).unwrap();
+    let zeros = d.path().join("zeros.raw");
+    std::fs::write(&zeros, vec![0u8; 8 << 20]).unwrap();
+    vdisk(&["convert", "-n", "--target-is-zero", "-f", "raw", "-O", "vmdk", s(&zeros), s(&q)]).ok();
+    assert!(std::fs::read(&q).unwrap() == before, "an unwritten stream disk is left alone");
     vdisk(&["convert", "-n", "-f", "raw", "-O", "vmdk", s(&raw), s(&q)]).ok();
     qemu_img(&["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&q)]).ok();
 }

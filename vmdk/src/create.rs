@@ -163,7 +163,7 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
                 head[512..512 + text.len()].copy_from_slice(text.as_bytes());
                 blockdev::write_all_at(storage.as_ref(), 0, &head)?;
                 // An empty stream: no grains, an empty directory, the footer, end of stream.
-                crate::stream::StreamWriter::new(storage.clone(), header).finish()?;
+                crate::stream::StreamWriter::new(storage.clone(), header).finish_new()?;
                 storage.flush()
             })
         }

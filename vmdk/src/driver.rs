@@ -381,7 +381,7 @@ impl BlockDriver for Vmdk {
         self.touch_cid()?;
         if let Some(stream) = &self.stream {
             // Whole grains only, each compressed as it arrives.
-            let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
             let grain = stream.grain_bytes();
             let whole = offset % grain == 0 && (len % grain == 0 || offset + len == self.size);
             if !whole {
@@ -398,7 +398,7 @@ impl BlockDriver for Vmdk {
         if bufs.len() == 1 {
             return self.write_into(offset, &bufs[0]);
         }
-        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
         self.write_into(offset, &data)
     }
 

@@ -30,6 +30,8 @@ struct State {
     pos: u64,
     /// Grain tables by directory index (absent: no grain written under it).
     tables: Vec<Option<Vec<u32>>>,
+    /// A grain was written: the file must get its new tables and footer.
+    written: bool,
     finished: bool,
 }
 
@@ -65,7 +67,7 @@ impl StreamWriter {
         header.compression = COMPRESSION_DEFLATE;
         let entries = header.gd_entries() as usize;
         let pos = header.overhead * SECTOR;
-        let state = State { pos, tables: vec![None; entries], finished: false };
+        let state = State { pos, tables: vec![None; entries], written: false, finished: false };
         StreamWriter { storage, header, state: Mutex::new(state) }
     }
 
@@ -109,6 +111,7 @@ impl StreamWriter {
             }
             let at = st.pos;
             st.pos += record.len() as u64;
+            st.written = true;
             let sector = u32::try_from(at / SECTOR).map_err(|_| Error::out_of_range("VMDK stream too large"))?;
             let gd_index = (offset / self.header.gt_coverage()) as usize;
             let gt_index = ((offset / grain) % self.header.gtes_per_gt as u64) as usize;
@@ -119,11 +122,21 @@ impl StreamWriter {
         blockdev::write_all_at(self.storage.as_ref(), at, &record)
     }
 
-    /// Writes the grain tables, the directory, the footer and the end-of-stream marker after the
-    /// last grain, and cuts the file there. Idempotent.
+    /// Ends the stream if a grain was written: writes the grain tables, the directory, the
+    /// footer and the end-of-stream marker after the last grain, and cuts the file there. A disk
+    /// opened for writing but not written stays as it was. Idempotent.
     pub(crate) fn finish(&self) -> Result<()> {
+        self.end(false)
+    }
+
+    /// Ends the stream of a new disk (its metadata is written even without grains).
+    pub(crate) fn finish_new(&self) -> Result<()> {
+        self.end(true)
+    }
+
+    fn end(&self, always: bool) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.finished {
+        if st.finished || !(always || st.written) {
             return Ok(());
         }
         let gt_sectors = (self.header.gtes_per_gt as u64 * 4).div_ceil(SECTOR);
