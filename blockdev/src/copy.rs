@@ -230,7 +230,9 @@ struct Shared<'a> {
     next_write: Mutex<u64>,
     write_turn: Condvar,
     failed: AtomicBool,
-    error: Mutex<Option<Error>>,
+    /// The failure of the job with the lowest offset (among jobs that failed before the workers
+    /// stopped), so that the error reported does not depend on which worker was faster.
+    error: Mutex<Option<(u64, Error)>>,
     stats: Mutex<CopyStats>,
     offload: AtomicBool,
     src_storage: Option<Arc<dyn Storage>>,
@@ -285,10 +287,10 @@ impl Copy<'_> {
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
-                    if let Err(e) = self.worker(&shared, progress, warn, cancel, total) {
+                    if let Err((at, e)) = self.worker(&shared, progress, warn, cancel, total) {
                         let mut slot = shared.error.lock().unwrap_or_else(|p| p.into_inner());
-                        if slot.is_none() {
-                            *slot = Some(e);
+                        if slot.as_ref().is_none_or(|(first, _)| at < *first) {
+                            *slot = Some((at, e));
                         }
                         shared.failed.store(true, Ordering::SeqCst);
                         let _guard = shared.next_write.lock().unwrap_or_else(|p| p.into_inner());
@@ -297,7 +299,7 @@ impl Copy<'_> {
                 });
             }
         });
-        if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((_, e)) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
         if self.compress_unit().is_some() {
@@ -315,7 +317,7 @@ impl Copy<'_> {
         warn: &(dyn Fn(&str) + Sync),
         cancel: &AtomicBool,
         total: u64,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), (u64, Error)> {
         let mem_align = self.dst.storage().map(|s| s.alignment().memory).unwrap_or(1).max(4096) as usize;
         let mut buf: Option<AlignedBuf> = None;
         loop {
@@ -323,32 +325,34 @@ impl Copy<'_> {
                 return Ok(());
             }
             if cancel.load(Ordering::Relaxed) {
-                return Err(Error::cancelled());
+                return Err((0, Error::cancelled()));
             }
             let job = {
                 let mut p = sh.planner.lock().unwrap_or_else(|p| p.into_inner());
                 let before = p.progress_done;
-                let job = p.next()?;
+                let at = p.pos;
+                let job = p.next().map_err(|e| (at, e))?;
                 if p.progress_done != before {
                     progress(Progress { done: p.progress_done, total });
                 }
                 job
             };
             let Some(job) = job else { return Ok(()) };
+            let failed_job = |e: Error| (job.offset, e);
             let as_data = job.kind == JobKind::Data || (job.kind == JobKind::Zero && self.opts.min_sparse == 0);
             let offload_now = job.kind == JobKind::Data && sh.offload.load(Ordering::Relaxed);
             let b = buf.get_or_insert_with(|| AlignedBuf::new(self.job_capacity() as usize, mem_align));
             if as_data && !offload_now {
                 let data = &mut b[..job.len as usize];
                 if job.kind == JobKind::Data {
-                    self.read_job(job, data, warn)?;
+                    self.read_job(job, data, warn).map_err(failed_job)?;
                     sh.add(|s| s.read += job.len);
                 } else {
                     data.fill(0);
                 }
             }
             let packed = match (self.compress_unit(), as_data) {
-                (Some(unit), true) => Some(self.compress_job(&b[..job.len as usize], unit)?),
+                (Some(unit), true) => Some(self.compress_job(&b[..job.len as usize], unit).map_err(failed_job)?),
                 _ => None,
             };
             if sh.ordered && !self.wait_turn(sh, job.seq) {
@@ -373,7 +377,7 @@ impl Copy<'_> {
                 *next += 1;
                 sh.write_turn.notify_all();
             }
-            result?;
+            result.map_err(failed_job)?;
         }
     }
 
