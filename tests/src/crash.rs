@@ -634,6 +634,20 @@ pub struct CrashStats {
     pub reordered: usize,
 }
 
+impl std::fmt::Display for CrashStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events, {} crash images ({} prefixes, {} torn, {} reordered)",
+            self.events,
+            self.total(),
+            self.prefixes,
+            self.torn,
+            self.reordered
+        )
+    }
+}
+
 impl CrashStats {
     /// All crash images.
     pub fn total(&self) -> usize {

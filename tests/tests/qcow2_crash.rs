@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use blockdev::{OpenOptions, RepairMode};
 use formats::Registry;
 use vdisk_tests::crash::{self, GuestOp, SectorModel, SECTOR};
+use vdisk_tests::workloads::{discard_zeroes_mix, random_overwrite, random_range, sequential_fill};
 use vdisk_tests::{qemu_img, qemu_io, s, tempdir, XorShift};
 
 /// The backing file's fill.
@@ -199,17 +200,7 @@ fn run(name: &str, st: Setup, ops: &[GuestOp]) -> (Vec<u8>, Vec<u8>) {
     let stats = crash::verify(&recorded, &paths, reorder_samples(), |p| judge(&reg, p, st.lazy, &recorded.snapshots))
         .unwrap_or_else(|e| panic!("{name} ({st:?}): {e}"));
     assert!(stats.prefixes > 20, "{name}: too few cut points to mean anything: {stats:?}");
-    eprintln!(
-        "crash {name} lazy={} backing={} data_file={}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
-        st.lazy,
-        st.backing,
-        st.data_file,
-        stats.events,
-        stats.total(),
-        stats.prefixes,
-        stats.torn,
-        stats.reordered
-    );
+    eprintln!("crash {name} lazy={} backing={} data_file={}: {stats}", st.lazy, st.backing, st.data_file);
     (recorded.initial[0].clone(), files[0].current())
 }
 
@@ -226,60 +217,6 @@ fn run_growth(st: Setup) {
     let (l1_after, rt_after) = table_offsets(&after);
     assert_ne!(l1_before, l1_after, "the L1 table did not move");
     assert_ne!(rt_before, rt_after, "the refcount table did not move");
-}
-
-/// Sequential 20 KiB writes starting half a sector-run into a cluster, so both ends copy on write.
-fn sequential_fill(size: u64) -> Vec<GuestOp> {
-    let mut ops = vec![];
-    let mut off = 3 * SECTOR;
-    let mut byte = 1u8;
-    while off + 20 * 1024 <= size / 2 {
-        ops.push(GuestOp::Write { offset: off, len: 20 * 1024, byte });
-        byte = byte.wrapping_add(1).max(1);
-        if ops.len() % 4 == 3 {
-            ops.push(GuestOp::Flush);
-        }
-        off += 20 * 1024;
-    }
-    ops
-}
-
-fn random_range(rng: &mut XorShift, size: u64, max_sectors: u64) -> (u64, u64) {
-    let len = (1 + rng.below(max_sectors)) * SECTOR;
-    let offset = rng.below((size - len) / SECTOR + 1) * SECTOR;
-    (offset, len)
-}
-
-/// Random writes of 1 to 24 sectors over a partly written disk, a flush every few requests.
-fn random_overwrite(size: u64, seed: u64) -> Vec<GuestOp> {
-    let mut rng = XorShift::new(seed);
-    let mut ops = vec![GuestOp::Write { offset: 0, len: size / 4, byte: 0xa0 }, GuestOp::Flush];
-    for i in 0..48u64 {
-        let (offset, len) = random_range(&mut rng, size / 2, 24);
-        ops.push(GuestOp::Write { offset, len, byte: (i % 250) as u8 + 2 });
-        if rng.below(5) == 0 {
-            ops.push(GuestOp::Flush);
-        }
-    }
-    ops
-}
-
-/// Writes, zeroes (with and without unmap) and discards of up to 6 clusters.
-fn discard_zeroes_mix(size: u64, cluster: u64, seed: u64) -> Vec<GuestOp> {
-    let mut rng = XorShift::new(seed);
-    let mut ops = vec![GuestOp::Write { offset: 0, len: size / 2, byte: 0xb0 }, GuestOp::Flush];
-    for i in 0..48u64 {
-        let (offset, len) = random_range(&mut rng, size / 2, 6 * cluster / SECTOR);
-        ops.push(match rng.below(4) {
-            0 | 1 => GuestOp::Write { offset, len, byte: (i % 250) as u8 + 2 },
-            2 => GuestOp::Zeroes { offset, len, unmap: rng.below(2) == 0 },
-            _ => GuestOp::Discard { offset, len },
-        });
-        if rng.below(4) == 0 {
-            ops.push(GuestOp::Flush);
-        }
-    }
-    ops
 }
 
 /// 512-byte clusters and 64-bit refcounts: the L1 table of a 1 MiB disk fits one cluster and
@@ -600,14 +537,7 @@ fn run_commit(name: &str, st: CommitSetup, seed: u64) {
     })
     .unwrap_or_else(|e| panic!("{name} ({st:?}): {e}"));
     assert!(stats.prefixes > 20, "{name}: too few cut points to mean anything: {stats:?}");
-    eprintln!(
-        "crash {name}: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
-        stats.events,
-        stats.total(),
-        stats.prefixes,
-        stats.torn,
-        stats.reordered
-    );
+    eprintln!("crash {name}: {stats}");
 }
 
 #[test]
@@ -698,12 +628,5 @@ fn bitmap_operations_survive_every_crash() {
     })
     .unwrap_or_else(|e| panic!("bitmaps: {e}"));
     assert!(stats.prefixes > 20, "too few cut points to mean anything: {stats:?}");
-    eprintln!(
-        "crash bitmaps: {} events, {} crash images ({} prefixes, {} torn, {} reordered)",
-        stats.events,
-        stats.total(),
-        stats.prefixes,
-        stats.torn,
-        stats.reordered
-    );
+    eprintln!("crash bitmaps: {stats}");
 }

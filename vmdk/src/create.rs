@@ -80,6 +80,9 @@ fn params(opts: &CreateOptions) -> Result<Params> {
             return Err(bad("backing_file must be a vmdk image".into()));
         }
     }
+    if backing.is_some() && subformat.ends_with("Flat") {
+        return Err(bad("Flat image can't have backing file".into()));
+    }
     let zeroed_grain = opts.get_bool("zeroed_grain")?.unwrap_or(false);
     if zeroed_grain && subformat.ends_with("Flat") {
         return Err(bad("Flat image can't enable zeroed grain".into()));

@@ -120,15 +120,20 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     };
     let tail = rest.trim();
     let (file, offset) = if tail.is_empty() {
-        (None, 0)
+        (None, None)
     } else {
         let q = tail.strip_prefix('"').ok_or_else(bad)?;
         let close = q.find('"').ok_or_else(bad)?;
         let name = &q[..close];
         let after = q[close + 1..].trim();
-        let offset = if after.is_empty() { 0 } else { after.parse().map_err(|_| bad())? };
+        let offset = if after.is_empty() { None } else { Some(after.parse().map_err(|_| bad())?) };
         (Some(name.to_string()), offset)
     };
+    // FLAT extents name their start in the file; the others (VMFS included) must not, as in qemu.
+    if (type_name == "FLAT") != offset.is_some() && kind != ExtentType::Zero {
+        return Err(bad());
+    }
+    let offset = offset.unwrap_or(0);
     if sectors == 0 && kind != ExtentType::Zero {
         return Err(bad());
     }
@@ -289,7 +294,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_extent_lines() {
-        for bad in ["RW x FLAT \"f\"", "RW 10 BOGUS \"f\"", "RW 10 FLAT", "RW 0 FLAT \"f\"", "RW 10 FLAT \"f"] {
+        for bad in [
+            "RW x FLAT \"f\" 0",
+            "RW 10 BOGUS \"f\"",
+            "RW 10 FLAT",
+            "RW 0 FLAT \"f\" 0",
+            "RW 10 FLAT \"f",
+            "RW 10 FLAT \"f\"",
+            "RW 10 VMFS \"f\" 1",
+            "RW 10 SPARSE \"f\" 5",
+            "RW 10 ZERO 5",
+        ] {
             let text = format!("version=1\ncreateType=\"custom\"\n{bad}\n");
             assert!(Descriptor::parse(text.as_bytes()).is_err(), "{bad}");
         }

@@ -9,7 +9,9 @@
 //! (parent data or zeros, then the new bytes) and append it, holding that grain's range lock so
 //! that two writers never allocate the same grain twice. The first write of an open gives the
 //! disk a new CID (written into the descriptor, as VMware and qemu do), so that delta disks made
-//! on the old content notice the change.
+//! on the old content notice the change, and sets the unclean-shutdown flag of every writable
+//! sparse extent, durable before any data is written; `close` clears the flag after a final
+//! flush (qemu never sets it; VMware checks a disk that has it set).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +35,7 @@ pub(crate) enum ExtentData {
     /// Plain sectors from byte `offset` of the file.
     Flat { storage: Arc<dyn Storage>, offset: u64 },
     /// A hosted sparse extent.
-    Sparse(SparseExtent),
+    Sparse(Box<SparseExtent>),
     /// No data: zeros.
     Zero,
 }
@@ -207,18 +209,40 @@ impl Vmdk {
         }
     }
 
-    /// Gives the disk a new CID before its first change (once per open).
-    fn touch_cid(&self) -> Result<()> {
+    /// Writable sparse extents whose header carries the unclean-shutdown flag (not the
+    /// streamOptimized ones, whose header is rewritten at the end of the stream).
+    fn flagged_extents(&self) -> impl Iterator<Item = &SparseExtent> {
+        self.extents.iter().filter_map(|e| match &e.data {
+            ExtentData::Sparse(s) if e.access == Access::ReadWrite && !s.header().compressed() => Some(&**s),
+            _ => None,
+        })
+    }
+
+    /// Before the first change of an open: a new CID in the descriptor, and the unclean-shutdown
+    /// flag set in every writable sparse extent and made durable before any data is written, so
+    /// that a crash from here on leaves the flag set for VMware to check the disk. `close`
+    /// clears it once everything is durable.
+    fn begin_changes(&self) -> Result<()> {
         if self.cid_updated.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let mut cid = [0u8; 4];
         blockdev::crypto::fill_random(&mut cid)?;
         let cid = u32::from_le_bytes(cid);
-        let mut d = self.descriptor.lock().unwrap_or_else(|p| p.into_inner());
-        let text = d.with_key("CID", &format!("{cid:x}"));
-        self.write_descriptor(&text)?;
-        *d = Descriptor::parse(text.as_bytes())?;
+        {
+            let mut d = self.descriptor.lock().unwrap_or_else(|p| p.into_inner());
+            let text = d.with_key("CID", &format!("{cid:x}"));
+            self.write_descriptor(&text)?;
+            *d = Descriptor::parse(text.as_bytes())?;
+        }
+        let mut flagged = false;
+        for s in self.flagged_extents() {
+            s.mark_unclean(true)?;
+            flagged = true;
+        }
+        if flagged {
+            self.flush()?;
+        }
         Ok(())
     }
 
@@ -378,7 +402,7 @@ impl BlockDriver for Vmdk {
         if self.read_only {
             return Err(Error::read_only().with_path(self.storage.name()));
         }
-        self.touch_cid()?;
+        self.begin_changes()?;
         if let Some(stream) = &self.stream {
             // Whole grains only, each compressed as it arrives.
             let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
@@ -424,7 +448,7 @@ impl BlockDriver for Vmdk {
                     self.writable_extent(e)?;
                     let _g = self.grain_locks.lock(at, at + whole * grain);
                     if s.header().zeroed_grains() {
-                        self.touch_cid()?;
+                        self.begin_changes()?;
                         s.zero_grains(within, whole as usize)?;
                         done += whole * grain;
                         continue;
@@ -454,6 +478,11 @@ impl BlockDriver for Vmdk {
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        for e in &self.extents {
+            if let ExtentData::Sparse(s) = &e.data {
+                s.write_back()?;
+            }
         }
         let mut seen: Vec<*const ()> = Vec::new();
         for e in &self.extents {
@@ -576,6 +605,13 @@ impl BlockDriver for Vmdk {
         if let Some(stream) = &self.stream {
             stream.finish()?;
         }
+        self.flush()?;
+        if self.read_only || !self.cid_updated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for s in self.flagged_extents() {
+            s.mark_unclean(false)?;
+        }
         self.flush()
     }
 
@@ -635,7 +671,7 @@ impl blockdev::CompressedWrite for Vmdk {
     fn write_compressed(&self, offset: u64, data: &[u8], compressed: Option<&[u8]>) -> Result<()> {
         let stream =
             self.stream.as_ref().ok_or_else(|| Error::unsupported("Compression not supported for this file format"))?;
-        self.touch_cid()?;
+        self.begin_changes()?;
         match compressed {
             Some(c) => stream.write_grain(offset, c),
             None => stream.write_grain(offset, &crate::stream::StreamWriter::compress(data)?),

@@ -122,7 +122,7 @@ impl SparseHeader {
 
     /// Entries in the grain directory.
     pub fn gd_entries(&self) -> u64 {
-        (self.capacity * SECTOR).div_ceil(self.gt_coverage())
+        self.capacity.div_ceil(self.grain_sectors * self.gtes_per_gt as u64)
     }
 
     /// Whether grains are compressed.
@@ -147,11 +147,11 @@ impl SparseHeader {
         if self.grain_sectors == 0 || !self.grain_sectors.is_power_of_two() || self.grain_sectors > MAX_GRAIN_SECTORS {
             return Err(Error::invalid_image(format!("Invalid granularity, image may be corrupt: {name}")));
         }
-        if self.capacity.checked_mul(SECTOR).is_none_or(|b| b > (1u64 << 62)) {
-            return Err(Error::invalid_image("Image size too large"));
-        }
         if self.gd_entries() > MAX_GD_ENTRIES {
             return Err(Error::invalid_image("L1 size too big"));
+        }
+        if self.capacity.checked_mul(SECTOR).is_none_or(|b| b > (1u64 << 62)) {
+            return Err(Error::invalid_image("Image size too large"));
         }
         if self.compressed() && self.compression != COMPRESSION_DEFLATE {
             return Err(Error::unsupported(format!("Unsupported VMDK compression algorithm {}", self.compression)));

@@ -114,7 +114,7 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
         if h.compressed() && !opts.read_only && !storage.is_read_only() && sparse.is_empty()? {
             stream = Some(stream::StreamWriter::new(storage.clone(), h));
         }
-        let data = ExtentData::Sparse(sparse);
+        let data = ExtentData::Sparse(Box::new(sparse));
         let extent = DiskExtent { start: 0, len: capacity, access, line, data };
         (descriptor, place, vec![extent])
     } else {
@@ -190,7 +190,9 @@ fn open_extents(name: &str, d: &Descriptor, opts: &OpenOptions, opener: &dyn Ope
         let data = match line.kind {
             ExtentType::Zero => ExtentData::Zero,
             ExtentType::Unsupported => {
-                return Err(Error::unsupported(format!("VMDK extent type {} is not supported", line.type_name)))
+                // The file is opened first, as qemu does (a missing file is the error it reports).
+                opener.open_storage(name, line.file.as_deref().unwrap_or_default(), &file_opts)?;
+                return Err(Error::unsupported(format!("VMDK extent type {} is not supported", line.type_name)));
             }
             ExtentType::Flat => {
                 let file = line.file.as_deref().unwrap_or_default();
@@ -204,7 +206,7 @@ fn open_extents(name: &str, d: &Descriptor, opts: &OpenOptions, opener: &dyn Ope
                 let storage = opener.open_storage(name, file, &file_opts)?;
                 let h = sparse_header(storage.as_ref())?
                     .ok_or_else(|| Error::invalid_image(format!("{}: not a VMDK sparse extent", storage.name())))?;
-                ExtentData::Sparse(SparseExtent::open(storage, h)?)
+                ExtentData::Sparse(Box::new(SparseExtent::open(storage, h)?))
             }
         };
         let mut line = line.clone();

@@ -5,13 +5,20 @@
 //! - every table offset is checked against the file before it is read, and every grain offset
 //!   before it is followed; a table or grain inside the header or the grain directory is
 //!   corruption, reported as such;
-//! - a new grain's data is written before the grain table entry that points at it, and a new
-//!   grain table is written (zeroed) before the grain directory entry that points at it; the
-//!   redundant copies are updated right after the primary ones;
-//! - grain tables are cached in memory (bounded by [`MAX_CACHED_TABLES`]) and written through:
-//!   the cache never holds anything the file does not.
+//! - grain table entries change in memory only (the cached table is marked dirty) and reach the
+//!   file in [`SparseExtent::write_back`], which runs in this order: sync the file (every grain a
+//!   dirty entry points at was written before the entry changed, so it is now durable), write the
+//!   dirty tables and their redundant copies, and if tables were allocated, sync again and write
+//!   their grain directory entries (primary and redundant). The caller's final sync makes the
+//!   directory durable. So a crash leaves at worst grains or tables no entry points at, never an
+//!   entry pointing at data that is not there;
+//! - a new grain table is reserved at the end of the file and exists in memory only until the
+//!   write-back writes it; its directory entry is written after it;
+//! - grain tables are cached in memory, bounded by [`MAX_CACHED_TABLES`]; dirty tables are never
+//!   evicted, and more than [`MAX_DIRTY_TABLES`] of them make the next change write back first;
+//! - the write-back runs one at a time (a later one never writes older copies over newer ones).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockdev::{Error, Result, Storage};
@@ -20,6 +27,12 @@ use crate::header::{SparseHeader, GD_AT_END, SECTOR};
 
 /// Grain tables kept in memory at most (2 KiB each with 512 entries).
 pub const MAX_CACHED_TABLES: usize = 8192;
+
+/// Dirty grain tables at most before a change writes them back (2 KiB each with 512 entries).
+pub const MAX_DIRTY_TABLES: usize = 4096;
+
+/// Byte offset of the header's unclean-shutdown flag.
+const UNCLEAN_SHUTDOWN_AT: u64 = 72;
 
 /// Largest compressed grain record vdisk reads: twice the grain plus slack (deflate may expand).
 fn max_compressed(grain: u64) -> u64 {
@@ -45,6 +58,11 @@ struct State {
     tables: HashMap<u64, Arc<Vec<u32>>>,
     /// Byte offset where the next grain or table is appended.
     end: u64,
+    /// Directory indices of cached tables that differ from the file.
+    dirty_tables: BTreeSet<u64>,
+    /// Directory indices whose entries (tables allocated since the last write-back) differ from
+    /// the file.
+    dirty_directory: BTreeSet<u64>,
 }
 
 /// An open sparse extent.
@@ -53,6 +71,8 @@ pub struct SparseExtent {
     /// The effective header (the footer's copy for streamOptimized files that have one).
     header: SparseHeader,
     state: Mutex<State>,
+    /// Serializes write-backs.
+    write_back_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for SparseExtent {
@@ -82,6 +102,10 @@ impl SparseExtent {
             header = read_footer(storage.as_ref(), file_len)?;
             header.validate(storage.name())?;
         }
+        let expected = header.overhead.saturating_mul(SECTOR);
+        if file_len.div_ceil(SECTOR) < header.overhead {
+            return Err(Error::invalid_image(format!("File truncated, expecting at least {expected} bytes")));
+        }
         let entries = header.gd_entries();
         let gd_bytes = entries * 4;
         let check_table = |sector: u64, what: &str| -> Result<u64> {
@@ -97,8 +121,15 @@ impl SparseExtent {
             None
         };
         let end = file_len.next_multiple_of(SECTOR);
-        let state = State { gd, rgd, tables: HashMap::new(), end };
-        Ok(SparseExtent { storage, header, state: Mutex::new(state) })
+        let state = State {
+            gd,
+            rgd,
+            tables: HashMap::new(),
+            end,
+            dirty_tables: BTreeSet::new(),
+            dirty_directory: BTreeSet::new(),
+        };
+        Ok(SparseExtent { storage, header, state: Mutex::new(state), write_back_lock: Mutex::new(()) })
     }
 
     /// The effective header.
@@ -154,8 +185,13 @@ impl SparseExtent {
         let at = self.table_at(sector)?;
         let table = Arc::new(read_table(self.storage.as_ref(), at, self.header.gtes_per_gt as u64)?);
         let mut st = self.lock();
+        if let Some(cached) = st.tables.get(&gd_index) {
+            // Another request loaded (and perhaps changed) it meanwhile.
+            return Ok(Some(cached.clone()));
+        }
         if st.tables.len() >= MAX_CACHED_TABLES {
-            st.tables.clear();
+            let State { tables, dirty_tables, .. } = &mut *st;
+            tables.retain(|i, _| dirty_tables.contains(i));
         }
         st.tables.insert(gd_index, table.clone());
         Ok(Some(table))
@@ -226,9 +262,12 @@ impl SparseExtent {
     }
 
     /// Points consecutive grains, from the one holding byte `offset`, at `entries` (sectors, or
-    /// 1 for zeroed grains), allocating grain tables as needed; each table's run of entries is
-    /// written to the table and its copy in one request.
+    /// 1 for zeroed grains), allocating grain tables as needed. The change is made in the cached
+    /// tables; [`SparseExtent::write_back`] writes it.
     fn set_entries(&self, offset: u64, entries: &[u32]) -> Result<()> {
+        if self.lock().dirty_tables.len() >= MAX_DIRTY_TABLES {
+            self.write_back()?;
+        }
         let gtes = self.header.gtes_per_gt as u64;
         let mut done = 0usize;
         while done < entries.len() {
@@ -236,55 +275,101 @@ impl SparseExtent {
             let gd_index = off / self.header.gt_coverage();
             let gt_index = (off / self.header.grain_bytes()) % gtes;
             let n = ((gtes - gt_index) as usize).min(entries.len() - done);
-            if self.table(gd_index)?.is_none() {
+            let Some(loaded) = self.table(gd_index)? else {
                 self.allocate_table(gd_index)?;
-            }
-            let (gt_sector, rgt_sector) = {
-                let st = self.lock();
-                (st.gd[gd_index as usize], st.rgd.as_ref().map(|r| r[gd_index as usize]))
+                continue;
             };
-            let run = &entries[done..done + n];
-            let bytes: Vec<u8> = run.iter().flat_map(|e| e.to_le_bytes()).collect();
-            blockdev::write_all_at(self.storage.as_ref(), gt_sector as u64 * SECTOR + gt_index * 4, &bytes)?;
-            if let Some(r) = rgt_sector.filter(|&r| r != 0) {
-                blockdev::write_all_at(self.storage.as_ref(), r as u64 * SECTOR + gt_index * 4, &bytes)?;
-            }
             let mut st = self.lock();
-            if let Some(t) = st.tables.get_mut(&gd_index) {
-                Arc::make_mut(t)[gt_index as usize..gt_index as usize + n].copy_from_slice(run);
-            }
+            // Evicted since it was loaded only if it was clean, so `loaded` is still its content.
+            let table = st.tables.entry(gd_index).or_insert(loaded);
+            Arc::make_mut(table)[gt_index as usize..gt_index as usize + n].copy_from_slice(&entries[done..done + n]);
+            st.dirty_tables.insert(gd_index);
             done += n;
         }
         Ok(())
     }
 
-    /// Appends zeroed grain tables for directory entry `gd_index` (and its redundant copy), then
-    /// points the directories at them.
+    /// Reserves zeroed grain tables for directory entry `gd_index` (and its redundant copy) at
+    /// the end of the file and points the in-memory directories at them; the write-back writes
+    /// both. Nothing happens if another request allocated them first.
     fn allocate_table(&self, gd_index: u64) -> Result<()> {
         let len = (self.header.gtes_per_gt as u64 * 4).next_multiple_of(SECTOR);
-        let copies = if self.lock().rgd.is_some() { 2 } else { 1 };
-        let zeros = vec![0u8; (len * copies) as usize];
-        let at = self.reserve(len * copies);
-        blockdev::write_all_at(self.storage.as_ref(), at, &zeros)?;
-        let gt = (at / SECTOR) as u32;
-        let rgt = ((at + len) / SECTOR) as u32;
-        let idx = gd_index as usize;
-        blockdev::write_all_at(
-            self.storage.as_ref(),
-            self.header.gd_offset * SECTOR + gd_index * 4,
-            &gt.to_le_bytes(),
-        )?;
-        if copies == 2 {
-            let rgd_at = self.header.rgd_offset * SECTOR + gd_index * 4;
-            blockdev::write_all_at(self.storage.as_ref(), rgd_at, &rgt.to_le_bytes())?;
-        }
         let mut st = self.lock();
+        let idx = gd_index as usize;
+        match st.gd.get(idx) {
+            None => return Err(Error::out_of_range("VMDK grain directory index out of range")),
+            Some(&0) if !st.tables.contains_key(&gd_index) => {}
+            Some(_) => return Ok(()),
+        }
+        let copies = if st.rgd.is_some() { 2 } else { 1 };
+        let at = st.end;
+        let sector = |b: u64| u32::try_from(b / SECTOR).map_err(|_| Error::out_of_range("VMDK sparse extent is full"));
+        let (gt, rgt) = (sector(at)?, sector(at + len)?);
+        st.end += len * copies;
         st.gd[idx] = gt;
         if let Some(r) = st.rgd.as_mut() {
             r[idx] = rgt;
         }
         st.tables.insert(gd_index, Arc::new(vec![0u32; self.header.gtes_per_gt as usize]));
+        st.dirty_tables.insert(gd_index);
+        st.dirty_directory.insert(gd_index);
         Ok(())
+    }
+
+    /// Writes the changed grain tables and directory entries, in the order the module docs give
+    /// (sync, tables, sync, directory entries); the caller syncs afterwards. On failure the
+    /// changes stay dirty for the next attempt.
+    pub fn write_back(&self) -> Result<()> {
+        let _one_at_a_time = self.write_back_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (table_ids, directory_ids) = {
+            let mut st = self.lock();
+            (std::mem::take(&mut st.dirty_tables), std::mem::take(&mut st.dirty_directory))
+        };
+        if table_ids.is_empty() && directory_ids.is_empty() {
+            return Ok(());
+        }
+        let (tables, entries) = {
+            let st = self.lock();
+            let rgd = |i: u64| st.rgd.as_ref().map_or(0, |r| r[i as usize]);
+            let tables: Vec<(u32, u32, Arc<Vec<u32>>)> = table_ids
+                .iter()
+                .filter_map(|&i| Some((st.gd[i as usize], rgd(i), st.tables.get(&i)?.clone())))
+                .collect();
+            let entries: Vec<(u64, u32, u32)> = directory_ids.iter().map(|&i| (i, st.gd[i as usize], rgd(i))).collect();
+            (tables, entries)
+        };
+        let result = (|| -> Result<()> {
+            self.storage.flush()?;
+            for (gt, rgt, table) in &tables {
+                let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
+                blockdev::write_all_at(self.storage.as_ref(), *gt as u64 * SECTOR, &bytes)?;
+                if *rgt != 0 {
+                    blockdev::write_all_at(self.storage.as_ref(), *rgt as u64 * SECTOR, &bytes)?;
+                }
+            }
+            if entries.is_empty() {
+                return Ok(());
+            }
+            self.storage.flush()?;
+            for (i, gt, rgt) in &entries {
+                blockdev::write_all_at(
+                    self.storage.as_ref(),
+                    self.header.gd_offset * SECTOR + i * 4,
+                    &gt.to_le_bytes(),
+                )?;
+                if *rgt != 0 {
+                    let at = self.header.rgd_offset * SECTOR + i * 4;
+                    blockdev::write_all_at(self.storage.as_ref(), at, &rgt.to_le_bytes())?;
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let mut st = self.lock();
+            st.dirty_tables.extend(table_ids);
+            st.dirty_directory.extend(directory_ids);
+        }
+        result
     }
 
     /// Reserves `len` bytes at the end of the file; returns where they start.
@@ -327,9 +412,23 @@ impl SparseExtent {
         Ok(true)
     }
 
+    /// Sets or clears the unclean-shutdown flag in the file's header (the header read at open
+    /// keeps the value it had). The caller orders it: set and made durable before the first
+    /// change, cleared after the last change is durable.
+    pub fn mark_unclean(&self, unclean: bool) -> Result<()> {
+        blockdev::write_all_at(self.storage.as_ref(), UNCLEAN_SHUTDOWN_AT, &[unclean as u8])
+    }
+
     /// Bytes of the file in use (for `check`'s image end offset).
     pub fn end(&self) -> u64 {
         self.lock_end()
+    }
+}
+
+impl Drop for SparseExtent {
+    /// A disk dropped without a flush still gets its table changes written (in order).
+    fn drop(&mut self) {
+        let _ = self.write_back();
     }
 }
 
