@@ -170,6 +170,24 @@ pub fn iov_len_mut(bufs: &[IoSliceMut<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
+/// Runs `fill` on one contiguous buffer covering `bufs` (the single slice itself when there is
+/// only one; otherwise a temporary copied back into the slices), for drivers that work on
+/// contiguous bytes.
+pub fn with_contiguous_mut(bufs: &mut [IoSliceMut<'_>], fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
+    if bufs.len() == 1 {
+        return fill(&mut bufs[0]);
+    }
+    let mut tmp = vec![0u8; iov_len_mut(bufs) as usize];
+    fill(&mut tmp)?;
+    let mut at = 0;
+    for b in bufs.iter_mut() {
+        let n = b.len();
+        b.copy_from_slice(&tmp[at..at + n]);
+        at += n;
+    }
+    Ok(())
+}
+
 /// `offset + len` without overflow, as an [`crate::ErrorKind::OutOfRange`] error when it would.
 pub fn checked_end(offset: u64, len: u64) -> Result<u64> {
     offset

@@ -68,6 +68,7 @@ impl Registry {
                 Arc::new(qcow2::Qcow2Format),
                 Arc::new(luks::LuksFormat),
                 Arc::new(vmdk::VmdkFormat),
+                Arc::new(vpc::VpcFormat),
             ],
         }
     }

@@ -54,6 +54,16 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
     for i in 1 2 3 4; do
         { printf '\x01\x00'; cat "$tmp/v$i.vmdk"; } > "$C/vmdk_image/seed-$i"
     done
+    # vpc_image: a dynamic disk with data, a force-sized one, a small fixed one, each behind
+    # 0x01 0x00.
+    mkdir -p "$C/vpc_image"
+    qemu-img create -q -f vpc "$tmp/h1.vhd" 4M
+    qemu-io -f vpc -c "write -P 5 0 4k" -c "write -P 6 2M 8k" "$tmp/h1.vhd" >/dev/null
+    qemu-img create -q -f vpc -o force_size=on "$tmp/h2.vhd" 3M
+    qemu-img create -q -f vpc -o subformat=fixed "$tmp/h3.vhd" 64k
+    for i in 1 2 3; do
+        { printf '\x01\x00'; cat "$tmp/h$i.vhd"; } > "$C/vpc_image/seed-$i"
+    done
     rm -rf "$tmp"
 fi
 
