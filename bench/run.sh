@@ -127,6 +127,14 @@ if [[ ! -f $LUKS_QCOW ]]; then
     mv "$LUKS_QCOW.tmp" "$LUKS_QCOW"
 fi
 
+# A dynamic VHD copy of disk.raw (made by qemu-img).
+VHD=$BENCH_DIR/disk.vhd
+if [[ ! -f $VHD ]]; then
+    log "creating the dynamic VHD copy of disk.raw"
+    "$QEMU_IMG" convert -q -f raw -O vpc "$RAW" "$VHD.tmp"
+    mv "$VHD.tmp" "$VHD"
+fi
+
 PREALLOC=$BENCH_DIR/prealloc-1T.qcow2
 if [[ ! -f $PREALLOC ]]; then
     log "creating 1 TiB qcow2 with 1M allocated clusters (metadata preallocation of 64 GiB)"
@@ -181,6 +189,7 @@ META=$WORK/meta.json
     --input "disk.raw|$RAW|raw image, 4 GiB, ext4 created with \`mke2fs -q -t ext4 -d <stage> -F disk.raw 4G\` ($(mke2fs -V 2>&1 | head -1)); <stage> = copy of ${STAGE_SRC[*]} ($STAGE_DESC)" \
     --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
     --input "disk-luks.qcow2|$LUKS_QCOW|\`qemu-img convert -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 disk.raw disk-luks.qcow2\` (LUKS1, AES-256-XTS-plain64, sha256; passphrase from \`--object $BENCH_SECRET\`; iter-time 100 ms so that key derivation, identical work for both tools, does not drown the data path)" \
+    --input "disk.vhd|$VHD|\`qemu-img convert -f raw -O vpc disk.raw disk.vhd\` (dynamic, 2 MiB blocks)" \
     --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
     --input "chain-base.qcow2 ← chain-top.qcow2|$CHAIN_TOP|commit chain: chain-base.qcow2 is a copy of disk.qcow2; chain-top.qcow2 is a qcow2 over it into which \`qemu-io\` wrote 2048 × 512 KiB at random 64 KiB-aligned offsets (fixed seed; about 1 GiB, \`target/bench/chain-top.qemu-io\`)" \
     --input "chain-mid.qcow2 ← rebase-top.qcow2|$REBASE_TOP|safe rebase chain: chain-mid.qcow2 is a copy of disk.qcow2 with 2048 × 512 KiB written over it the same way (another seed); rebase-top.qcow2 is a qcow2 over chain-mid with 512 × 512 KiB written (256 MiB); rebased onto chain-base.qcow2" \
@@ -223,6 +232,10 @@ case_ convert_raw_vmdk "convert raw → vmdk (monolithicSparse)" image .vmdk vmd
     "{tool} convert -q -f raw -O vmdk $RAW {out}" "$RAW"
 case_ convert_raw_stream "convert raw → vmdk (streamOptimized)" image .vmdk vmdk \
     "{tool} convert -q -f raw -O vmdk -o subformat=streamOptimized $RAW {out}" "$RAW"
+case_ convert_raw_vpc "convert raw → vpc (dynamic VHD)" image .vhd vpc \
+    "{tool} convert -q -f raw -O vpc $RAW {out}" "$RAW"
+case_ convert_vpc_raw "convert vpc (dynamic VHD) → raw" image .raw raw \
+    "{tool} convert -q -f vpc -O raw $VHD {out}" "$VHD"
 case_ convert_luks_raw "convert LUKS qcow2 → raw (decrypt)" image .raw raw \
     "{tool} convert -q --object $BENCH_SECRET --image-opts driver=qcow2,file.filename=$LUKS_QCOW,encrypt.key-secret=bk -O raw {out}" "$LUKS_QCOW"
 ENCRYPTED_OUT=1 case_ convert_raw_luks "convert raw → LUKS qcow2 (encrypt)" image .qcow2 qcow2 \
