@@ -374,13 +374,12 @@ impl BlockDriver for Vmdk {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_request(offset, len, self.size)?;
+        check_request(offset, blockdev::iov_len_mut(bufs), self.size)?;
         blockdev::with_contiguous_mut(bufs, |buf| self.read_into(offset, buf))
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let len = blockdev::iov_len(bufs);
         check_request(offset, len, self.size)?;
         if self.read_only {
             return Err(Error::read_only().with_path(self.storage.name()));

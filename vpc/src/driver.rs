@@ -317,8 +317,7 @@ impl BlockDriver for Vpc {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_request(offset, len, self.size)?;
+        check_request(offset, blockdev::iov_len_mut(bufs), self.size)?;
         if self.sparse.is_none() {
             return self.storage.read_at(offset, bufs);
         }
@@ -326,7 +325,7 @@ impl BlockDriver for Vpc {
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let len = blockdev::iov_len(bufs);
         check_request(offset, len, self.size)?;
         if self.read_only {
             return Err(Error::read_only().with_path(self.storage.name()));
