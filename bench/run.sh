@@ -135,6 +135,14 @@ if [[ ! -f $VHD ]]; then
     mv "$VHD.tmp" "$VHD"
 fi
 
+# A dynamic VDI copy of disk.raw (made by qemu-img).
+VDI=$BENCH_DIR/disk.vdi
+if [[ ! -f $VDI ]]; then
+    log "creating the dynamic VDI copy of disk.raw"
+    "$QEMU_IMG" convert -q -f raw -O vdi "$RAW" "$VDI.tmp"
+    mv "$VDI.tmp" "$VDI"
+fi
+
 PREALLOC=$BENCH_DIR/prealloc-1T.qcow2
 if [[ ! -f $PREALLOC ]]; then
     log "creating 1 TiB qcow2 with 1M allocated clusters (metadata preallocation of 64 GiB)"
@@ -190,6 +198,7 @@ META=$WORK/meta.json
     --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
     --input "disk-luks.qcow2|$LUKS_QCOW|\`qemu-img convert -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 disk.raw disk-luks.qcow2\` (LUKS1, AES-256-XTS-plain64, sha256; passphrase from \`--object $BENCH_SECRET\`; iter-time 100 ms so that key derivation, identical work for both tools, does not drown the data path)" \
     --input "disk.vhd|$VHD|\`qemu-img convert -f raw -O vpc disk.raw disk.vhd\` (dynamic, 2 MiB blocks)" \
+    --input "disk.vdi|$VDI|\`qemu-img convert -f raw -O vdi disk.raw disk.vdi\` (dynamic, 1 MiB blocks)" \
     --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
     --input "chain-base.qcow2 ← chain-top.qcow2|$CHAIN_TOP|commit chain: chain-base.qcow2 is a copy of disk.qcow2; chain-top.qcow2 is a qcow2 over it into which \`qemu-io\` wrote 2048 × 512 KiB at random 64 KiB-aligned offsets (fixed seed; about 1 GiB, \`target/bench/chain-top.qemu-io\`)" \
     --input "chain-mid.qcow2 ← rebase-top.qcow2|$REBASE_TOP|safe rebase chain: chain-mid.qcow2 is a copy of disk.qcow2 with 2048 × 512 KiB written over it the same way (another seed); rebase-top.qcow2 is a qcow2 over chain-mid with 512 × 512 KiB written (256 MiB); rebased onto chain-base.qcow2" \
@@ -236,6 +245,10 @@ case_ convert_raw_vpc "convert raw → vpc (dynamic VHD)" image .vhd vpc \
     "{tool} convert -q -f raw -O vpc $RAW {out}" "$RAW"
 case_ convert_vpc_raw "convert vpc (dynamic VHD) → raw" image .raw raw \
     "{tool} convert -q -f vpc -O raw $VHD {out}" "$VHD"
+case_ convert_raw_vdi "convert raw → vdi (dynamic)" image .vdi vdi \
+    "{tool} convert -q -f raw -O vdi $RAW {out}" "$RAW"
+case_ convert_vdi_raw "convert vdi (dynamic) → raw" image .raw raw \
+    "{tool} convert -q -f vdi -O raw $VDI {out}" "$VDI"
 case_ convert_luks_raw "convert LUKS qcow2 → raw (decrypt)" image .raw raw \
     "{tool} convert -q --object $BENCH_SECRET --image-opts driver=qcow2,file.filename=$LUKS_QCOW,encrypt.key-secret=bk -O raw {out}" "$LUKS_QCOW"
 ENCRYPTED_OUT=1 case_ convert_raw_luks "convert raw → LUKS qcow2 (encrypt)" image .qcow2 qcow2 \

@@ -69,6 +69,7 @@ impl Registry {
                 Arc::new(luks::LuksFormat),
                 Arc::new(vmdk::VmdkFormat),
                 Arc::new(vpc::VpcFormat),
+                Arc::new(vdi::VdiFormat),
             ],
         }
     }

@@ -64,6 +64,14 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
     for i in 1 2 3; do
         { printf '\x01\x00'; cat "$tmp/h$i.vhd"; } > "$C/vpc_image/seed-$i"
     done
+    # vdi_image: a dynamic image with data and zeros, a static one, each behind 0x01 0x00.
+    mkdir -p "$C/vdi_image"
+    qemu-img create -q -f vdi "$tmp/d1.vdi" 3M
+    qemu-io -f vdi -c "write -P 5 0 4k" -c "write -z 1M 1M" "$tmp/d1.vdi" >/dev/null
+    qemu-img create -q -f vdi -o static=on "$tmp/d2.vdi" 2M
+    for i in 1 2; do
+        { printf '\x01\x00'; cat "$tmp/d$i.vdi"; } > "$C/vdi_image/seed-$i"
+    done
     rm -rf "$tmp"
 fi
 

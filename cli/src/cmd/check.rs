@@ -56,7 +56,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let req = OpenRequest { name: filename, fmt: p.value("f"), image_opts: p.has("image-opts"), opts };
     let driver = img_open(&registry(), &req)?;
     let Some(checker) = driver.check() else {
-        return Err(CliError::new("This image format does not support checks").with_code(63));
+        return Err(CliError::new(NO_CHECKS).with_code(63));
     };
     let out = StdoutText::new();
     let code = check_and_report(checker, repair, output, quiet, filename, driver.format(), &out);
@@ -90,6 +90,9 @@ impl StdoutText {
     }
 }
 
+/// qemu-img's message for formats without checks (or without repair).
+const NO_CHECKS: &str = "This image format does not support checks";
+
 fn check_and_report(
     checker: &dyn blockdev::Check,
     repair: RepairMode,
@@ -105,6 +108,11 @@ fn check_and_report(
     };
     let mut report = match checker.check(repair, &mut print) {
         Ok(r) => r,
+        // A format that cannot repair refuses `-r` as qemu's -ENOTSUP from bdrv_check.
+        Err(e) if e.kind() == blockdev::ErrorKind::Unsupported && e.message() == NO_CHECKS => {
+            error_report(NO_CHECKS);
+            return Ok(63);
+        }
         Err(e) => {
             error_report(&format!("Check failed: {}", e.message()));
             return Ok(1);
