@@ -24,7 +24,7 @@ cargo fuzz build -O || exit 1
 # hundred bytes of structured mutations, short texts for the text parsers.
 max_len() {
     case $1 in
-        qcow2_image | probe | vmdk_image) echo 524288 ;;
+        qcow2_image | probe | vmdk_image | vpc_image | vdi_image) echo 524288 ;;
         qcow2_header | qcow2_snapshot_table) echo 65536 ;;
         qcow2_tables) echo 512 ;;
         *) echo 4096 ;;
