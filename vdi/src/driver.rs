@@ -74,23 +74,6 @@ impl std::fmt::Debug for Vdi {
     }
 }
 
-/// Copies between a request's slices and one contiguous buffer.
-fn with_buffer(bufs: &mut [IoSliceMut<'_>], fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
-    if bufs.len() == 1 {
-        return fill(&mut bufs[0]);
-    }
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    let mut tmp = vec![0u8; total];
-    fill(&mut tmp)?;
-    let mut at = 0;
-    for b in bufs.iter_mut() {
-        let n = b.len();
-        b.copy_from_slice(&tmp[at..at + n]);
-        at += n;
-    }
-    Ok(())
-}
-
 impl Vdi {
     fn block_bytes(&self) -> u64 {
         self.header.block_size as u64
@@ -279,7 +262,7 @@ impl BlockDriver for Vdi {
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         check_request(offset, len, self.size())?;
-        with_buffer(bufs, |buf| self.read_into(offset, buf))
+        blockdev::with_contiguous_mut(bufs, |buf| self.read_into(offset, buf))
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
