@@ -157,6 +157,25 @@ case "$out" in
 esac
 rm -rf "$out"
 mkdir -p "$out/scratch"
+
+# Tests listed in lists/tmpfs.txt get their scratch directory on a tmpfs: their assertions about host
+# allocation hold only on a filesystem whose free space is not fragmented (see that file). check makes
+# TEST_DIR/FMT-file-TEST with mkdir -p, so a symlink there to a directory under /dev/shm is used as is.
+shm_dirs=()
+cleanup_shm() { if [ ${#shm_dirs[@]} -gt 0 ]; then rm -rf "${shm_dirs[@]}"; fi; }
+declare -A on_tmpfs=()
+while read -r t; do on_tmpfs[$(norm "$t")]=1; done < <(awk -v fmt="$fmt" '{ sub(/#.*/, "") } $1 == fmt && NF >= 2 { print $2 }' "$HERE/lists/tmpfs.txt")
+trap cleanup_shm EXIT
+for t in "${tests[@]}"; do
+  [ -n "${on_tmpfs[$t]+x}" ] || continue
+  if [ "$(stat -f -c %T /dev/shm 2>/dev/null)" != tmpfs ] || [ ! -w /dev/shm ]; then
+    echo "run.sh: warning: /dev/shm is not a writable tmpfs; $fmt $t runs on $(stat -f -c %T "$out") and may fail there (lists/tmpfs.txt)" >&2
+    continue
+  fi
+  d=$(mktemp -d /dev/shm/vdisk-iotests-XXXXXX)
+  shm_dirs+=("$d")
+  ln -s "$d" "$out/scratch/$fmt-file-${t##*/}"
+done
 tap=$out/check.tap
 log=$out/check.log
 : > "$tap"
@@ -183,7 +202,7 @@ if [ ${#tests[@]} -gt 0 ]; then
   iotests=$SRC/tests/qemu-iotests
   # Unix socket paths must stay short, so sockets get their own directory under /tmp.
   sock=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-iotests.XXXXXX")
-  trap 'rm -rf "$sock"' EXIT
+  trap 'rm -rf "$sock"; cleanup_shm' EXIT
   # check runs in OUT/FMT (its build dir: it keeps .last-elapsed-cache there), each test in the source
   # dir with TEST_DIR=OUT/FMT/scratch/FMT-file-TEST and SOCK_DIR under $sock.
   (
@@ -198,6 +217,13 @@ if [ ${#tests[@]} -gt 0 ]; then
   ) > "$tap" 2> "$log" || rc=$?
 fi
 elapsed=$((SECONDS - start))
+# A tmpfs scratch directory becomes a real one again, so what a failed test left stays after exit.
+for l in "$out"/scratch/*; do
+  [ -L "$l" ] || continue
+  d=$(readlink "$l")
+  rm "$l"
+  cp -a "$d" "$l"
+done
 if [ "$rc" = 124 ]; then
   echo "run.sh: QEMU's check timed out after ${TIMEOUT}s; tests without a result count as failed" >&2
 fi
