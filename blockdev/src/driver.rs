@@ -286,6 +286,20 @@ impl dyn BlockDriver {
     }
 }
 
+/// Reads `buf.len()` bytes at guest offset `offset` of `backing` as the image above it sees them:
+/// bytes past the backing image's end, or all of them without a backing image, read as zeros.
+pub fn read_backing(backing: Option<&Arc<dyn BlockDriver>>, offset: u64, buf: &mut [u8]) -> Result<()> {
+    match backing {
+        Some(b) if offset < b.size() => {
+            let n = ((b.size() - offset) as usize).min(buf.len());
+            b.read_exact_at(offset, &mut buf[..n])?;
+            buf[n..].fill(0);
+        }
+        _ => buf.fill(0),
+    }
+    Ok(())
+}
+
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes, with qemu's wording.
 pub fn check_request(offset: u64, len: u64, size: u64) -> Result<()> {
     let end = checked_end(offset, len)?;

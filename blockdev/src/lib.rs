@@ -33,8 +33,8 @@ mod storage;
 
 pub use concat::Concat;
 pub use driver::{
-    chain_status, check_request, Amend, BackingOps, BlockDriver, Check, CompressedWrite, Extent, ExtentKind,
-    RepairMode, ResizeOptions, SnapshotParams, Snapshots, ZeroFlags,
+    chain_status, check_request, read_backing, Amend, BackingOps, BlockDriver, Check, CompressedWrite, Extent,
+    ExtentKind, RepairMode, ResizeOptions, SnapshotParams, Snapshots, ZeroFlags,
 };
 pub use error::{io_text, Context, Error, ErrorKind, Result};
 pub use host_file::{CacheMode, HostFile, HostOpenOptions, Perms};

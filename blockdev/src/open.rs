@@ -74,6 +74,10 @@ pub struct OpenOptions {
     /// `backing.encrypt.key-secret`, `backing.backing.encrypt.key-secret`, ...); `None` for a
     /// backing file opened without one.
     pub backing_keys: Vec<Option<crate::crypto::Secret>>,
+    /// The file to take as the parent of a differencing image that records its parent by UUID
+    /// only (VDI), relative to the image as a backing name is (`--image-opts
+    /// backing.file.filename=`). The driver still checks the UUID. Not passed on to backing files.
+    pub parent_hint: Option<String>,
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -137,6 +141,7 @@ impl Default for OpenOptions {
             diagnostics: Diagnostics::default(),
             key_secret: None,
             backing_keys: Vec::new(),
+            parent_hint: None,
         }
     }
 }
@@ -164,6 +169,7 @@ impl OpenOptions {
             data_file: None,
             key_secret: self.backing_keys.first().cloned().flatten(),
             backing_keys: self.backing_keys.iter().skip(1).cloned().collect(),
+            parent_hint: None,
             ..self.clone()
         }
     }

@@ -336,6 +336,10 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         opts.key_secret = key;
         opts.backing_keys = backing_keys;
         backing_nodes = io.backing_nodes.clone();
+        // A parent named for an image that records its parent by UUID only (VDI); qemu takes
+        // backing.file.filename relative to the working directory, so it goes in absolute.
+        opts.parent_hint =
+            io.backing_nodes.iter().find(|(depth, key, _)| *depth == 1 && key != "driver").map(|(_, _, v)| absolute(v));
         (io.filename, io.driver)
     } else {
         (req.name.to_string(), req.fmt.map(str::to_string))
@@ -393,6 +397,11 @@ fn check_backing_nodes(top: &Arc<dyn BlockDriver>, nodes: &[(usize, String, Stri
         }
     }
     Ok(())
+}
+
+/// `name` as an absolute path (relative names are taken from the working directory).
+fn absolute(name: &str) -> String {
+    std::path::absolute(name).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| name.to_string())
 }
 
 /// Whether two names refer to the same file.

@@ -153,3 +153,63 @@ fn hostile_headers_fail_cleanly() {
         }
     }
 }
+
+/// Differencing VDIs (which qemu refuses): `create -b`, `convert -B`, `info`, `commit`, and a
+/// parent named with `--image-opts` once the child has moved away from it.
+#[test]
+fn differencing_images_from_create_and_convert() {
+    let d = tempdir();
+    let p = |n: &str| d.path().join(n);
+    let raw = source(d.path());
+    let base = p("base.vdi");
+    qemu_img(&["convert", "-f", "raw", "-O", "vdi", s(&raw), s(&base)]).ok();
+    // The new content: the base with two ranges changed.
+    let mut new = std::fs::read(&raw).unwrap();
+    new[100..5000].copy_from_slice(&pseudo_random(4900, 77));
+    new[(4 << 20) + 512..(5 << 20)].fill(0);
+    let src = p("new.raw");
+    std::fs::write(&src, &new).unwrap();
+
+    // convert -B (as qemu-img's) writes the source's data and marks its zero blocks zero, so that
+    // the parent does not show through them.
+    let out = p("out.vdi");
+    vdisk(&["convert", "-f", "raw", "-O", "vdi", "-B", "base.vdi", "-F", "vdi", s(&src), s(&out)]).ok();
+    let q = qemu_img(&["info", s(&out)]);
+    assert_ne!(q.code, 0, "qemu opens a differencing VDI?");
+    assert!(q.stderr.contains("non-NULL link UUID"), "{}", q.stderr);
+    let info: serde_json::Value =
+        serde_json::from_str(&vdisk(&["info", "--output=json", s(&out)]).ok().stdout).unwrap();
+    assert_eq!(info["backing-filename"], "base.vdi");
+    assert_eq!(info["backing-filename-format"], "vdi");
+    let head = std::fs::read(&out).unwrap();
+    let allocated = u32::from_le_bytes(head[388..392].try_into().unwrap());
+    let map: Vec<u32> = head[512..512 + 7 * 4].chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(allocated, 5);
+    assert_eq!((map[1], map[2]), (0xFFFF_FFFE, 0xFFFF_FFFE), "zero blocks: {map:x?}");
+    assert!(plaintext(vdisk, &out, &p("out.raw")) == new);
+    vdisk(&["check", s(&out)]).ok();
+
+    // commit puts the child's blocks into the parent, which qemu then reads as the new content.
+    vdisk(&["commit", "-q", s(&out)]).ok();
+    let m = qemu_img(&["compare", "-f", "raw", "-F", "vdi", s(&src), s(&base)]);
+    assert_eq!(m.code, 0, "{}{}", m.stdout, m.stderr);
+    qemu_img(&["check", s(&base)]).ok();
+
+    // create -b: the parent's size; a child moved elsewhere needs its parent named.
+    std::fs::create_dir(p("elsewhere")).unwrap();
+    let child = p("elsewhere/deep/child.vdi");
+    std::fs::create_dir(p("elsewhere/deep")).unwrap();
+    vdisk(&["create", "-q", "-f", "vdi", "-b", "../../base.vdi", "-F", "vdi", s(&child)]).ok();
+    let r = vdisk(&["convert", "-O", "raw", s(&child), s(&p("child.raw"))]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("backing.file.filename"), "{}", r.stderr);
+    let opts = format!("driver=vdi,file.filename={},backing.file.filename={}", s(&child), s(&base));
+    let r = vdisk(&["info", "--image-opts", &opts]).ok();
+    assert!(r.stdout.contains("virtual size: 6 MiB (6295552 bytes)"), "{}", r.stdout);
+    vdisk(&["convert", "--image-opts", &opts, "-O", "raw", s(&p("child.raw"))]).ok();
+    assert!(std::fs::read(p("child.raw")).unwrap() == new, "the child reads as its parent");
+    // A named file that is not the parent is refused.
+    let wrong = format!("driver=vdi,file.filename={},backing.file.filename={}", s(&child), s(&out));
+    let r = vdisk(&["info", "--image-opts", &wrong]);
+    assert!(r.code != 0 && r.stderr.contains("is not the parent"), "{}", r.stderr);
+}

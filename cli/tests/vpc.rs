@@ -176,6 +176,15 @@ fn differencing_disks_read_through_their_parent() {
     assert!(plaintext(vdisk, &child, &d.path().join("c2.raw")) == changed);
     assert!(libvhdi(&child, Some(&parent)) == changed, "libvhdi: child after writes");
     assert!(std::fs::read(&parent).unwrap() == before, "the parent is untouched");
+    // A parent replaced by another disk under the same name is refused by its UUID.
+    let moved = d.path().join("parent.orig.vhd");
+    std::fs::rename(&parent, &moved).unwrap();
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vpc", s(&patch), s(&parent)]).ok();
+    let r = vdisk(&["convert", "-O", "raw", s(&child), s(&d.path().join("c3.raw"))]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("is not the parent"), "{}", r.stderr);
+    std::fs::rename(&moved, &parent).unwrap();
+    assert!(plaintext(vdisk, &child, &d.path().join("c4.raw")) == changed, "the real parent opens again");
     // A differencing disk that names itself as its parent fails cleanly.
     let looped = d.path().join("loop.vhd");
     qemu_img(&["create", "-q", "-f", "vpc", s(&looped), "4M"]).ok();

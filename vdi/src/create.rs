@@ -2,18 +2,24 @@
 //! 512, data area after the map rounded up to a sector; `static=on` allocates every block at
 //! creation (map entries 0..n, file extended to hold them, as a sparse file).
 //!
+//! `backing_file` (which qemu-img cannot do for vdi) makes a differencing image over a VDI
+//! parent: type 4, the parent's create and modify UUIDs as link and parent-modify UUIDs, the
+//! parent's size unless one is given. Its parent is found again by UUID ([`crate::parent`]).
+//!
 //! Order: the header and map are written, then (static) the file is extended, then flushed.
 //! Invalid sizes are refused before the file is created (qemu leaves an empty file behind).
 
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{Error, Opener, Prealloc, Result};
 
-use crate::header::{new_header, BLOCK_SIZE, ENTRY_FREE, MAX_DISK_SIZE, SECTOR};
+use crate::header::{new_header, Header, ParentIds, BLOCK_SIZE, ENTRY_FREE, MAX_DISK_SIZE, SECTOR};
 
 /// qemu-img's `-o` options for vdi.
 pub const CREATE_OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("size", OptionKind::Size, "Virtual disk size"),
     OptionSpec::with_default("static", OptionKind::Bool, "VDI static (pre-allocated) image", "off"),
+    OptionSpec::new("backing_file", OptionKind::Str, "File name of the parent of a differencing image"),
+    OptionSpec::new("backing_fmt", OptionKind::Str, "Must be 'vdi' if present"),
 ];
 
 /// Map bytes written per request.
@@ -34,8 +40,21 @@ fn new_uuid() -> Result<[u8; 16]> {
 
 /// Creates an image at `filename`.
 pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
-    let size = opts.get_size("size")?.unwrap_or(0).next_multiple_of(SECTOR as u64);
     let fixed = opts.get_bool("static")?.unwrap_or(false);
+    let parent = match opts.get("backing_file") {
+        Some(p) => Some(parent_ids(filename, p, opts, opener)?),
+        None => None,
+    };
+    if parent.is_some() && fixed {
+        return Err(Error::invalid_argument("A differencing VDI cannot be static"));
+    }
+    let size = match (opts.get_size("size")?, parent) {
+        (Some(s), _) => s,
+        (None, Some((_, parent_size))) => parent_size,
+        (None, None) => 0,
+    };
+    let size = size.next_multiple_of(SECTOR as u64);
+    let parent = parent.map(|(ids, _)| ids);
     if opts.get("preallocation") == Some("metadata") {
         return Err(Error::unsupported("Unsupported preallocation mode: metadata"));
     }
@@ -44,7 +63,7 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
             "Unsupported VDI image size (size is 0x{size:x}, max supported is 0x{MAX_DISK_SIZE:x})"
         )));
     }
-    let header = new_header(size, fixed, [new_uuid()?, new_uuid()?]);
+    let header = new_header(size, fixed, [new_uuid()?, new_uuid()?], parent);
     let blocks = size.div_ceil(BLOCK_SIZE as u64);
     let map_bytes = (blocks * 4).next_multiple_of(SECTOR as u64);
     let storage = opener.create_storage(filename, &CreateOptions::new())?;
@@ -74,6 +93,25 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         }
         storage.flush()
     })
+}
+
+/// The identity and size of the parent `name` (relative to the new image `filename`).
+fn parent_ids(filename: &str, name: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<(ParentIds, u64)> {
+    if opts.get("backing_fmt").is_some_and(|f| f != "vdi") {
+        return Err(Error::invalid_argument("backing_file must be a vdi image"));
+    }
+    let open_opts = blockdev::OpenOptions { no_backing: true, ..blockdev::OpenOptions::default() };
+    let could_not = |e: Error| e.prefixed(format!("Could not open '{name}'"));
+    let storage = opener.open_storage(filename, name, &open_opts).map_err(could_not)?;
+    let file_len = storage.len()?;
+    let mut head = vec![0u8; file_len.min(512) as usize];
+    blockdev::read_exact_at(storage.as_ref(), 0, &mut head)?;
+    let h = Header::parse(&head);
+    h.validate(file_len).map_err(could_not)?;
+    if h.uuid_create == [0; 16] {
+        return Err(Error::invalid_argument(format!("'{name}' has no create UUID to link a differencing image to")));
+    }
+    Ok((ParentIds { create: h.uuid_create, modify: h.uuid_modify }, h.disk_size))
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 //! - A map entry is [`ENTRY_FREE`], [`ENTRY_ZERO`], or an index into the data area; indices at or
 //!   past the block count are corrupt ([`Block::Bad`]): reads and writes of such blocks fail.
 //! - `next_index` is above every index in the map, so a new block never reuses stored data.
+//! - In a differencing image a free block reads from the parent (zeros past its end, or without
+//!   one opened), a zero block reads zeros; a partial write to a free block copies the rest of
+//!   the block from the parent first; zeroing a whole free block makes it a zero block.
 //!
 //! # Update order of an allocating write
 //! 1. The block's index is taken (under the allocation mutex, never held across I/O) while the
@@ -46,6 +49,13 @@ pub enum Block {
     Bad(u32),
 }
 
+impl Block {
+    /// Whether the block has no data stored in the image.
+    fn unallocated(self) -> bool {
+        matches!(self, Block::Free | Block::Zero)
+    }
+}
+
 /// Allocation state (behind a mutex that is never held across data I/O).
 #[derive(Debug)]
 pub(crate) struct Alloc {
@@ -66,6 +76,10 @@ pub struct Vdi {
     /// Held on guest block numbers while a block is looked up and possibly allocated.
     pub(crate) block_locks: RangeLock,
     pub(crate) read_only: bool,
+    /// The parent of a differencing image, when opened.
+    pub(crate) backing: Option<Arc<dyn BlockDriver>>,
+    /// The parent's name relative to this image, when known.
+    pub(crate) parent_name: Option<String>,
 }
 
 impl std::fmt::Debug for Vdi {
@@ -102,6 +116,16 @@ impl Vdi {
         ))
     }
 
+    /// Whether free blocks read from a parent rather than as zeros.
+    fn differencing(&self) -> bool {
+        self.header.is_differencing()
+    }
+
+    /// Reads the parent's bytes at guest offset `offset` (zeros past its end or without a parent).
+    fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        blockdev::read_backing(self.backing.as_ref(), offset, buf)
+    }
+
     /// Reads stored bytes at file offset `at` (bytes past the end of the file read as zeros).
     fn read_stored(&self, at: u64, buf: &mut [u8]) -> Result<()> {
         let file_len = self.storage.len()?;
@@ -131,6 +155,7 @@ impl Vdi {
             }
             let (now, rest) = buf.split_at_mut(n);
             match found {
+                Block::Free if self.differencing() => self.read_parent(offset, now)?,
                 Block::Free | Block::Zero => now.fill(0),
                 Block::Data(at) => self.read_stored(at + in_block, now)?,
                 Block::Bad(e) => return Err(self.bad_entry(b, e)),
@@ -174,8 +199,11 @@ impl Vdi {
             match self.lookup(b) {
                 Block::Data(at) => blockdev::write_all_at(self.storage.as_ref(), at + in_block, now)?,
                 Block::Bad(e) => return Err(self.bad_entry(b, e)),
-                Block::Free | Block::Zero => {
+                found @ (Block::Free | Block::Zero) => {
                     let mut full = vec![0u8; bs as usize];
+                    if found == Block::Free && self.differencing() && (n as u64) < bs {
+                        self.read_parent(b * bs, &mut full)?;
+                    }
                     full[in_block as usize..in_block as usize + n].copy_from_slice(now);
                     self.allocate(b, &full)?;
                 }
@@ -183,6 +211,13 @@ impl Vdi {
             offset += n as u64;
             data = rest;
         }
+        Ok(())
+    }
+
+    /// Sets the map entry of guest block `b` (free or zero) to `entry`, in the file, then in memory.
+    fn set_entry(&self, b: u64, entry: u32) -> Result<()> {
+        blockdev::write_all_at(self.storage.as_ref(), self.header.off_blocks as u64 + b * 4, &entry.to_le_bytes())?;
+        self.map.write().unwrap_or_else(|p| p.into_inner())[b as usize] = entry;
         Ok(())
     }
 
@@ -277,7 +312,9 @@ impl BlockDriver for Vdi {
     }
 
     /// Free and zero blocks already read as zeros and are left alone (qemu writes zero buffers
-    /// and so allocates them); allocated blocks get zeros written over the range.
+    /// and so allocates them); allocated blocks get zeros written over the range. In a
+    /// differencing image a free block zeroed whole becomes a zero block, zeroed in part it is
+    /// allocated with the parent's data around the zeros.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_request(offset, len, self.size())?;
         self.writable()?;
@@ -289,6 +326,13 @@ impl BlockDriver for Vdi {
             let n = (bs - at % bs).min(len - done);
             let _g = self.block_locks.lock(b, b + 1);
             match self.lookup(b) {
+                Block::Free if self.differencing() && n == bs => self.set_entry(b, ENTRY_ZERO)?,
+                Block::Free if self.differencing() => {
+                    let mut full = vec![0u8; bs as usize];
+                    self.read_parent(b * bs, &mut full)?;
+                    full[(at % bs) as usize..(at % bs + n) as usize].fill(0);
+                    self.allocate(b, &full)?;
+                }
                 Block::Free | Block::Zero => {}
                 Block::Bad(e) => return Err(self.bad_entry(b, e)),
                 Block::Data(host) => {
@@ -331,10 +375,12 @@ impl BlockDriver for Vdi {
             _ => None,
         };
         while len < max_len {
-            let same = match (first, self.lookup(nb)) {
+            let next = self.lookup(nb);
+            let same = match (first, next) {
                 (Block::Data(_), Block::Data(at)) => Some(at) == expect,
-                (Block::Free | Block::Zero, Block::Free | Block::Zero) => true,
-                _ => false,
+                // In a differencing image free (the parent's) and zero blocks differ.
+                _ if self.differencing() => first == next,
+                _ => first.unallocated() && next.unallocated(),
             };
             if !same {
                 break;
@@ -347,6 +393,7 @@ impl BlockDriver for Vdi {
             nb += 1;
         }
         Ok(match first {
+            Block::Free if self.differencing() => Extent::new(len, ExtentKind::Unallocated),
             Block::Free | Block::Zero => Extent::new(len, ExtentKind::Zero),
             Block::Bad(e) => return Err(self.bad_entry(b, e)),
             Block::Data(host) => {
@@ -378,6 +425,12 @@ impl BlockDriver for Vdi {
             actual_size: file.actual_size,
             virtual_size: self.size(),
             cluster_size: Some(self.block_bytes()),
+            backing_filename: self.parent_name.clone(),
+            full_backing_filename: self
+                .parent_name
+                .as_ref()
+                .map(|p| blockdev::resolve_reference(self.storage.name(), p)),
+            backing_filename_format: self.parent_name.as_ref().map(|_| "vdi".to_string()),
             children: vec![("file".to_string(), file)],
             ..ImageInfo::default()
         })
@@ -387,8 +440,12 @@ impl BlockDriver for Vdi {
         Some(self.storage.clone())
     }
 
+    fn backing(&self) -> Option<Arc<dyn BlockDriver>> {
+        self.backing.clone()
+    }
+
     fn has_zero_init(&self) -> bool {
-        true
+        !self.differencing()
     }
 
     fn cluster_size(&self) -> Option<u64> {

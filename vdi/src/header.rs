@@ -25,6 +25,8 @@ pub const QEMU_TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
 pub const TYPE_DYNAMIC: u32 = 1;
 /// Image type: fixed (every block allocated at creation).
 pub const TYPE_STATIC: u32 = 2;
+/// Image type: differencing (free blocks read from the parent named by `uuidLinkage`).
+pub const TYPE_DIFFERENCING: u32 = 4;
 /// The only block size qemu (and vdisk) accepts: 1 MiB.
 pub const BLOCK_SIZE: u32 = 1 << 20;
 /// Sector size recorded in the legacy geometry.
@@ -162,10 +164,15 @@ impl Header {
         if self.blocks > MAX_BLOCKS {
             return Err(unsupported(format!("too many blocks {}, max is {MAX_BLOCKS}", self.blocks)));
         }
-        if self.uuid_link != [0; 16] {
+        // qemu refuses every image with parent UUIDs; vdisk opens differencing images with
+        // their parent and keeps qemu's messages for the others.
+        if self.is_differencing() {
+            if self.uuid_link == [0; 16] {
+                return Err(unsupported("differencing image without a parent UUID".into()));
+            }
+        } else if self.uuid_link != [0; 16] {
             return Err(unsupported("non-NULL link UUID".into()));
-        }
-        if self.uuid_parent_modify != [0; 16] {
+        } else if self.uuid_parent_modify != [0; 16] {
             return Err(unsupported("non-NULL parent UUID".into()));
         }
         // vdisk's own checks: what the block map and data area need from the file.
@@ -204,6 +211,11 @@ impl Header {
         Ok(())
     }
 
+    /// Whether free blocks read from a parent image.
+    pub fn is_differencing(&self) -> bool {
+        self.image_type == TYPE_DIFFERENCING
+    }
+
     /// First byte after the block map.
     pub fn map_end(&self) -> u64 {
         self.off_blocks as u64 + self.blocks as u64 * 4
@@ -220,10 +232,19 @@ impl Header {
     }
 }
 
+/// The identity of a differencing image's parent: its create and modify UUIDs (file byte order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParentIds {
+    /// The parent's `uuidCreate` (the child's `uuidLinkage`).
+    pub create: [u8; 16],
+    /// The parent's `uuidModify` (the child's `uuidParentModify`).
+    pub modify: [u8; 16],
+}
+
 /// The header of a new image of `disk_size` bytes (a multiple of 512) in qemu's layout: block
 /// map at 512, data after the map rounded up to a sector. `uuids` are the create and modify
-/// UUIDs in the file's byte order.
-pub fn new_header(disk_size: u64, fixed: bool, uuids: [[u8; 16]; 2]) -> [u8; 512] {
+/// UUIDs in the file's byte order; with `parent` the image is a differencing one.
+pub fn new_header(disk_size: u64, fixed: bool, uuids: [[u8; 16]; 2], parent: Option<ParentIds>) -> [u8; 512] {
     let blocks = disk_size.div_ceil(BLOCK_SIZE as u64) as u32;
     let map_bytes = (blocks as u64 * 4).next_multiple_of(SECTOR as u64);
     let mut h = [0u8; 512];
@@ -232,7 +253,14 @@ pub fn new_header(disk_size: u64, fixed: bool, uuids: [[u8; 16]; 2]) -> [u8; 512
     put(64, SIGNATURE);
     put(68, VERSION);
     put(72, HEADER_SIZE);
-    put(76, if fixed { TYPE_STATIC } else { TYPE_DYNAMIC });
+    put(
+        76,
+        match (parent, fixed) {
+            (Some(_), _) => TYPE_DIFFERENCING,
+            (None, true) => TYPE_STATIC,
+            (None, false) => TYPE_DYNAMIC,
+        },
+    );
     put(340, 512);
     put(344, (512 + map_bytes) as u32);
     put(360, SECTOR);
@@ -242,6 +270,10 @@ pub fn new_header(disk_size: u64, fixed: bool, uuids: [[u8; 16]; 2]) -> [u8; 512
     h[368..376].copy_from_slice(&disk_size.to_le_bytes());
     h[392..408].copy_from_slice(&uuids[0]);
     h[408..424].copy_from_slice(&uuids[1]);
+    if let Some(p) = parent {
+        h[424..440].copy_from_slice(&p.create);
+        h[440..456].copy_from_slice(&p.modify);
+    }
     h
 }
 
@@ -250,7 +282,7 @@ mod tests {
     use super::*;
 
     fn good() -> Header {
-        Header::parse(&new_header(5 << 20, false, [[1; 16], [2; 16]]))
+        Header::parse(&new_header(5 << 20, false, [[1; 16], [2; 16]], None))
     }
 
     #[test]
@@ -282,6 +314,10 @@ mod tests {
         let mut h = good();
         h.uuid_link = [1; 16];
         assert_eq!(h.validate(1024).unwrap_err().message(), "unsupported VDI image (non-NULL link UUID)");
+        h.image_type = TYPE_DIFFERENCING;
+        h.validate(1024).unwrap();
+        h.uuid_link = [0; 16];
+        assert!(h.validate(1024).unwrap_err().message().contains("without a parent UUID"));
         // The size limit comes first, as in qemu (iotest 084).
         let mut h = good();
         h.disk_size = 1 << 60;

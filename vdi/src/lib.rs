@@ -4,8 +4,8 @@
 //! (`cbHeader` 384 or 400; block map and data area at any sector-aligned place, qemu's 512-byte
 //! or VirtualBox's 1 MiB alignment), with free (`0xFFFFFFFF`) and zero (`0xFFFFFFFE`) map
 //! entries; creates images byte for byte as qemu-img does (random UUIDs aside); checks them
-//! with qemu-img's messages. Differencing images (non-null parent UUIDs) are refused, as qemu
-//! refuses them.
+//! with qemu-img's messages. Differencing images (type 4), which qemu refuses, open with their
+//! parent, found by UUID ([`parent`]); free blocks read from it, and `create -b` makes them.
 //!
 //! # Hostile images
 //! The header is validated before anything else is read ([`header::Header::validate`]): qemu's
@@ -22,6 +22,7 @@ mod check;
 mod create;
 pub mod driver;
 pub mod header;
+pub mod parent;
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -53,10 +54,14 @@ impl Format for VdiFormat {
         &self,
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
-        _chain: &Chain,
-        _opener: &dyn Opener,
+        chain: &Chain,
+        opener: &dyn Opener,
     ) -> Result<Arc<dyn BlockDriver>> {
-        Ok(Arc::new(open(storage, opts)?))
+        let mut vdi = open(storage, opts)?;
+        if vdi.header.is_differencing() {
+            open_parent(&mut vdi, opts, chain, opener)?;
+        }
+        Ok(Arc::new(vdi))
     }
 
     fn create_options(&self) -> &'static [OptionSpec] {
@@ -66,6 +71,45 @@ impl Format for VdiFormat {
     fn create(&self, filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Result<()> {
         create::create(filename, opts, opener)
     }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+}
+
+/// Finds and opens the parent of the differencing image `vdi` (unless the open asks for no
+/// backing file): the named one if the caller gave one, else the one [`parent::search`] finds.
+fn open_parent(vdi: &mut Vdi, opts: &OpenOptions, chain: &Chain, opener: &dyn Opener) -> Result<()> {
+    let name = vdi.storage.name().to_string();
+    let link = vdi.header.uuid_link;
+    let found = match &opts.parent_hint {
+        Some(hint) => {
+            if !parent::is_parent(&name, hint, &link) {
+                return Err(Error::invalid_image(format!(
+                    "Could not open backing file: '{hint}' is not the parent of '{name}' (no VDI with UUID {})",
+                    parent::uuid_text(&link)
+                )));
+            }
+            Some(hint.clone())
+        }
+        None => parent::search(&name, &link, opts.references)?,
+    };
+    vdi.parent_name = found.clone();
+    if opts.no_backing {
+        return Ok(());
+    }
+    let Some(found) = found else {
+        return Err(Error::invalid_image(format!(
+            "Could not open backing file: no parent of '{name}' (a VDI with UUID {}) next to it or in the directory \
+             above; name it with --image-opts backing.file.filename=PARENT",
+            parent::uuid_text(&link)
+        )));
+    };
+    let parent = opener
+        .open_image(&name, &found, Some("vdi"), &opts.for_backing(), chain)
+        .map_err(|e| e.prefixed("Could not open backing file"))?;
+    vdi.backing = Some(parent);
+    Ok(())
 }
 
 /// Map entries read per request at open.
@@ -101,5 +145,7 @@ pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Vdi> {
         map: RwLock::new(map),
         alloc: Mutex::new(Alloc { next_index, allocated, header_count }),
         block_locks: RangeLock::new(),
+        backing: None,
+        parent_name: None,
     })
 }

@@ -101,18 +101,7 @@ impl Vmdk {
         if self.backing.is_some() && !self.parent_cid_ok {
             return Err(Error::from_errno("read", libc::EINVAL));
         }
-        match &self.backing {
-            Some(b) if offset < b.size() => {
-                let n = ((b.size() - offset) as usize).min(buf.len());
-                b.read_exact_at(offset, &mut buf[..n])?;
-                buf[n..].fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+        blockdev::read_backing(self.backing.as_ref(), offset, buf)
     }
 
     /// Reads `buf.len()` bytes at guest `offset` (within the disk).

@@ -110,15 +110,7 @@ fn bit_runs(bitmap: &[u8], first: u64, count: u64) -> Vec<(bool, u64)> {
 
 impl Vpc {
     fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match &self.backing {
-            Some(p) if offset < p.size() => {
-                let n = ((p.size() - offset) as usize).min(buf.len());
-                p.read_exact_at(offset, &mut buf[..n])?;
-                buf[n..].fill(0);
-            }
-            _ => buf.fill(0),
-        }
-        Ok(())
+        blockdev::read_backing(self.backing.as_ref(), offset, buf)
     }
 
     /// The bitmap of `block` (at `at`): the pending copy if it changed since the last write-back.

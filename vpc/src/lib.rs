@@ -122,7 +122,8 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
                 let candidates = parent_candidates(vpc.storage.as_ref(), &sparse.header, file_len)?;
                 vpc.parent_name = candidates.first().cloned();
                 if !opts.no_backing {
-                    let (parent, parent_name) = open_parent(&vpc, candidates, opts, chain, opener)?;
+                    let (parent, parent_name) =
+                        open_parent(&vpc, &sparse.header.parent_uuid, candidates, opts, chain, opener)?;
                     vpc.backing = Some(parent);
                     vpc.parent_name = Some(parent_name);
                 }
@@ -238,9 +239,13 @@ fn locator_name(storage: &dyn Storage, l: &Locator, file_len: u64) -> Result<Opt
     })
 }
 
-/// Opens a differencing disk's parent: the first candidate name that opens as a VHD.
+/// Opens a differencing disk's parent: the first candidate name that opens as a VHD whose
+/// footer carries `parent_uuid` (unless that is null). A parent with another UUID is not the
+/// disk the child was made over (replaced, or a different one under the same name): its data
+/// would not be what the child's blocks assume, so it is refused, as Hyper-V refuses it.
 fn open_parent(
     vpc: &Vpc,
+    parent_uuid: &[u8; 16],
     candidates: Vec<String>,
     opts: &OpenOptions,
     chain: &Chain,
@@ -250,7 +255,19 @@ fn open_parent(
     let mut first_error = None;
     for candidate in candidates {
         match opener.open_image(name, &candidate, Some("vpc"), &opts.for_backing(), chain) {
-            Ok(parent) => return Ok((parent, candidate)),
+            Ok(parent) => match parent_identity(parent.as_ref()) {
+                Ok(uuid) if *parent_uuid == [0; 16] || uuid == *parent_uuid => return Ok((parent, candidate)),
+                Ok(uuid) => {
+                    first_error.get_or_insert(Error::invalid_image(format!(
+                        "'{candidate}' is not the parent of '{name}': its UUID is {}, the child's parent UUID {}",
+                        uuid_text(&uuid),
+                        uuid_text(parent_uuid)
+                    )));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            },
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -259,4 +276,17 @@ fn open_parent(
     Err(first_error
         .unwrap_or_else(|| Error::invalid_image(format!("{name}: differencing VHD names no parent")))
         .prefixed("Could not open backing file"))
+}
+
+/// The UUID in the footer of the opened VHD `parent`.
+fn parent_identity(parent: &dyn BlockDriver) -> Result<[u8; 16]> {
+    let storage = parent.storage().ok_or_else(|| Error::invalid_image("the parent has no file"))?;
+    let (footer, _) = read_footer(storage.as_ref(), storage.len()?)?;
+    Ok(footer.uuid)
+}
+
+/// A VHD UUID (big-endian, RFC 4122 byte order) as text.
+fn uuid_text(u: &[u8; 16]) -> String {
+    let hex: String = u.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
