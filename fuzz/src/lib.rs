@@ -44,8 +44,9 @@ pub enum Op {
     Status { offset: u32, len: u32 },
     /// A flush.
     Flush,
-    /// A check (formats that have one).
-    Check,
+    /// A check (formats that have one), repairing everything when `repair` and the image is
+    /// writable.
+    Check { repair: bool },
 }
 
 /// Opens fuzzed bytes (split by [`flag_ops_image`]) as an image of `format` in memory, isolated
@@ -86,9 +87,10 @@ pub fn exercise_image(format: &dyn Format, name: &str, data: &[u8]) {
             Op::Flush => {
                 let _ = img.flush();
             }
-            Op::Check => {
+            Op::Check { repair } => {
                 if let Some(c) = img.check() {
-                    let _ = c.check(RepairMode::None, &mut |_| {});
+                    let mode = if repair && writable { RepairMode::All } else { RepairMode::None };
+                    let _ = c.check(mode, &mut |_| {});
                 }
             }
         }

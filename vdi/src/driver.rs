@@ -135,7 +135,7 @@ impl Vdi {
         Ok(())
     }
 
-    fn read_into(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_into(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<()> {
         let bs = self.block_bytes();
         while !buf.is_empty() {
             let b = offset / bs;
@@ -215,7 +215,7 @@ impl Vdi {
     }
 
     /// Sets the map entry of guest block `b` (free or zero) to `entry`, in the file, then in memory.
-    fn set_entry(&self, b: u64, entry: u32) -> Result<()> {
+    pub(crate) fn set_entry(&self, b: u64, entry: u32) -> Result<()> {
         blockdev::write_all_at(self.storage.as_ref(), self.header.off_blocks as u64 + b * 4, &entry.to_le_bytes())?;
         self.map.write().unwrap_or_else(|p| p.into_inner())[b as usize] = entry;
         Ok(())
@@ -230,7 +230,7 @@ impl Vdi {
     /// Appends whole blocks `first..` holding `data` (a multiple of the block size) to the data
     /// area and points their map entries at them, in the order of the module docs. The caller
     /// holds the blocks' range lock and has seen them unallocated.
-    fn allocate(&self, first: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn allocate(&self, first: u64, data: &[u8]) -> Result<()> {
         let bs = self.block_bytes();
         let n = data.len() as u64 / bs;
         let index = {

@@ -4,7 +4,7 @@
 //! (`cbHeader` 384 or 400; block map and data area at any sector-aligned place, qemu's 512-byte
 //! or VirtualBox's 1 MiB alignment), with free (`0xFFFFFFFF`) and zero (`0xFFFFFFFE`) map
 //! entries; creates images byte for byte as qemu-img does (random UUIDs aside); checks them
-//! with qemu-img's messages. Differencing images (type 4), which qemu refuses, open with their
+//! with qemu-img's messages and repairs them ([`check`]'s docs). Differencing images (type 4), which qemu refuses, open with their
 //! parent, found by UUID ([`parent`]); free blocks read from it, and `create -b` makes them.
 //!
 //! # Hostile images
@@ -18,7 +18,7 @@
 //!
 //! The update order of allocating writes is in [`driver`]'s docs.
 
-mod check;
+pub mod check;
 mod create;
 pub mod driver;
 pub mod header;
