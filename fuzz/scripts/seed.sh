@@ -75,6 +75,27 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
     rm -rf "$tmp"
 fi
 
+# nbd_server: a mode byte (see the target), then requests: read, write, block status, trim,
+# write zeroes, flush, cache, disconnect; and a bare negotiation with LIST, INFO and meta contexts.
+mkdir -p "$C/nbd_server"
+python3 - "$C/nbd_server" <<'PY'
+import struct, sys
+d = sys.argv[1]
+def req(kind, flags, cookie, off, ln, payload=b""):
+    return struct.pack(">IHHQQI", 0x25609513, flags, kind, cookie, off, ln) + payload
+reqs = (req(0, 0, 1, 0, 8192) + req(1, 1, 2, 4096, 16, b"x" * 16) + req(7, 0, 3, 0, 65536)
+        + req(4, 0, 4, 8192, 4096) + req(6, 2, 5, 0, 512) + req(3, 0, 6, 0, 0) + req(5, 0, 7, 0, 4096)
+        + req(2, 0, 8, 0, 0))
+for mode in (1, 3, 5, 7):
+    open(f"{d}/seed-go-{mode}", "wb").write(bytes([mode]) + reqs)
+def opt(o, data=b""):
+    return struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data
+ctx = struct.pack(">I", 4) + b"disk" + struct.pack(">I", 1) + struct.pack(">I", 5) + b"base:"
+neg = (struct.pack(">I", 3) + opt(3) + opt(8) + opt(9, ctx)
+       + opt(6, struct.pack(">I", 2) + b"ro" + struct.pack(">HHH", 2, 1, 3)) + opt(1, b"disk") + reqs)
+open(f"{d}/seed-negotiate", "wb").write(bytes([0]) + neg)
+PY
+
 # probe: a flag byte (bit 0 writable, bit 1 write sector 0, bit 2 inverted), then the container.
 for f in "$TESTDATA"/*.qcow2 "$TESTDATA"/*.raw "$TESTDATA"/*.data; do
     name=$(basename "$f")

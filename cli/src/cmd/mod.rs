@@ -14,6 +14,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod serve;
 pub mod snapshot;
 
 use blockdev::size::{parse_size, SizeError};
@@ -38,6 +39,7 @@ const SYNTAX: &[&str] = &[
     "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
     "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename",
     "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
+    "serve --nbd [-k socket | -p port [-b addr]] [-x name] [-D description] [-r] [-t] [-e shared] [--cache mode] [--object objectdef] [--image-opts] [-f fmt] filename",
 ];
 
 /// The full `--help` text.
@@ -111,6 +113,7 @@ pub fn dispatch(name: &str, args: &[String]) -> CmdResult {
         "measure" => measure::run(args),
         "rebase" => rebase::run(args),
         "resize" => resize::run(args),
+        "serve" => serve::run(args),
         "snapshot" => snapshot::run(args),
         _ => Err(CliError::usage(format!("Command not found: {name}"))),
     }

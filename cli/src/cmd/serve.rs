@@ -1,0 +1,96 @@
+//! `serve --nbd [-k socket | -p port [-b addr]] [-x name] [-D description] [-r] [-t] [-e shared]
+//! [-f fmt] [--image-opts] [--cache mode] [--object objectdef] filename`
+//!
+//! Exports an image over NBD with qemu-nbd's option letters and defaults: TCP port 10809 on
+//! 0.0.0.0 unless a unix socket is named, export name "" (the empty name also selects the export),
+//! one connection at a time (`-e 0` for no limit), exit once the last client has left unless `-t`.
+//! The image is opened (and locked) once, read-only with `-r`, and shared by every connection.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+
+use blockdev::{CacheMode, OpenOptions};
+use nbd::server::{Listener, Server};
+use nbd::Export;
+
+use crate::args::{flag, opt, parse, Opt};
+use crate::cmd::registry;
+use crate::common::{cache_mode, img_open, Objects, OpenRequest};
+use crate::report::{CliError, CmdResult};
+
+const OPTS: &[Opt] = &[
+    flag("nbd", None, Some("nbd")),
+    opt("vhost-user", None, Some("vhost-user")),
+    opt("k", Some('k'), Some("socket")),
+    opt("p", Some('p'), Some("port")),
+    opt("b", Some('b'), Some("bind")),
+    opt("x", Some('x'), Some("export-name")),
+    opt("D", Some('D'), Some("description")),
+    flag("r", Some('r'), Some("read-only")),
+    flag("t", Some('t'), Some("persistent")),
+    opt("e", Some('e'), Some("shared")),
+    opt("f", Some('f'), Some("format")),
+    opt("cache", None, Some("cache")),
+    opt("object", None, Some("object")),
+    flag("image-opts", None, Some("image-opts")),
+];
+
+/// Runs `serve`.
+pub fn run(args: &[String]) -> CmdResult {
+    let p = parse(args, OPTS)?;
+    if p.has("help") {
+        return crate::cmd::help();
+    }
+    Objects::parse(p.values("object"))?;
+    if p.value("vhost-user").is_some() {
+        return Err(CliError::new("serve --vhost-user is not implemented yet"));
+    }
+    if !p.has("nbd") {
+        return Err(CliError::usage("serve needs --nbd"));
+    }
+    if p.positional.len() != 1 {
+        return Err(CliError::usage("Expecting one image file name"));
+    }
+    let shared = match p.value("e") {
+        None => 1,
+        Some(v) => v.parse::<usize>().map_err(|_| CliError::new(format!("Invalid shared device number '{v}'")))?,
+    };
+    let read_only = p.has("r");
+    let opts = OpenOptions {
+        read_only,
+        cache: cache_mode(p.value("cache"), CacheMode::Writeback, "cache")?,
+        ..OpenOptions::default()
+    };
+    let name = &p.positional[0];
+    let image = img_open(&registry(), &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts })?;
+    let listener = match (p.value("k"), p.value("p")) {
+        (Some(_), Some(_)) => return Err(CliError::new("--socket and --port cannot be used together")),
+        (Some(path), None) => {
+            let _ = std::fs::remove_file(path);
+            Listener::Unix(
+                UnixListener::bind(path).map_err(|e| CliError::new(format!("Failed to bind '{path}': {e}")))?,
+            )
+        }
+        (None, port) => {
+            let port = port.unwrap_or("10809");
+            let addr = format!("{}:{port}", p.value("b").unwrap_or("0.0.0.0"));
+            Listener::Tcp(TcpListener::bind(&addr).map_err(|e| CliError::new(format!("Failed to bind {addr}: {e}")))?)
+        }
+    };
+    let export = Export {
+        name: p.value("x").unwrap_or("").to_string(),
+        description: p.value("D").unwrap_or("").to_string(),
+        image: image.clone(),
+        read_only,
+        multi_conn: shared != 1,
+    };
+    let server = Server { exports: vec![export], max_connections: shared, persistent: p.has("t") };
+    let socket = p.value("k").map(str::to_string);
+    let result = server.run(listener, |e| eprintln!("vdisk: connection: {e}"));
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map_err(|e| CliError::new(format!("serve: {e}")))?;
+    image.close()?;
+    Ok(0)
+}
