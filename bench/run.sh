@@ -219,6 +219,8 @@ case_() {
     for i in "$@"; do inputs+=(--input "$i"); done
     local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG")
     if [[ $kind == none ]]; then tools=(--tool "${FLOOR_TOOL:-cp}=$(command -v "${FLOOR_TOOL:-cp}")"); fi
+    # SERVERS=1: the cases compare servers; qemu-nbd stands in the qemu-img column.
+    if [[ -n ${SERVERS:-} ]]; then tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$(command -v qemu-nbd)"); fi
     # ENCRYPTED_OUT=1: the outputs are LUKS qcow2 under the bench key; verification opens them with it.
     local verify=()
     if [[ -n ${ENCRYPTED_OUT:-} ]]; then verify=(--object "$BENCH_SECRET" --out-image-opts "encrypt.key-secret=bk"); fi
@@ -265,6 +267,8 @@ case_ map_1m "map --output=json (1 TiB qcow2, 1M allocated clusters)" stdout "" 
     "{tool} map --output=json -f qcow2 $PREALLOC" "$PREALLOC"
 case_ map_sparse "map --output=json (1 TiB sparse qcow2)" stdout "" raw \
     "{tool} map --output=json -f qcow2 $SPARSE" "$SPARSE"
+SERVERS=1 case_ nbdcopy_qcow2 "nbdcopy from an NBD export of disk.qcow2 (vdisk serve --nbd vs qemu-nbd, in the qemu-img column)" image .raw raw \
+    "$HERE/nbdcopy-from.sh {tool} $QCOW {out}" "$QCOW"
 # case_inplace ID TITLE SETUP EXPECT EXPECT_BACKING TEMPLATE INPUT...: commands that change their
 # files in place; SETUP lays out a fresh copy at {out} (untimed) before every run, and every tool's
 # {out} must then compare equal to EXPECT, pass `qemu-img check` and have the backing file

@@ -345,6 +345,16 @@ fn one_shot_servers_exit_after_the_client_and_limit_connections() {
         assert!(start.elapsed() < Duration::from_secs(20), "server still running");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // SIGTERM ends a persistent server cleanly: exit status 0, socket removed, image closed.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(["serve", "--nbd", "-t", "-k", s(&sock), "-f", "raw", s(&img)])
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut child);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "the socket is removed");
     // TCP works as well.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vdisk"))

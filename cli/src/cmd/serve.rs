@@ -8,8 +8,9 @@
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::sync::Arc;
 
-use blockdev::{CacheMode, OpenOptions};
+use blockdev::{BlockDriver, CacheMode, OpenOptions};
 use nbd::server::{Listener, Server};
 use nbd::Export;
 
@@ -86,6 +87,7 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     let server = Server { exports: vec![export], max_connections: shared, persistent: p.has("t") };
     let socket = p.value("k").map(str::to_string);
+    stop_on_signals(image.clone(), socket.clone())?;
     let result = server.run(listener, |e| eprintln!("vdisk: connection: {e}"));
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
@@ -93,4 +95,40 @@ pub fn run(args: &[String]) -> CmdResult {
     result.map_err(|e| CliError::new(format!("serve: {e}")))?;
     image.close()?;
     Ok(0)
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the server cleanly, as they end qemu-nbd: the image is flushed
+/// and closed, the socket removed, exit status 0. The signals are blocked in every thread (the
+/// mask is inherited by the threads started after this) and taken by one thread with `sigwait`.
+fn stop_on_signals(image: Arc<dyn BlockDriver>, socket: Option<String>) -> Result<(), CliError> {
+    // SAFETY: `set` is a local sigset_t initialised by sigemptyset before use; the calls only
+    // read and write it and the calling thread's signal mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(CliError::new("cannot block termination signals"));
+        }
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid, initialised signal set and `sig` a valid out pointer.
+        while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+        let code = match image.close() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vdisk: {}", e.message());
+                1
+            }
+        };
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+        std::process::exit(code);
+    });
+    Ok(())
 }
