@@ -34,13 +34,7 @@ fn export(name: &str, read_only: bool) -> (nbd::Export, Arc<MemStorage>) {
     let registry = formats::Registry::new();
     let raw = registry.format("raw").expect("raw format");
     let image = raw.open(storage.clone(), &opts, &Chain::new(), &registry).expect("raw opens");
-    let e = nbd::Export {
-        name: name.into(),
-        description: String::new(),
-        image,
-        read_only,
-        multi_conn: true,
-    };
+    let e = nbd::Export { name: name.into(), description: String::new(), image, read_only, multi_conn: true };
     (e, storage)
 }
 

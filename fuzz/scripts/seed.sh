@@ -96,6 +96,35 @@ neg = (struct.pack(">I", 3) + opt(3) + opt(8) + opt(9, ctx)
 open(f"{d}/seed-negotiate", "wb").write(bytes([0]) + neg)
 PY
 
+# virtio_blk_request: a mode byte, then guest memory with a 16-entry split queue holding six
+# well-formed chains: IN, OUT, FLUSH, GET_ID, WRITE_ZEROES and DISCARD.
+mkdir -p "$C/virtio_blk_request"
+python3 - "$C/virtio_blk_request" <<'PY'
+import struct, sys
+d = sys.argv[1]
+mem = bytearray(0x8000)
+NEXT, WRITE = 1, 2
+descs = [(0x3000, 16, NEXT, 1), (0x4000, 4096, WRITE | NEXT, 2), (0x5000, 1, WRITE, 0),
+         (0x3010, 16, NEXT, 4), (0x6000, 4096, NEXT, 5), (0x5001, 1, WRITE, 0),
+         (0x3020, 16, NEXT, 7), (0x5002, 1, WRITE, 0),
+         (0x3030, 16, NEXT, 9), (0x7000, 20, WRITE | NEXT, 10), (0x5003, 1, WRITE, 0),
+         (0x3040, 16, NEXT, 12), (0x3100, 16, NEXT, 13), (0x5004, 1, WRITE, 0),
+         (0x3060, 32, NEXT, 15), (0x5005, 1, WRITE, 0)]
+for i, (a, l, f, n) in enumerate(descs):
+    mem[i * 16:(i + 1) * 16] = struct.pack("<QIHH", a, l, f, n)
+heads = [0, 3, 6, 8, 11, 14]
+mem[0x1000:0x1004] = struct.pack("<HH", 0, len(heads))
+for i, h in enumerate(heads):
+    mem[0x1004 + 2 * i:0x1006 + 2 * i] = struct.pack("<H", h)
+for at, kind, sector in [(0x3000, 0, 8), (0x3010, 1, 16), (0x3020, 4, 0), (0x3030, 8, 0), (0x3040, 13, 0), (0x3060, 11, 0)]:
+    mem[at:at + 16] = struct.pack("<IIQ", kind, 0, sector)
+mem[0x3100:0x3110] = struct.pack("<QII", 32, 8, 1)
+mem[0x3070:0x3080] = struct.pack("<QII", 64, 8, 0)
+mem[0x6000:0x7000] = bytes(range(256)) * 16
+for mode in (0, 1):
+    open(f"{d}/seed-{mode}", "wb").write(bytes([mode]) + bytes(mem))
+PY
+
 # probe: a flag byte (bit 0 writable, bit 1 write sector 0, bit 2 inverted), then the container.
 for f in "$TESTDATA"/*.qcow2 "$TESTDATA"/*.raw "$TESTDATA"/*.data; do
     name=$(basename "$f")

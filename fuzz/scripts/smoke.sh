@@ -28,6 +28,7 @@ max_len() {
         qcow2_header | qcow2_snapshot_table) echo 65536 ;;
         qcow2_tables) echo 512 ;;
         nbd_server) echo 65536 ;;
+        virtio_blk_request) echo 65600 ;;
         *) echo 4096 ;;
     esac
 }

@@ -40,6 +40,7 @@ const SYNTAX: &[&str] = &[
     "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename",
     "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
     "serve --nbd [-k socket | -p port [-b addr]] [-x name] [-D description] [-r] [-t] [-e shared] [--cache mode] [--object objectdef] [--image-opts] [-f fmt] filename",
+    "serve --vhost-user socket [--num-queues N] [--serial ID] [-r] [--cache mode] [--object objectdef] [--image-opts] [-f fmt] filename",
 ];
 
 /// The full `--help` text.

@@ -1,5 +1,7 @@
 //! `serve --nbd [-k socket | -p port [-b addr]] [-x name] [-D description] [-r] [-t] [-e shared]
 //! [-f fmt] [--image-opts] [--cache mode] [--object objectdef] filename`
+//! `serve --vhost-user socket [--num-queues N] [--serial ID] [-r] [-f fmt] [--image-opts]
+//! [--cache mode] [--object objectdef] filename`
 //!
 //! Exports an image over NBD with qemu-nbd's option letters and defaults: TCP port 10809 on
 //! 0.0.0.0 unless a unix socket is named, export name "" (the empty name also selects the export),
@@ -22,6 +24,8 @@ use crate::report::{CliError, CmdResult};
 const OPTS: &[Opt] = &[
     flag("nbd", None, Some("nbd")),
     opt("vhost-user", None, Some("vhost-user")),
+    opt("num-queues", None, Some("num-queues")),
+    opt("serial", None, Some("serial")),
     opt("k", Some('k'), Some("socket")),
     opt("p", Some('p'), Some("port")),
     opt("b", Some('b'), Some("bind")),
@@ -43,11 +47,8 @@ pub fn run(args: &[String]) -> CmdResult {
         return crate::cmd::help();
     }
     Objects::parse(p.values("object"))?;
-    if p.value("vhost-user").is_some() {
-        return Err(CliError::new("serve --vhost-user is not implemented yet"));
-    }
-    if !p.has("nbd") {
-        return Err(CliError::usage("serve needs --nbd"));
+    if p.value("vhost-user").is_some() == p.has("nbd") {
+        return Err(CliError::usage("serve needs one of --nbd and --vhost-user SOCKET"));
     }
     if p.positional.len() != 1 {
         return Err(CliError::usage("Expecting one image file name"));
@@ -64,6 +65,9 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     let name = &p.positional[0];
     let image = img_open(&registry(), &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts })?;
+    if let Some(socket) = p.value("vhost-user") {
+        return serve_vhost_user(image, socket, read_only, p.value("num-queues"), p.value("serial"));
+    }
     let listener = match (p.value("k"), p.value("p")) {
         (Some(_), Some(_)) => return Err(CliError::new("--socket and --port cannot be used together")),
         (Some(path), None) => {
@@ -131,4 +135,41 @@ fn stop_on_signals(image: Arc<dyn BlockDriver>, socket: Option<String>) -> Resul
         std::process::exit(code);
     });
     Ok(())
+}
+
+/// `serve --vhost-user SOCKET`: a vhost-user-blk backend until the frontend disconnects; then the
+/// image is closed and the process exits (the daemon's threads are not joined: rust-vmm's
+/// daemon can hang on drop).
+fn serve_vhost_user(
+    image: Arc<dyn BlockDriver>,
+    socket: &str,
+    read_only: bool,
+    num_queues: Option<&str>,
+    serial: Option<&str>,
+) -> CmdResult {
+    let num_queues = match num_queues {
+        None => 1,
+        Some(v) => match v.parse::<u16>() {
+            Ok(n) if (1..=64).contains(&n) => n,
+            _ => return Err(CliError::new(format!("Invalid number of queues '{v}' (1 to 64)"))),
+        },
+    };
+    let opts = virtio_blk::DeviceOptions { read_only, num_queues, serial: serial.unwrap_or("vdisk").to_string() };
+    let device = Arc::new(virtio_blk::BlockDevice::new(image.clone(), &opts));
+    stop_on_signals(image.clone(), Some(socket.to_string()))?;
+    let served = virtio_blk::vhost_user::serve(device, socket);
+    let _ = std::fs::remove_file(socket);
+    let closed = image.close();
+    let code = match (served, closed) {
+        (Ok(()), Ok(())) => 0,
+        (Err(e), _) => {
+            eprintln!("vdisk: {e}");
+            1
+        }
+        (_, Err(e)) => {
+            eprintln!("vdisk: {}", e.message());
+            1
+        }
+    };
+    std::process::exit(code);
 }
