@@ -1,6 +1,7 @@
 //! End to end: a Linux guest under QEMU (TCG) boots with its disk served by `vdisk serve
-//! --vhost-user` (qcow2, vmdk and vhd images, one and two queues, read-only), reads known content
-//! and writes a pattern with O_DIRECT and fsync; the host then checks the image with qemu-img.
+//! --vhost-user` (qcow2, vmdk and vhd images, one and two queues, read-only), or by `vdisk serve
+//! --nbd` with QEMU as the NBD client, reads known content and writes a pattern with O_DIRECT and
+//! fsync; the host then checks the image with qemu-img.
 //! The guest (`tests/e2e/init`, built by `tests/e2e/guest-assets.sh`) reports on the serial console.
 
 use std::collections::HashMap;
@@ -30,9 +31,34 @@ fn md5(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
+/// Boots the guest with `disk` (QEMU options); the guest's `VDISK-E2E` lines, and the console.
+fn run_guest(disk: &[&str]) -> (HashMap<String, String>, String) {
+    let (kernel, initrd) = guest();
+    let out = Command::new("timeout")
+        .args(["120", s(&qemu_tool("qemu-system-x86_64"))])
+        .args(["-accel", "tcg", "-smp", "2", "-m", "256", "-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-serial", "stdio", "-monitor", "none", "-kernel", s(&kernel), "-initrd", s(&initrd)])
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(disk)
+        .stdin(Stdio::null())
+        .output()
+        .expect("qemu-system-x86_64");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: HashMap<String, String> = console
+        .lines()
+        .filter_map(|l| l.split_once("VDISK-E2E ").map(|(_, rest)| rest))
+        .filter_map(|l| l.trim().split_once(' ').map(|(k, v)| (k.to_string(), v.trim().to_string())))
+        .collect();
+    assert!(
+        console.contains("VDISK-E2E done"),
+        "the guest did not finish:\n{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (lines, console)
+}
+
 /// Serves `image` with vdisk and boots the guest against it; the guest's `VDISK-E2E` lines.
 fn boot(image: &Path, fmt: &str, queues: u16, read_only: bool) -> HashMap<String, String> {
-    let (kernel, initrd) = guest();
     let dir = image.parent().unwrap();
     let sock = dir.join(format!("vhost-{fmt}-{queues}-{read_only}.sock"));
     let q = queues.to_string();
@@ -50,30 +76,19 @@ fn boot(image: &Path, fmt: &str, queues: u16, read_only: bool) -> HashMap<String
     }
     let device = format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}");
     let chardev = format!("socket,id=c0,path={}", s(&sock));
-    let out = Command::new("timeout")
-        .args(["120", s(&qemu_tool("qemu-system-x86_64"))])
-        .args(["-accel", "tcg", "-smp", "2", "-m", "256", "-nographic", "-no-reboot", "-nic", "none"])
-        .args(["-serial", "stdio", "-monitor", "none", "-kernel", s(&kernel), "-initrd", s(&initrd)])
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"])
-        .args(["-chardev", &chardev, "-device", &device])
-        .stdin(Stdio::null())
-        .output()
-        .expect("qemu-system-x86_64");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (lines, console) = run_guest(&[
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-machine",
+        "memory-backend=mem",
+        "-chardev",
+        &chardev,
+        "-device",
+        &device,
+    ]);
     // The frontend disconnected: the server closes the image and exits 0.
     let status = server.wait().unwrap();
     assert!(status.success(), "vdisk serve: {status}; console:\n{console}");
-    let lines: HashMap<String, String> = console
-        .lines()
-        .filter_map(|l| l.split_once("VDISK-E2E ").map(|(_, rest)| rest))
-        .filter_map(|l| l.trim().split_once(' ').map(|(k, v)| (k.to_string(), v.trim().to_string())))
-        .collect();
-    assert!(
-        console.contains("VDISK-E2E done"),
-        "the guest did not finish:\n{console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     lines
 }
 
@@ -137,4 +152,33 @@ fn two_queues_and_read_only_devices() {
     assert_eq!(lines["read-only"], "1", "{lines:?}");
     assert_eq!(lines["head-md5"], md5(&content[..4 << 20]));
     assert!(std::fs::read(&img).unwrap() == before, "a read-only device leaves the image as it was");
+}
+
+/// QEMU as the NBD client of `vdisk serve --nbd`: the guest's disk is the export; while it is
+/// served, the image is locked against other writers as qemu-nbd locks it.
+#[test]
+fn a_guest_boots_on_an_nbd_export() {
+    let d = tempdir();
+    let (img, content) = image(d.path(), "qcow2");
+    let sock = d.path().join("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(["serve", "--nbd", "-t", "-k", s(&sock), "-x", "disk", "-f", "qcow2", s(&img)])
+        .spawn()
+        .expect("vdisk serve");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no NBD socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let locked = qemu_img(&["info", s(&img)]);
+    assert_ne!(locked.code, 0, "the served image is locked");
+    assert!(locked.stderr.contains("lock"), "{}", locked.stderr);
+    qemu_img(&["info", "-U", s(&img)]).ok();
+    let drive = format!("file=nbd+unix:///disk?socket={},format=raw,if=virtio,cache=none,aio=threads", s(&sock));
+    let (lines, _) = run_guest(&["-drive", &drive]);
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+    assert_eq!(lines["sectors"], (content.len() / 512).to_string());
+    assert_eq!(lines["head-md5"], md5(&content[..4 << 20]));
+    check_guest_wrote(&img, "qcow2", content, &lines);
 }
