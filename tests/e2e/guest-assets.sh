@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (once, cached) the guest the end-to-end tests boot under QEMU (TCG): Debian 12's cloud
 # kernel (downloaded with apt-get download and unpacked, not installed) and an initramfs of static
-# busybox, the six virtio modules and tests/e2e/init. Prints the kernel's and the initramfs's paths
+# busybox, the six virtio modules, tests/e2e/init and the static iobench (tests/e2e/iobench.c).
+# Prints the kernel's and the initramfs's paths
 # on two lines.
 #
 # Needs: apt-get (with the machine's Debian sources), dpkg-deb, busybox-static, cpio-capable
@@ -35,7 +36,7 @@ if [[ ! -f $CACHE/vmlinuz ]]; then
     mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
 fi
 
-stamp=$(sha256sum "$HERE/init" | cut -c1-16)
+stamp=$(cat "$HERE/init" "$HERE/iobench.c" | sha256sum | cut -c1-16)
 if [[ ! -f $CACHE/initramfs-$stamp.cpio.gz ]]; then
     bb=$(command -v busybox) || { say "busybox-static is not installed"; exit 1; }
     root=$(mktemp -d)
@@ -44,6 +45,8 @@ if [[ ! -f $CACHE/initramfs-$stamp.cpio.gz ]]; then
     cp "$bb" "$root/bin/busybox"
     cp "$CACHE"/modules/*.ko "$root/lib/"
     cp "$HERE/init" "$root/init"
+    # The I/O benchmark of bench/guest-io.sh (static: the initramfs has no C library).
+    cc -static -O2 -o "$root/bin/iobench" "$HERE/iobench.c"
     chmod +x "$root/init"
     (cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null | gzip -1) > "$CACHE/initramfs-$stamp.cpio.gz.tmp"
     mv "$CACHE/initramfs-$stamp.cpio.gz.tmp" "$CACHE/initramfs-$stamp.cpio.gz"
