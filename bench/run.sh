@@ -11,6 +11,7 @@
 #   BENCH_LOAD_NOTE        free text added to the report next to the load average
 #   VDISK, QEMU_IMG, QEMU_IO  binaries (default: target/release/vdisk, built first; qemu-img, qemu-io)
 #   BENCH_OUT_MD, BENCH_OUT_JSON  report paths (default BENCHMARKS.md, bench/results.json)
+#   GUEST_IO_RUNS          runs of bench/guest-io.sh (case guest_io; default 3)
 set -euo pipefail
 
 T_START=$(date +%s.%N)
@@ -300,6 +301,15 @@ FLOOR_TOOL=dd case_ sync_floor "floor: 1 GiB written and synced (dd conv=fdatasy
 case_ cp_floor "floor: cp --sparse=always raw → raw" none .raw raw \
     "{tool} --sparse=always $RAW {out}" "$RAW"
 
+# Guest I/O over vhost-user-blk (vdisk serve vs qemu-storage-daemon): its own harness, since the
+# timing happens inside the guest; its table is appended to the report below.
+GUEST_IO_MD=$WORK/guest-io.md
+rm -f "$GUEST_IO_MD"
+if want guest_io; then
+    log "case guest_io: bench/guest-io.sh ${GUEST_IO_RUNS:-3}"
+    VDISK=$VDISK GUEST_IO_OUT=$GUEST_IO_MD "$HERE/guest-io.sh" "${GUEST_IO_RUNS:-3}" >&2
+fi
+
 # ---------------------------------------------------------------------------
 # report
 
@@ -307,4 +317,7 @@ T_END=$(date +%s.%N)
 TOTAL=$(python3 -c "print($T_END - $T_START)")
 "${MEASURE[@]}" report --results "$RESULTS" --meta "$META" --md "$OUT_MD" --json "$OUT_JSON" \
     --total-runtime "$TOTAL"
+if [[ -f $GUEST_IO_MD ]]; then
+    { echo; sed '1s/^# /## /' "$GUEST_IO_MD"; } >> "$OUT_MD"
+fi
 log "done in ${TOTAL%.*} s; wrote $OUT_MD and $OUT_JSON"
