@@ -37,7 +37,7 @@ one() {  # one TOOL RUN
         -append 'console=ttyS0 quiet panic=-1 vdisk_bench' \
         -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
         -chardev socket,id=c0,path="$sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1 < /dev/null 2>/dev/null |
-        tr -d '\r' | awk -v t="$tool" -v r="$run" '{ for (i = 1; i < NF; i++) if ($i == "VDISK-BENCH") print t, r, $(i + 1), $(i + 2), $(i + 3) }' >> "$RESULTS"
+        tr -d '\r' | awk -v t="$tool" -v r="$run" '/VDISK-BENCH / { sub(/.*VDISK-BENCH /, ""); print t, r, $1, $2, $3 }' >> "$RESULTS"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     qemu-img check -q "$img"
