@@ -182,6 +182,32 @@ impl Measure {
     }
 }
 
+/// `info` of an image stored in one container (`file` child) whose backing file, if any, is the
+/// reference `parent` of format `parent_format`: the fields every such driver fills the same way.
+pub fn file_image_info(
+    storage: &dyn Storage,
+    format: &str,
+    virtual_size: u64,
+    cluster_size: Option<u64>,
+    parent: Option<&str>,
+    parent_format: &str,
+) -> Result<ImageInfo> {
+    let file = storage_info(storage)?;
+    Ok(ImageInfo {
+        filename: storage.name().to_string(),
+        format: format.into(),
+        dirty_flag: Some(false),
+        actual_size: file.actual_size,
+        virtual_size,
+        cluster_size,
+        backing_filename: parent.map(str::to_string),
+        full_backing_filename: parent.map(|p| crate::resolve_reference(storage.name(), p)),
+        backing_filename_format: parent.map(|_| parent_format.to_string()),
+        children: vec![("file".to_string(), file)],
+        ..ImageInfo::default()
+    })
+}
+
 /// `info` for a container node (qemu's child node "file"): its length rounded up to sectors, as
 /// qemu reports it, and the space it occupies.
 pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {

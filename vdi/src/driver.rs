@@ -417,23 +417,14 @@ impl BlockDriver for Vdi {
     }
 
     fn info(&self) -> Result<ImageInfo> {
-        let file = blockdev::info::storage_info(self.storage.as_ref())?;
-        Ok(ImageInfo {
-            filename: self.storage.name().to_string(),
-            format: "vdi".into(),
-            dirty_flag: Some(false),
-            actual_size: file.actual_size,
-            virtual_size: self.size(),
-            cluster_size: Some(self.block_bytes()),
-            backing_filename: self.parent_name.clone(),
-            full_backing_filename: self
-                .parent_name
-                .as_ref()
-                .map(|p| blockdev::resolve_reference(self.storage.name(), p)),
-            backing_filename_format: self.parent_name.as_ref().map(|_| "vdi".to_string()),
-            children: vec![("file".to_string(), file)],
-            ..ImageInfo::default()
-        })
+        blockdev::info::file_image_info(
+            self.storage.as_ref(),
+            "vdi",
+            self.size(),
+            Some(self.block_bytes()),
+            self.parent_name.as_deref(),
+            "vdi",
+        )
     }
 
     fn storage(&self) -> Option<Arc<dyn Storage>> {

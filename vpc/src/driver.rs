@@ -417,23 +417,14 @@ impl BlockDriver for Vpc {
     }
 
     fn info(&self) -> Result<ImageInfo> {
-        let file = blockdev::info::storage_info(self.storage.as_ref())?;
-        Ok(ImageInfo {
-            filename: self.storage.name().to_string(),
-            format: "vpc".into(),
-            dirty_flag: Some(false),
-            actual_size: file.actual_size,
-            virtual_size: self.size,
-            cluster_size: self.sparse.as_ref().map(|s| s.block_size),
-            backing_filename: self.parent_name.clone(),
-            full_backing_filename: self
-                .parent_name
-                .as_ref()
-                .map(|p| blockdev::resolve_reference(self.storage.name(), p)),
-            backing_filename_format: self.parent_name.as_ref().map(|_| "vpc".to_string()),
-            children: vec![("file".to_string(), file)],
-            ..ImageInfo::default()
-        })
+        blockdev::info::file_image_info(
+            self.storage.as_ref(),
+            "vpc",
+            self.size,
+            self.sparse.as_ref().map(|s| s.block_size),
+            self.parent_name.as_deref(),
+            "vpc",
+        )
     }
 
     fn backing(&self) -> Option<Arc<dyn BlockDriver>> {
