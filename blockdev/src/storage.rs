@@ -97,6 +97,13 @@ pub trait Storage: Send + Sync + Debug {
     /// Sets the length; growth is reserved according to `prealloc`.
     fn set_len(&self, len: u64, prealloc: Prealloc) -> Result<()>;
 
+    /// Reserves space for `[offset, offset+len)` just before a write fills it, growing the
+    /// container when the range reaches past its end; what the range reads does not change
+    /// (unallocated parts stay zeros). A hint that makes the following write cheaper (the file
+    /// system allocates one extent instead of block by block): containers that cannot reserve do
+    /// nothing, and failures are left for the write to report.
+    fn reserve(&self, _offset: u64, _len: u64) {}
+
     /// Makes `[offset, offset+len)` read as zeros; with `may_unmap` the space may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
 

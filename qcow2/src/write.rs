@@ -249,7 +249,11 @@ impl Qcow2 {
         parts.push(IoSlice::new(&head));
         parts.extend(iov::slice(bufs, 0, n));
         parts.push(IoSlice::new(&tail));
-        let result = self.write_data(host + (run_start - gc * cs), run_start, &parts);
+        let run_host = host + (run_start - gc * cs);
+        if fresh && !geo.data_file {
+            self.data.reserve(run_host, run_end - run_start);
+        }
+        let result = self.write_data(run_host, run_start, &parts);
         let mut m = self.lock();
         let io = self.file.as_ref();
         if let Err(e) = result {

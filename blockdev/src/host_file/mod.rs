@@ -20,6 +20,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use lock::LockState;
@@ -99,6 +100,8 @@ pub struct HostFile {
     windows: RangeLock,
     /// Serialises direct writes that reach past the end of the file.
     extend: Mutex<()>,
+    /// The file system refused `fallocate` once: [`Storage::reserve`] stops trying.
+    cannot_reserve: AtomicBool,
 }
 
 impl HostFile {
@@ -150,6 +153,7 @@ impl HostFile {
             locks: Mutex::new(LockState::default()),
             windows: RangeLock::default(),
             extend: Mutex::new(()),
+            cannot_reserve: AtomicBool::new(is_block_device),
         })
     }
 
@@ -317,6 +321,17 @@ impl Storage for HostFile {
             Prealloc::Full => {
                 self.truncate(len)?;
                 self.write_zero_bytes(old, len - old)
+            }
+        }
+    }
+
+    fn reserve(&self, offset: u64, len: u64) {
+        if self.read_only || len == 0 || self.cannot_reserve.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = sys::fallocate(self.fd(), 0, offset, len) {
+            if e == libc::EOPNOTSUPP || e == libc::ENOSYS {
+                self.cannot_reserve.store(true, Ordering::Relaxed);
             }
         }
     }

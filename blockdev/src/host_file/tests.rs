@@ -176,3 +176,26 @@ fn locks_conflict_like_qemu() {
     drop(writer);
     other.set_permissions(Perms::CONSISTENT_READ.union(Perms::WRITE), Perms::ALL).unwrap();
 }
+
+#[test]
+fn reserve_grows_the_file_with_zeros_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp_file(&dir, "r", 0);
+    let f = open(&p, CacheMode::Writeback, false);
+    write_all_at(&f, 0, &[0x5a; 4096]).unwrap();
+    // Over existing data and past the end: the data stays, the new range reads as zeros and is
+    // allocated (the point of reserving).
+    f.reserve(0, 1 << 20);
+    assert_eq!(f.len().unwrap(), 1 << 20);
+    let mut back = vec![0u8; 1 << 20];
+    read_exact_at(&f, 0, &mut back).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0x5a));
+    assert!(back[4096..].iter().all(|&b| b == 0));
+    let allocated = f.allocated_size().unwrap().unwrap();
+    assert!(allocated >= 1 << 20, "reserved range allocated: {allocated}");
+    // A read-only file is left alone.
+    drop(f);
+    let ro = open(&p, CacheMode::Writeback, true);
+    ro.reserve(1 << 20, 1 << 20);
+    assert_eq!(ro.len().unwrap(), 1 << 20);
+}
