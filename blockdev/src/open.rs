@@ -78,6 +78,10 @@ pub struct OpenOptions {
     /// only (VDI), relative to the image as a backing name is (`--image-opts
     /// backing.file.filename=`). The driver still checks the UUID. Not passed on to backing files.
     pub parent_hint: Option<String>,
+    /// Start writing large buffered writes of the image's own file back to the disk as soon as
+    /// they are made (`sync_file_range`), so that a later flush finds little left to do. For
+    /// servers whose clients flush (`vdisk serve`); durability still comes only from flush.
+    pub eager_writeback: bool,
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -142,6 +146,7 @@ impl Default for OpenOptions {
             key_secret: None,
             backing_keys: Vec::new(),
             parent_hint: None,
+            eager_writeback: false,
         }
     }
 }

@@ -36,7 +36,13 @@ pub fn create_file(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<Host
     let size = size.checked_next_multiple_of(512).ok_or_else(|| Error::out_of_range("Image size too large"))?;
     let f = HostFile::open(
         name,
-        &HostOpenOptions { read_only: false, cache: CacheMode::Writeback, create: false, no_locking: false },
+        &HostOpenOptions {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            create: false,
+            no_locking: false,
+            eager_writeback: false,
+        },
     )
     .or_else(|e| {
         if e.kind() == blockdev::ErrorKind::NotFound {

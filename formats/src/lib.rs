@@ -149,6 +149,7 @@ impl Registry {
                 cache: opts.cache,
                 create: false,
                 no_locking: opts.no_locking,
+                eager_writeback: opts.eager_writeback,
             },
         )?;
         let (fmt, probed_raw) = match named {
@@ -247,6 +248,7 @@ impl Opener for Registry {
                 cache: opts.cache,
                 create: false,
                 no_locking: opts.no_locking,
+                eager_writeback: opts.eager_writeback,
             },
         )?;
         let (perm, shared) = lock_perms(self.format("raw").expect("raw is registered"), opts);

@@ -103,7 +103,13 @@ impl TemporaryOverlay {
 
         let host = HostFile::open(
             name,
-            &HostOpenOptions { read_only: false, cache: CacheMode::Unsafe, create: false, no_locking: false },
+            &HostOpenOptions {
+                read_only: false,
+                cache: CacheMode::Unsafe,
+                create: false,
+                no_locking: false,
+                eager_writeback: false,
+            },
         )
         .map_err(context)?;
         host.set_permissions(

@@ -9,8 +9,12 @@
 //!   unaligned write becomes read-modify-write of the aligned window, done under a range lock so that
 //!   concurrent writes to neighbouring bytes are never lost, and a write that extends the file is
 //!   trimmed back to its true end so the file length stays what the caller wrote;
-//! - `SEEK_DATA`/`SEEK_HOLE` block status, `fallocate` (punch hole, zero range, preallocation),
-//!   `copy_file_range` offload, and QEMU-compatible image locking ([`Perms`], see `lock.rs`).
+//! - `SEEK_DATA`/`SEEK_HOLE` block status, `fallocate` (punch hole, zero range, preallocation,
+//!   and [`Storage::reserve`] before a driver fills fresh space), `copy_file_range` offload, and
+//!   QEMU-compatible image locking ([`Perms`], see `lock.rs`);
+//! - optionally (servers), writeback of large buffered writes started at once with
+//!   `sync_file_range`, so a client's flush has little left to wait for; flush stays the only
+//!   durability point.
 
 mod lock;
 pub(crate) mod sys;
@@ -82,7 +86,12 @@ pub struct HostOpenOptions {
     pub create: bool,
     /// Do not take or test QEMU image locks at all (`locking=off`).
     pub no_locking: bool,
+    /// Start writeback of large buffered writes at once (see `OpenOptions::eager_writeback`).
+    pub eager_writeback: bool,
 }
+
+/// Buffered writes at least this long start their writeback at once with `eager_writeback`.
+const EAGER_WRITEBACK_MIN: u64 = 256 << 10;
 
 /// A local file (or block device) holding an image's bytes.
 #[derive(Debug)]
@@ -102,6 +111,8 @@ pub struct HostFile {
     extend: Mutex<()>,
     /// The file system refused `fallocate` once: [`Storage::reserve`] stops trying.
     cannot_reserve: AtomicBool,
+    /// Start writeback of large buffered writes at once.
+    eager_writeback: bool,
 }
 
 impl HostFile {
@@ -154,6 +165,7 @@ impl HostFile {
             windows: RangeLock::default(),
             extend: Mutex::new(()),
             cannot_reserve: AtomicBool::new(is_block_device),
+            eager_writeback: opts.eager_writeback && !opts.cache.is_sync() && opts.cache != CacheMode::Unsafe,
         })
     }
 
@@ -266,7 +278,11 @@ impl Storage for HostFile {
         let len = iov_len(bufs);
         let end = checked_end(offset, len)?;
         if !self.cache.is_direct() {
-            return sys::pwritev_full(self.fd(), offset, bufs).map_err(|e| e.with_path(&self.name));
+            sys::pwritev_full(self.fd(), offset, bufs).map_err(|e| e.with_path(&self.name))?;
+            if self.eager_writeback && len >= EAGER_WRITEBACK_MIN {
+                sys::start_writeback(self.fd(), offset, len);
+            }
+            return Ok(());
         }
         let (wstart, wend) = self.aligned_window(offset, len)?;
         let _window = self.windows.lock(wstart, wend);

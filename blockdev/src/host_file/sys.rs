@@ -141,6 +141,13 @@ pub fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> std::result::Result<
     Ok(Some(r as u64))
 }
 
+/// `sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`: starts writeback of the range's dirty
+/// pages without waiting for it. Only a hint; failures are ignored.
+pub fn start_writeback(fd: RawFd, offset: u64, len: u64) {
+    // SAFETY: plain system call on a descriptor we own.
+    unsafe { libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// `fdatasync(2)`.
 pub fn fdatasync(fd: RawFd) -> Result<()> {
     loop {

@@ -199,3 +199,21 @@ fn reserve_grows_the_file_with_zeros_and_keeps_data() {
     ro.reserve(1 << 20, 1 << 20);
     assert_eq!(ro.len().unwrap(), 1 << 20);
 }
+
+#[test]
+fn eager_writeback_writes_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp_file(&dir, "e", 0);
+    let opts = HostOpenOptions { eager_writeback: true, ..Default::default() };
+    let f = HostFile::open(&p, &opts).unwrap();
+    assert!(f.eager_writeback);
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    write_all_at(&f, 4096, &data).unwrap();
+    f.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    read_exact_at(&f, 4096, &mut back).unwrap();
+    assert_eq!(back, data);
+    // Not with unsafe caching, where nothing is ever written back on purpose.
+    let g = HostFile::open(&p, &HostOpenOptions { cache: CacheMode::Unsafe, ..opts }).unwrap();
+    assert!(!g.eager_writeback);
+}

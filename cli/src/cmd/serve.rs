@@ -61,6 +61,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let opts = OpenOptions {
         read_only,
         cache: cache_mode(p.value("cache"), CacheMode::Writeback, "cache")?,
+        eager_writeback: true,
         ..OpenOptions::default()
     };
     let name = &p.positional[0];
