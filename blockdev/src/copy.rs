@@ -206,7 +206,11 @@ impl Planner<'_> {
         }
         let as_data = kind == JobKind::Data || (kind == JobKind::Zero && c.opts.min_sparse == 0);
         if as_data {
-            len = len.min(c.job_capacity());
+            // Data jobs end on multiples of the job size, so that after a run's first job every
+            // job covers whole target clusters (no job shares a cluster with the next one, which
+            // would make the target allocate it with one job and fill it in with another).
+            let cap = c.job_capacity();
+            len = len.min((self.pos / cap + 1) * cap - self.pos);
         }
         let job = Job { seq: self.seq, offset: self.pos, len, kind };
         self.seq += 1;
