@@ -129,6 +129,10 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    fn zero_without_writing(&self, offset: u64, len: u64) -> bool {
+        self.write_zeroes(offset, len, false).is_ok()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         let mut v = self.data.write().unwrap_or_else(|p| p.into_inner());

@@ -104,6 +104,15 @@ pub trait Storage: Send + Sync + Debug {
     /// nothing, and failures are left for the write to report.
     fn reserve(&self, _offset: u64, _len: u64) {}
 
+    /// Makes `[offset, offset+len)` read as zeros without writing the bytes (the file system marks
+    /// the range zeroed), growing the container when the range reaches past its end, and returns
+    /// true. Returns false, changing nothing, when the container cannot do that cheaply: the
+    /// caller then writes the zeros itself. Drivers use it before filling part of fresh space,
+    /// so that only the bytes they bring are written.
+    fn zero_without_writing(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
     /// Makes `[offset, offset+len)` read as zeros; with `may_unmap` the space may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
 

@@ -5,7 +5,9 @@
 //! allocated host clusters (contiguous for a run of clusters): the parts of the first and last
 //! cluster that the request does not cover are filled from the old content (the old cluster, a
 //! compressed cluster, the backing file or zeros), the whole run is written with one vectored
-//! write, and only then are the L2 entries pointed at the new clusters. Old clusters are queued
+//! write, and only then are the L2 entries pointed at the new clusters. When those parts are zeros
+//! and the run is fresh, the file zeroes the run instead (`Storage::zero_without_writing`) and only
+//! the guest's bytes are written: a 4 KiB write into a new 64 KiB cluster writes 4 KiB, not 64. Old clusters are queued
 //! for freeing, which happens after the next flush (see `meta.rs`).
 
 use std::io::IoSlice;
@@ -250,10 +252,11 @@ impl Qcow2 {
         parts.extend(iov::slice(bufs, 0, n));
         parts.push(IoSlice::new(&tail));
         let run_host = host + (run_start - gc * cs);
-        if fresh && !geo.data_file {
-            self.data.reserve(run_host, run_end - run_start);
-        }
-        let result = self.write_data(run_host, run_start, &parts);
+        let result = if fresh && !geo.data_file {
+            self.write_fresh(run_host, run_start, run_end, &parts, (head_len, n), &tail[..readable])
+        } else {
+            self.write_data(run_host, run_start, &parts)
+        };
         let mut m = self.lock();
         let io = self.file.as_ref();
         if let Err(e) = result {
@@ -293,6 +296,35 @@ impl Qcow2 {
             self.flush_if_many_frees(&mut m)?;
         }
         Ok(n)
+    }
+
+    /// Writes `parts` (head, guest data, tail) into fresh host clusters at `run_host` (guest
+    /// `[run_start, run_end)`). When the head and the tail are zeros and the file can zero the run
+    /// without writing it (unencrypted images only: encrypted zeros are not zero bytes), only the
+    /// guest data is written, as `data_len` bytes `head_len` into the run; otherwise the run is
+    /// reserved and written whole.
+    fn write_fresh(
+        &self,
+        run_host: u64,
+        run_start: u64,
+        run_end: u64,
+        parts: &[IoSlice<'_>],
+        (head_len, data_len): (u64, u64),
+        tail_read: &[u8],
+    ) -> Result<()> {
+        let run_len = run_end - run_start;
+        let partial = head_len + data_len < run_len;
+        let head = &parts[0];
+        if partial
+            && self.cipher.is_none()
+            && blockdev::buffer::is_zero(head)
+            && blockdev::buffer::is_zero(tail_read)
+            && self.data.zero_without_writing(run_host, run_len)
+        {
+            return self.write_data(run_host + head_len, run_start + head_len, &parts[1..parts.len() - 1]);
+        }
+        self.data.reserve(run_host, run_len);
+        self.write_data(run_host, run_start, parts)
     }
 
     /// Makes `[offset, offset+len)` read as zeros.

@@ -202,6 +202,15 @@ impl Storage for RecordingStorage {
         Ok(())
     }
 
+    fn zero_without_writing(&self, offset: u64, len: u64) -> bool {
+        let mut log = self.log.lock().unwrap();
+        let done = self.current.zero_without_writing(offset, len);
+        if done {
+            log.push((self.file, Event::Zeroes { offset, len }));
+        }
+        done
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut log = self.log.lock().unwrap();
         self.current.discard(offset, len)?;

@@ -13,7 +13,9 @@
 //! 1. The block's index is taken (under the allocation mutex, never held across I/O) while the
 //!    guest block's range lock is held, so no two writers allocate the same block;
 //! 2. the whole block (the written bytes, zeros around them) is written at its place in the data
-//!    area, and the file is flushed;
+//!    area, and the file is flushed; when the file can zero the new block without writing it
+//!    (`Storage::zero_without_writing`) and nothing comes from a parent, it does that and only
+//!    the written bytes are written;
 //! 3. the map entry is written, then the in-memory entry set;
 //! 4. `blocksAllocated` (one field of the header sector) is written with the count of entries
 //!    now pointing into the data area.
@@ -200,12 +202,19 @@ impl Vdi {
                 Block::Data(at) => blockdev::write_all_at(self.storage.as_ref(), at + in_block, now)?,
                 Block::Bad(e) => return Err(self.bad_entry(b, e)),
                 found @ (Block::Free | Block::Zero) => {
-                    let mut full = vec![0u8; bs as usize];
-                    if found == Block::Free && self.differencing() && (n as u64) < bs {
-                        self.read_parent(b * bs, &mut full)?;
+                    let from_parent = found == Block::Free && self.differencing();
+                    if n as u64 == bs {
+                        self.allocate(b, now)?;
+                    } else if !from_parent && self.header.block_extra == 0 {
+                        self.allocate_part(b, in_block, now)?;
+                    } else {
+                        let mut full = vec![0u8; bs as usize];
+                        if from_parent {
+                            self.read_parent(b * bs, &mut full)?;
+                        }
+                        full[in_block as usize..in_block as usize + n].copy_from_slice(now);
+                        self.allocate(b, &full)?;
                     }
-                    full[in_block as usize..in_block as usize + n].copy_from_slice(now);
-                    self.allocate(b, &full)?;
                 }
             }
             offset += n as u64;
@@ -233,6 +242,42 @@ impl Vdi {
     pub(crate) fn allocate(&self, first: u64, data: &[u8]) -> Result<()> {
         let bs = self.block_bytes();
         let n = data.len() as u64 / bs;
+        let index = self.take_indices(n)?;
+        // 1. The data (with zeroed extra areas, if the image has them).
+        let at = self.header.data_offset(index);
+        if self.header.block_extra == 0 {
+            blockdev::write_all_at(self.storage.as_ref(), at, data)?;
+        } else {
+            let extra = vec![0u8; self.header.block_extra as usize];
+            for (k, chunk) in data.chunks(bs as usize).enumerate() {
+                let base = self.header.data_offset(index + k as u32);
+                blockdev::write_all_at(self.storage.as_ref(), base - extra.len() as u64, &extra)?;
+                blockdev::write_all_at(self.storage.as_ref(), base, chunk)?;
+            }
+        }
+        self.publish(first, index, n)
+    }
+
+    /// Allocates guest block `b` (of an image without extra block areas) for a write of `part` at
+    /// `in_block` that leaves the rest of the block zeros. Only `part` is written when the file
+    /// can zero the new block without writing it ([`blockdev::Storage::zero_without_writing`]);
+    /// otherwise the whole block is. Same order and locking as [`Vdi::allocate`].
+    fn allocate_part(&self, b: u64, in_block: u64, part: &[u8]) -> Result<()> {
+        let bs = self.block_bytes();
+        let index = self.take_indices(1)?;
+        let at = self.header.data_offset(index);
+        if self.storage.zero_without_writing(at, bs) {
+            blockdev::write_all_at(self.storage.as_ref(), at + in_block, part)?;
+        } else {
+            let mut full = vec![0u8; bs as usize];
+            full[in_block as usize..in_block as usize + part.len()].copy_from_slice(part);
+            blockdev::write_all_at(self.storage.as_ref(), at, &full)?;
+        }
+        self.publish(b, index, 1)
+    }
+
+    /// Takes `n` block indices from the end of the data area.
+    fn take_indices(&self, n: u64) -> Result<u32> {
         let index = {
             let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             if a.next_index as u64 + n > self.header.blocks as u64 {
@@ -247,18 +292,12 @@ impl Vdi {
             a.next_index += n as u32;
             i
         };
-        // 1. The data (with zeroed extra areas, if the image has them).
-        let at = self.header.data_offset(index);
-        if self.header.block_extra == 0 {
-            blockdev::write_all_at(self.storage.as_ref(), at, data)?;
-        } else {
-            let extra = vec![0u8; self.header.block_extra as usize];
-            for (k, chunk) in data.chunks(bs as usize).enumerate() {
-                let base = self.header.data_offset(index + k as u32);
-                blockdev::write_all_at(self.storage.as_ref(), base - extra.len() as u64, &extra)?;
-                blockdev::write_all_at(self.storage.as_ref(), base, chunk)?;
-            }
-        }
+        Ok(index)
+    }
+
+    /// Steps 2 and 3 of an allocation, once the data of blocks `index..index + n` is written:
+    /// sync, point the map entries of guest blocks `first..` at them, count them in the header.
+    fn publish(&self, first: u64, index: u32, n: u64) -> Result<()> {
         self.storage.flush()?;
         // 2. The map entries.
         let entries: Vec<u32> = (0..n as u32).map(|k| index + k).collect();

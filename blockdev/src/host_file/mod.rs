@@ -111,6 +111,9 @@ pub struct HostFile {
     extend: Mutex<()>,
     /// The file system refused `fallocate` once: [`Storage::reserve`] stops trying.
     cannot_reserve: AtomicBool,
+    /// The file system refused `FALLOC_FL_ZERO_RANGE` once: [`Storage::zero_without_writing`]
+    /// stops trying.
+    cannot_zero_range: AtomicBool,
     /// Start writeback of large buffered writes at once.
     eager_writeback: bool,
 }
@@ -165,6 +168,7 @@ impl HostFile {
             windows: RangeLock::default(),
             extend: Mutex::new(()),
             cannot_reserve: AtomicBool::new(is_block_device),
+            cannot_zero_range: AtomicBool::new(is_block_device),
             eager_writeback: opts.eager_writeback && !opts.cache.is_sync() && opts.cache != CacheMode::Unsafe,
         })
     }
@@ -288,10 +292,12 @@ impl Storage for HostFile {
         let _window = self.windows.lock(wstart, wend);
         let extending = wend > self.current_len()?;
         let _extend = if extending { Some(self.extend.lock().unwrap_or_else(|p| p.into_inner())) } else { None };
-        let len_before = self.current_len()?;
         if !self.needs_bounce(offset, bufs.iter().map(|b| (b.len(), b.as_ptr() as usize))) {
             sys::pwritev_full(self.fd(), offset, bufs).map_err(|e| e.with_path(&self.name))?;
         } else {
+            // Read under the extend lock (when extending), so no other write grows the file
+            // between this and the trim below.
+            let len_before = if extending { self.current_len()? } else { wend };
             let mut bounce = AlignedBuf::new((wend - wstart) as usize, self.align.memory as usize);
             if wstart < offset || wend > end {
                 self.read_window(wstart, &mut bounce).map_err(|e| e.with_path(&self.name))?;
@@ -348,6 +354,24 @@ impl Storage for HostFile {
         if let Err(e) = sys::fallocate(self.fd(), 0, offset, len) {
             if e == libc::EOPNOTSUPP || e == libc::ENOSYS {
                 self.cannot_reserve.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn zero_without_writing(&self, offset: u64, len: u64) -> bool {
+        if self.read_only || self.is_block_device || len == 0 || self.cannot_zero_range.load(Ordering::Relaxed) {
+            return false;
+        }
+        if checked_end(offset, len).is_err() {
+            return false;
+        }
+        match sys::fallocate(self.fd(), libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => true,
+            Err(e) => {
+                if e == libc::EOPNOTSUPP || e == libc::ENOSYS {
+                    self.cannot_zero_range.store(true, Ordering::Relaxed);
+                }
+                false
             }
         }
     }

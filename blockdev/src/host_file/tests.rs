@@ -201,6 +201,33 @@ fn reserve_grows_the_file_with_zeros_and_keeps_data() {
 }
 
 #[test]
+fn zero_without_writing_zeroes_old_data_and_grows_the_file() {
+    for cache in [CacheMode::Writeback, CacheMode::None] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tmp_file(&dir, "z", 0);
+        let f = open(&p, cache, false);
+        write_all_at(&f, 0, &vec![0x5a; 64 << 10]).unwrap();
+        // Over old data and past the end: all of it reads as zeros, the data before stays.
+        assert!(
+            f.zero_without_writing(16 << 10, 1 << 20),
+            "{cache:?}: the test directory's file system (ext4, xfs) zeroes ranges"
+        );
+        assert_eq!(f.len().unwrap(), (16 << 10) + (1 << 20));
+        let mut back = vec![0xffu8; (16 << 10) + (1 << 20)];
+        read_exact_at(&f, 0, &mut back).unwrap();
+        assert!(back[..16 << 10].iter().all(|&b| b == 0x5a), "{cache:?}");
+        assert!(back[16 << 10..].iter().all(|&b| b == 0), "{cache:?}");
+        drop(f);
+        // A read-only file is left alone.
+        let ro = open(&p, cache, true);
+        assert!(!ro.zero_without_writing(0, 4096));
+        let mut first = [0u8; 4];
+        read_exact_at(&ro, 0, &mut first).unwrap();
+        assert_eq!(first, [0x5a; 4]);
+    }
+}
+
+#[test]
 fn eager_writeback_writes_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp_file(&dir, "e", 0);
