@@ -36,6 +36,36 @@ const COMPRESS_JOB_BYTES: u64 = 256 << 10;
 /// Default size of one data job (qemu-img's IO_BUF_SIZE).
 pub const DEFAULT_BUF_SIZE: usize = 2 << 20;
 
+/// Bytes of data buffers a copy holds at once when its caller sizes jobs with
+/// [`budget_buf_size`]: well below what qemu-img's coroutine buffers touch (eight of 2 MiB on
+/// raw sources; 64 KiB each on sparse VMDK sources, whose block status ends at every grain).
+pub const COPY_BUFFER_BUDGET: usize = 2 << 20;
+
+/// Smallest job [`budget_buf_size`] picks.
+const MIN_BUDGET_JOB: usize = 256 << 10;
+
+/// The data job size that keeps `workers` buffers within [`COPY_BUFFER_BUDGET`]: a power of two
+/// between 256 KiB and [`DEFAULT_BUF_SIZE`], never below `cluster` (a target cluster is never
+/// split between two jobs when jobs are whole clusters).
+pub fn budget_buf_size(workers: usize, cluster: u64) -> usize {
+    let share = COPY_BUFFER_BUDGET / workers.max(1);
+    let pow2 = if share == 0 { MIN_BUDGET_JOB } else { 1usize << (usize::BITS - 1 - share.leading_zeros()) };
+    let job = pow2.clamp(MIN_BUDGET_JOB, DEFAULT_BUF_SIZE);
+    let cluster = usize::try_from(cluster).unwrap_or(usize::MAX);
+    if cluster.is_power_of_two() {
+        job.max(cluster.min(DEFAULT_BUF_SIZE))
+    } else {
+        job
+    }
+}
+
+/// Worker threads for a copy when the user names none: one per CPU, at least two (one can read
+/// while the other writes) and at most qemu-img's eight coroutines. More threads than CPUs only
+/// hold more buffers: the copies this engine runs are bound by memory copies and the CPU.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+}
+
 const SECTOR: u64 = 512;
 
 /// How to copy.
@@ -636,6 +666,28 @@ mod tests {
             v.extend(std::iter::repeat_n(if data { 0xaa } else { 0 }, sectors * 512));
         }
         v
+    }
+
+    #[test]
+    fn budget_buf_size_keeps_all_buffers_within_the_budget() {
+        for workers in 1..=64 {
+            let job = budget_buf_size(workers, 0);
+            assert!(job.is_power_of_two(), "{workers} workers: {job}");
+            assert!((MIN_BUDGET_JOB..=DEFAULT_BUF_SIZE).contains(&job), "{workers} workers: {job}");
+            if workers * MIN_BUDGET_JOB <= COPY_BUFFER_BUDGET {
+                assert!(workers * job <= COPY_BUFFER_BUDGET, "{workers} workers of {job} bytes");
+            }
+        }
+        assert_eq!(budget_buf_size(1, 0), DEFAULT_BUF_SIZE);
+        assert_eq!(budget_buf_size(2, 0), 1 << 20);
+        assert_eq!(budget_buf_size(3, 0), 512 << 10);
+        // A target cluster is never split between jobs; clusters that are not powers of two
+        // (no such format) and clusters above 2 MiB do not change the size.
+        assert_eq!(budget_buf_size(8, 2 << 20), 2 << 20);
+        assert_eq!(budget_buf_size(8, 65536), 256 << 10);
+        assert_eq!(budget_buf_size(8, 3 << 19), 256 << 10);
+        assert_eq!(budget_buf_size(1, 1 << 30), DEFAULT_BUF_SIZE);
+        assert!((2..=8).contains(&default_workers()));
     }
 
     #[test]

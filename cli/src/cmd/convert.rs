@@ -11,7 +11,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use blockdev::bitmap::{BitmapChange, MergeSource};
-use blockdev::copy::{count_data, Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE};
+use blockdev::copy::{
+    budget_buf_size, count_data, default_workers, Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE,
+};
 use blockdev::options::{wants_help, CreateOptions};
 use blockdev::{BlockDriver, CacheMode, Concat, OpenOptions};
 
@@ -88,7 +90,7 @@ pub fn run(args: &[String]) -> CmdResult {
         }
     };
     let workers = match p.value("m") {
-        None => 8,
+        None => default_workers(),
         Some(v) => match parse_c_long(v) {
             Some(n) if (1..=MAX_COROUTINES).contains(&n) => n as usize,
             _ => {
@@ -290,7 +292,13 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             offload: p.has("C"),
             target_zeroed: zero_init,
             above: target_backing.is_some().then_some(1),
-            buf_size: DEFAULT_BUF_SIZE,
+            // Progress lines are per job; with `-p` jobs are qemu-img's 2 MiB chunks so that the
+            // lines match qemu-img's, otherwise they are sized to the memory budget.
+            buf_size: if p.has("p") {
+                DEFAULT_BUF_SIZE
+            } else {
+                budget_buf_size(a.workers, target.cluster_size().unwrap_or(0))
+            },
             salvage: p.has("salvage"),
             compress,
             detect_zeroes: true,

@@ -73,7 +73,7 @@ pub fn help_text() -> String {
          \x20 '--output' selects human or json output\n\
          \x20 '-n' makes convert write into an existing target\n\
          \x20 check '-r leaks|all' repairs leaks only, or everything repairable\n\
-         \x20 convert '-m' sets the number of parallel workers (default 8), '-W' allows out-of-order writes\n\
+         \x20 convert '-m' sets the number of parallel workers (default: one per CPU, 2 to 8), '-W' allows out-of-order writes\n\
          \x20 compare '-s' fails on different sizes or allocation\n\
          \x20 dd 'bs=BYTES' (default 512), 'count=N', 'if=FILE', 'of=FILE', 'skip=N'\n",
     );
