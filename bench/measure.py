@@ -40,7 +40,6 @@ Subcommands:
 
 import argparse
 import hashlib
-import filecmp
 import json
 import os
 import shlex
@@ -49,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from report import cmd_report, loadavg
 
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 
@@ -216,6 +217,32 @@ def out_images(args, *paths):
     return (["--object", args.object] if args.object else []) + ["--image-opts"] + opts
 
 
+def stdout_lines(path, ignore_prefix):
+    """The lines of a standard output file, without those that start with ignore_prefix."""
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return [x for x in lines if not (ignore_prefix and x.startswith(ignore_prefix))]
+
+
+def reported_seconds(path):
+    """The X of qemu-img bench's "Run completed in X seconds." in a standard output file."""
+    for line in stdout_lines(path, None):
+        if line.startswith("Run completed in "):
+            try:
+                return float(line.split()[3])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def median_reported(runs):
+    """Median of the run times the tool reported itself, when every run reported one."""
+    times = [r.get("reported_s") for r in runs]
+    if not times or any(t is None for t in times):
+        return None
+    return statistics.median(times)
+
+
 def cmd_case(args):
     tools = []
     for spec in args.tool:
@@ -223,6 +250,8 @@ def cmd_case(args):
         tools.append((name, path))
     workdir = args.workdir
     os.makedirs(workdir, exist_ok=True)
+    if args.requests and not args.stdout_ignore:
+        args.stdout_ignore = "Run completed in "  # the time each tool prints differs, naturally
     uses_out = "{out}" in args.template
     outs = {}
     for name, _ in tools:
@@ -327,11 +356,11 @@ def cmd_case(args):
                 if c.returncode != 0:
                     verified = False
         if args.kind == "stdout":
-            filecmp.clear_cache()
-            same = filecmp.cmp(stdout_files[v], stdout_files[q], shallow=False)
+            same = stdout_lines(stdout_files[v], args.stdout_ignore) == stdout_lines(stdout_files[q], args.stdout_ignore)
             if same:
                 n = os.path.getsize(stdout_files[v])
-                detail.append(f"stdout identical ({n} bytes), exit code {vrun[v]['rc']}")
+                ignored = f", lines starting with {args.stdout_ignore!r} aside" if args.stdout_ignore else ""
+                detail.append(f"stdout identical ({n} bytes{ignored}), exit code {vrun[v]['rc']}")
             else:
                 with open(stdout_files[v], "rb") as f:
                     a = f.read()
@@ -367,6 +396,8 @@ def cmd_case(args):
             m = measure(cmd, stdout_files[name], stderr_files[name])
             m["run"] = i
             m["cold_cache"] = cold
+            if args.requests:
+                m["reported_s"] = reported_seconds(stdout_files[name])
             if m["rc"] != vrun[name]["rc"]:
                 m["stderr"] = read_text(stderr_files[name])
             per_tool[name].append(m)
@@ -385,18 +416,26 @@ def cmd_case(args):
             "max_wall_s": max(walls) if walls else None,
             "median_cpu_s": statistics.median(cpus) if cpus else None,
             "peak_rss_kib": max(r["maxrss_kib"] for r in runs) if runs else None,
+            "median_reported_s": median_reported(runs),
             "rc": vrun[name]["rc"],
             "stderr": vrun[name]["stderr"],
             "output_size": vrun[name]["output_size"],
             "stdout_bytes": vrun[name]["stdout_bytes"],
         }
     v, q = result["tools"].get("vdisk"), result["tools"].get("qemu-img")
-    if v and q and v["median_wall_s"] and q["median_wall_s"]:
+    if v and q and v["median_reported_s"] and q["median_reported_s"]:
+        # The tools timed their own requests: compare that, not the open and close around it.
+        result["ratio_vdisk_qemu"] = v["median_reported_s"] / q["median_reported_s"]
+    elif v and q and v["median_wall_s"] and q["median_wall_s"]:
         result["ratio_vdisk_qemu"] = v["median_wall_s"] / q["median_wall_s"]
     else:
         result["ratio_vdisk_qemu"] = None
     result["cold_cache"] = bool(cold_flags) and all(cold_flags)
     result["runs"] = args.runs
+    if args.requests:
+        result["requests"] = args.requests
+    if args.floor_for:
+        result["floor_for"] = args.floor_for
     with open(args.results, "a") as f:
         f.write(json.dumps(result) + "\n")
 
@@ -412,14 +451,6 @@ def sh(cmd, default="?"):
                               check=False).stdout.strip() or default
     except OSError:
         return default
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def cmd_meta(args):
@@ -470,217 +501,6 @@ def cmd_meta(args):
         json.dump(meta, f, indent=2)
 
 # --------------------------------------------------------------------------
-# report
-
-
-def fmt_s(x):
-    return "—" if x is None else f"{x:.2f}"
-
-
-def fmt_mib(kib):
-    return "—" if kib is None else f"{kib / 1024:.1f}"
-
-
-def fmt_bytes(n):
-    if n is None:
-        return "—"
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
-
-def fmt_verified(c):
-    if c["verified"] is None:
-        return "n/a (reference)"
-    return "yes" if c["verified"] else "**NO**"
-
-
-def cmd_report(args):
-    cases = []
-    with open(args.results) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                cases.append(json.loads(line))
-    with open(args.meta) as f:
-        meta = json.load(f)
-    # kept in the meta file, so that re-running `report` on the same data
-    # reproduces the same document
-    meta.setdefault("loadavg_end", loadavg())
-    if args.total_runtime is not None:
-        meta["total_runtime_s"] = args.total_runtime
-    with open(args.meta, "w") as f:
-        json.dump(meta, f, indent=2)
-
-    doc = {"meta": meta, "cases": cases}
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-
-    m = meta
-    L = []
-    L.append("# vdisk benchmarks")
-    L.append("")
-    L.append("Generated by `bench/run.sh`; do not edit by hand. Raw data: `bench/results.json`.")
-    L.append("")
-    L.append("## Setup")
-    L.append("")
-    L.append(f"- Date: {m['date']}")
-    L.append(f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total']} RAM, "
-             f"kernel {m['kernel']}")
-    L.append(f"- File system of `target/`: {m['target_fs']}")
-    L.append(f"- qemu-img: `{m['qemu_img_version']}` (`{m['qemu_img_path']}`)")
-    L.append(f"- vdisk: `{m['vdisk_version']}`; HEAD `{m['vdisk_commit']}` (\"{m.get('vdisk_commit_subject', '')[:60]}…\")"
-             f"{'; the work tree had uncommitted changes to tracked files when the benchmark started, so the binary may not match HEAD exactly' if m.get('vdisk_dirty') else ''}. "
-             f"Binary `{os.path.relpath(m['vdisk_path'])}` (run.sh builds it with `cargo build --release` unless VDISK names another), modified {m['vdisk_mtime']}, "
-             f"sha256 `{m.get('vdisk_sha256', '?')[:16]}…`"
-             f"{'; the cases ran a copy taken at the start (`' + os.path.relpath(m['vdisk_snapshot']) + '`)' if m.get('vdisk_snapshot') else ''}.")
-    L.append(f"- Runs per tool and case: {m['runs']}; the order of the two tools alternates from run to run; "
-             "the reported time is the median wall-clock time, the reported RSS the maximum "
-             "peak RSS over the timed runs.")
-    L.append(f"- Peak RSS: {m.get('rss_method', '?')}; `/bin/true` measured this way: "
-             f"{m.get('rss_floor_kib', 0) / 1024:.1f} MiB.")
-    if m["cold_cache"]:
-        L.append("- Page cache: **cold**. Before every timed run the harness ran `sync` and wrote `3` to "
-                 "`/proc/sys/vm/drop_caches`, so inputs are read from the disk. The untimed "
-                 "verification run is not part of the numbers.")
-    else:
-        L.append("- Page cache: **warm** (the default): inputs are served from the page cache after the "
-                 "untimed verification run, and the harness runs `sync` before every timed run so that "
-                 "writeback of a previous output does not land in the next run. This measures the tools, "
-                 "not the disk: on this virtual machine cold-cache timings of the same command varied "
-                 "by up to 4x between runs (`BENCH_DROP_CACHES=1` measures cold).")
-    L.append(f"- Load average when the benchmark started: {m['loadavg_start']}; when it ended: "
-             f"{m.get('loadavg_end', '?')}. {m.get('load_note', '')}".rstrip())
-    L.append(f"- Total benchmark runtime (input generation included): {m.get('total_runtime_s', 0):.0f} s")
-    L.append("")
-    L.append("## Inputs")
-    L.append("")
-    for inp in m["inputs"]:
-        L.append(f"- `{inp['name']}`: {inp['description']} "
-                 f"(apparent size {fmt_bytes(inp.get('apparent_bytes'))}, "
-                 f"allocated {fmt_bytes(inp.get('allocated_bytes'))})")
-    L.append("")
-    L.append("Inputs are cached in `target/bench/` and reused when present; outputs go to "
-             "`target/bench/work/` and are deleted before every run.")
-    L.append("")
-    L.append("## Summary")
-    L.append("")
-    L.append("Ratio = vdisk median / qemu-img median (lower is better for vdisk).")
-    L.append("")
-    L.append("| # | case | vdisk median s | qemu-img median s | ratio | vdisk peak RSS MiB | "
-             "qemu-img peak RSS MiB | verified |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---|")
-    for n, c in enumerate(cases, 1):
-        t = c["tools"]
-        v, q = t.get("vdisk"), t.get("qemu-img")
-        if v is None and q is None:
-            # reference-only case
-            name, r = next(iter(t.items()))
-            L.append(f"| {n} | {c['title']} (`{name}`: {fmt_s(r['median_wall_s'])} s, "
-                     f"{fmt_mib(r['peak_rss_kib'])} MiB) | — | — | — | — | — | {fmt_verified(c)} |")
-            continue
-        ratio = c.get("ratio_vdisk_qemu")
-        L.append(f"| {n} | {c['title']} | {fmt_s(v['median_wall_s'])} | {fmt_s(q['median_wall_s'])} | "
-                 f"{'—' if ratio is None else f'{ratio:.2f}'} | {fmt_mib(v['peak_rss_kib'])} | "
-                 f"{fmt_mib(q['peak_rss_kib'])} | {fmt_verified(c)} |")
-    L.append("")
-
-    sized = [c for c in cases if "vdisk" in c["tools"] and c["tools"]["vdisk"].get("output_size")
-             and c["tools"].get("qemu-img", {}).get("output_size")]
-    if sized:
-        L.append("Output files (from the verification run):")
-        L.append("")
-        L.append("| case | vdisk output bytes | qemu-img output bytes | vdisk/qemu-img |")
-        L.append("|---|---:|---:|---:|")
-        for c in sized:
-            a = c["tools"]["vdisk"]["output_size"]["apparent_bytes"]
-            b = c["tools"]["qemu-img"]["output_size"]["apparent_bytes"]
-            L.append(f"| {c['title']} | {a} ({fmt_bytes(a)}) | {b} ({fmt_bytes(b)}) | {a / b:.3f} |")
-        L.append("")
-
-    failures = [c for c in cases if c["verified"] is False
-                or any(r["rc"] != c["tools"][name]["rc"] for name in c["tools"] for r in c["tools"][name]["runs"])]
-    if failures:
-        L.append("## Failed or unverified cases")
-        L.append("")
-        for c in failures:
-            L.append(f"- **{c['title']}** (`{c['id']}`): {c['verify_detail']}")
-            for name, t in c["tools"].items():
-                if t["rc"] != 0 and t["stderr"].strip():
-                    L.append(f"  - `{c['commands'][name]}` exited with {t['rc']}: "
-                             f"`{t['stderr'].strip().splitlines()[0]}`")
-        L.append("")
-
-    L.append("## Cases")
-    L.append("")
-    for n, c in enumerate(cases, 1):
-        L.append(f"### {n}. {c['title']}")
-        L.append("")
-        L.append("```")
-        for name, cmd in c["commands"].items():
-            L.append(cmd)
-        L.append("```")
-        L.append("")
-        has_out = any(t["output_size"] for t in c["tools"].values())
-        hdr = "| tool | median s | min s | max s | CPU s (user+sys, median) | peak RSS MiB | exit code |"
-        sep = "|---|---:|---:|---:|---:|---:|---:|"
-        if has_out:
-            hdr += " output apparent size | output allocated |"
-            sep += "---:|---:|"
-        L.append(hdr)
-        L.append(sep)
-        for name, t in c["tools"].items():
-            row = (f"| {name} | {fmt_s(t['median_wall_s'])} | {fmt_s(t['min_wall_s'])} | "
-                   f"{fmt_s(t['max_wall_s'])} | {fmt_s(t['median_cpu_s'])} | {fmt_mib(t['peak_rss_kib'])} | "
-                   f"{t['rc']} |")
-            if has_out:
-                o = t["output_size"] or {}
-                row += f" {fmt_bytes(o.get('apparent_bytes'))} ({o.get('apparent_bytes', '—')} B) | " \
-                       f"{fmt_bytes(o.get('allocated_bytes'))} |"
-            L.append(row)
-        L.append("")
-        L.append(f"Load average (1/5/15 min) when the case started: {c.get('loadavg_start', '?')}.")
-        L.append("")
-        runs_txt = "; ".join(
-            f"{name}: " + ", ".join(f"{r['wall_s']:.2f}" for r in t["runs"]) for name, t in c["tools"].items())
-        L.append(f"Individual wall times (s, in run order): {runs_txt}.")
-        L.append("")
-        ratio = c.get("ratio_vdisk_qemu")
-        if ratio is not None:
-            L.append(f"Ratio vdisk/qemu-img: {ratio:.2f}. Verified: {fmt_verified(c)}"
-                     f"{' — ' + c['verify_detail'] if c['verify_detail'] else ''}.")
-        else:
-            L.append(f"Verified: {fmt_verified(c)}.")
-        L.append("")
-
-    L.append("## How to run")
-    L.append("")
-    L.append("```")
-    L.append("cargo build --release   # bench/run.sh uses target/release/vdisk as it is")
-    L.append("bench/run.sh")
-    L.append("```")
-    L.append("")
-    L.append("Environment knobs:")
-    L.append("")
-    L.append("- `BENCH_RUNS` (default 3): timed runs per tool and case.")
-    L.append("- `BENCH_DROP_CACHES` (default 0): 1 drops the page cache before every timed run "
-             "(needs root; falls back to warm caches when not permitted).")
-    L.append("- `BENCH_CASES` (default all): space-separated list of case ids to run, e.g. "
-             "`BENCH_CASES=\"convert_raw_raw map_qcow2\"`.")
-    L.append("- `BENCH_DIR` (default `target/bench`): where inputs are cached and outputs are written.")
-    L.append("- `BENCH_SPARSE_CLUSTERS` (default 100000): allocated clusters in the 1 TiB sparse qcow2.")
-    L.append("- `VDISK` / `QEMU_IMG` / `QEMU_IO`: binaries to use.")
-    L.append("- `BENCH_OUT_MD` / `BENCH_OUT_JSON`: report paths (default `BENCHMARKS.md`, `bench/results.json`).")
-    L.append("")
-    L.append("Delete `target/bench/` to regenerate the inputs (e.g. after changing `BENCH_SPARSE_CLUSTERS`).")
-    L.append("")
-    with open(args.md, "w") as f:
-        f.write("\n".join(L))
-
-
-# --------------------------------------------------------------------------
 
 
 def main():
@@ -713,6 +533,11 @@ def main():
                    help="extra --image-opts for opening the outputs in verification (encrypt.key-secret=ID)")
     c.add_argument("--expect-backing",
                    help="with --expect: backing file every tool's output must have (PATH, or none)")
+    c.add_argument("--stdout-ignore", help="kind stdout: lines starting with this are not compared")
+    c.add_argument("--requests", type=int,
+                   help="requests per run: the tools print their own run time (qemu-img bench), used for "
+                        "the ratio and for IOPS")
+    c.add_argument("--floor-for", help="reference case: its median is the floor of cases reading this input")
     c.set_defaults(func=cmd_case)
 
     p = sub.add_parser("report")
@@ -721,6 +546,7 @@ def main():
     p.add_argument("--md", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--total-runtime", type=float)
+    p.add_argument("--svg", help="where to write the chart of the ratios (linked from the report)")
     p.set_defaults(func=cmd_report)
 
     m = sub.add_parser("meta")

@@ -6,11 +6,13 @@
 #   BENCH_RUNS             timed runs per tool and case (default 3)
 #   BENCH_DROP_CACHES      0 (default): warm caches, sync before every timed run; 1: drop the page cache too
 #   BENCH_CASES            space-separated case ids to run (default: all)
+#   BENCH_SKIP             space-separated case ids not to run (e.g. guest_io, which takes ~10 minutes)
 #   BENCH_DIR              input cache and work directory (default target/bench)
 #   BENCH_SPARSE_CLUSTERS  allocated clusters in the 1 TiB sparse qcow2 (default 100000)
 #   BENCH_LOAD_NOTE        free text added to the report next to the load average
 #   VDISK, QEMU_IMG, QEMU_IO  binaries (default: target/release/vdisk, built first; qemu-img, qemu-io)
-#   BENCH_OUT_MD, BENCH_OUT_JSON  report paths (default BENCHMARKS.md, bench/results.json)
+#   BENCH_OUT_MD, BENCH_OUT_JSON, BENCH_OUT_SVG  report paths (default BENCHMARKS.md,
+#                          bench/results.json, bench/ratios.svg)
 #   GUEST_IO_RUNS          runs of bench/guest-io.sh (case guest_io; default 3)
 set -euo pipefail
 
@@ -144,6 +146,32 @@ if [[ ! -f $VDI ]]; then
     mv "$VDI.tmp" "$VDI"
 fi
 
+# A monolithicSparse VMDK copy of disk.raw (made by qemu-img).
+VMDK=$BENCH_DIR/disk.vmdk
+if [[ ! -f $VMDK ]]; then
+    log "creating the VMDK copy of disk.raw"
+    "$QEMU_IMG" convert -q -f raw -O vmdk "$RAW" "$VMDK.tmp"
+    mv "$VMDK.tmp" "$VMDK"
+fi
+
+# `bench` inputs: a 1 GiB qcow2 with every cluster allocated and written (preallocation=full), and
+# what BENCH_IO_REQUESTS 4 KiB writes of byte 0xa5, BENCH_IO_STEP apart, leave in an empty 1 GiB
+# qcow2 (made by qemu-img bench; every write case must leave the same content). The step is 7919
+# blocks of 4 KiB, a prime: the requests visit distinct blocks scattered over the whole image.
+BENCH_IO_REQUESTS=40000
+BENCH_IO_STEP=$((7919 * 4096))
+BENCH_FULL=$BENCH_DIR/bench-full.qcow2
+BENCH_EXPECT=$BENCH_DIR/bench-expect.qcow2
+if [[ ! -f $BENCH_FULL ]]; then
+    "$QEMU_IMG" create -q -f qcow2 -o preallocation=full "$BENCH_FULL.tmp" 1G
+    mv "$BENCH_FULL.tmp" "$BENCH_FULL"
+fi
+if [[ ! -f $BENCH_EXPECT ]]; then
+    "$QEMU_IMG" create -q -f qcow2 "$BENCH_EXPECT.tmp" 1G
+    "$QEMU_IMG" bench -q -w --pattern=165 -c $BENCH_IO_REQUESTS -S $BENCH_IO_STEP -f qcow2 "$BENCH_EXPECT.tmp"
+    mv "$BENCH_EXPECT.tmp" "$BENCH_EXPECT"
+fi
+
 PREALLOC=$BENCH_DIR/prealloc-1T.qcow2
 if [[ ! -f $PREALLOC ]]; then
     log "creating 1 TiB qcow2 with 1M allocated clusters (metadata preallocation of 64 GiB)"
@@ -199,6 +227,9 @@ META=$WORK/meta.json
     --input "disk.qcow2|$QCOW|\`qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2\` (64 KiB clusters)" \
     --input "disk-luks.qcow2|$LUKS_QCOW|\`qemu-img convert -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=bk,encrypt.iter-time=100 disk.raw disk-luks.qcow2\` (LUKS1, AES-256-XTS-plain64, sha256; passphrase from \`--object $BENCH_SECRET\`; iter-time 100 ms so that key derivation, identical work for both tools, does not drown the data path)" \
     --input "disk.vhd|$VHD|\`qemu-img convert -f raw -O vpc disk.raw disk.vhd\` (dynamic, 2 MiB blocks)" \
+    --input "disk.vmdk|$VMDK|\`qemu-img convert -f raw -O vmdk disk.raw disk.vmdk\` (monolithicSparse, 64 KiB grains)" \
+    --input "bench-full.qcow2|$BENCH_FULL|\`qemu-img create -f qcow2 -o preallocation=full bench-full.qcow2 1G\` (the preallocated image of the \`bench\` cases)" \
+    --input "bench-expect.qcow2|$BENCH_EXPECT|an empty 1 GiB qcow2 after \`qemu-img bench -w --pattern=165 -c $BENCH_IO_REQUESTS -S $BENCH_IO_STEP\`: what every \`bench\` write case must leave" \
     --input "disk.vdi|$VDI|\`qemu-img convert -f raw -O vdi disk.raw disk.vdi\` (dynamic, 1 MiB blocks)" \
     --input "prealloc-1T.qcow2|$PREALLOC|qcow2, 1 TiB virtual size, 64 KiB clusters, 1,048,576 allocated clusters: \`qemu-img create -o preallocation=metadata 64G\` then \`qemu-img resize 1T\` (the clusters are allocated in the L2 tables and refcounts; the file holds no data there)" \
     --input "chain-base.qcow2 ← chain-top.qcow2|$CHAIN_TOP|commit chain: chain-base.qcow2 is a copy of disk.qcow2; chain-top.qcow2 is a qcow2 over it into which \`qemu-io\` wrote 2048 × 512 KiB at random 64 KiB-aligned offsets (fixed seed; about 1 GiB, \`target/bench/chain-top.qemu-io\`)" \
@@ -208,7 +239,9 @@ META=$WORK/meta.json
 # ---------------------------------------------------------------------------
 # cases
 
-want() { [[ -z ${BENCH_CASES:-} ]] || [[ " $BENCH_CASES " == *" $1 "* ]]; }
+want() {
+    [[ " ${BENCH_SKIP:-} " != *" $1 "* ]] && { [[ -z ${BENCH_CASES:-} ]] || [[ " $BENCH_CASES " == *" $1 "* ]]; }
+}
 
 # case ID TITLE KIND OUT_EXT OUT_FMT TEMPLATE INPUT...
 case_() {
@@ -227,7 +260,13 @@ case_() {
     if [[ -n ${ENCRYPTED_OUT:-} ]]; then verify=(--object "$BENCH_SECRET" --out-image-opts "encrypt.key-secret=bk"); fi
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind "$kind" --out-ext "$ext" --out-fmt "$fmt" \
-        --template "$template" "${tools[@]}" "${inputs[@]}" "${verify[@]}"
+        --template "$template" "${tools[@]}" "${inputs[@]}" "${verify[@]}" $(case_extras)
+}
+# Options every case may take from the environment: FLOOR_FOR=PATH (a reference case: the floor of
+# the cases reading PATH) and IO_REQUESTS=N (a `bench` case: the tools print their own run time).
+case_extras() {
+    if [[ -n ${FLOOR_FOR:-} ]]; then printf -- '--floor-for %s ' "$FLOOR_FOR"; fi
+    if [[ -n ${IO_REQUESTS:-} ]]; then printf -- '--requests %s ' "$IO_REQUESTS"; fi
 }
 
 case_ convert_raw_raw "convert raw → raw" image .raw raw \
@@ -252,6 +291,17 @@ case_ convert_raw_vdi "convert raw → vdi (dynamic)" image .vdi vdi \
     "{tool} convert -q -f raw -O vdi $RAW {out}" "$RAW"
 case_ convert_vdi_raw "convert vdi (dynamic) → raw" image .raw raw \
     "{tool} convert -q -f vdi -O raw $VDI {out}" "$VDI"
+# The rest of the matrix: every pair of raw, qcow2, vmdk, vdi and vpc not measured above.
+declare -A FMT_FILE=([raw]=$RAW [qcow2]=$QCOW [vmdk]=$VMDK [vdi]=$VDI [vpc]=$VHD)
+declare -A FMT_EXT=([raw]=.raw [qcow2]=.qcow2 [vmdk]=.vmdk [vdi]=.vdi [vpc]=.vhd)
+for src in raw qcow2 vmdk vdi vpc; do
+    for dst in raw qcow2 vmdk vdi vpc; do
+        [[ $src == "$dst" ]] && continue
+        case $src-$dst in raw-qcow2 | qcow2-raw | raw-vmdk | raw-vpc | vpc-raw | raw-vdi | vdi-raw) continue ;; esac
+        case_ "convert_${src}_${dst}" "convert $src → $dst" image "${FMT_EXT[$dst]}" "$dst" \
+            "{tool} convert -q -f $src -O $dst ${FMT_FILE[$src]} {out}" "${FMT_FILE[$src]}"
+    done
+done
 case_ convert_luks_raw "convert LUKS qcow2 → raw (decrypt)" image .raw raw \
     "{tool} convert -q --object $BENCH_SECRET --image-opts driver=qcow2,file.filename=$LUKS_QCOW,encrypt.key-secret=bk -O raw {out}" "$LUKS_QCOW"
 ENCRYPTED_OUT=1 case_ convert_raw_luks "convert raw → LUKS qcow2 (encrypt)" image .qcow2 qcow2 \
@@ -284,7 +334,7 @@ case_inplace() {
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind image --out-ext .qcow2 --out-fmt qcow2 \
         --setup "$setup" --expect "$expect" --expect-backing "$expect_backing" \
-        --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" "${inputs[@]}"
+        --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" "${inputs[@]}" $(case_extras)
 }
 
 case_inplace commit_chain "commit (4 GiB chain, 1 GiB in the top)" \
@@ -293,13 +343,36 @@ case_inplace commit_chain "commit (4 GiB chain, 1 GiB in the top)" \
 case_inplace rebase_safe "safe rebase (4 GiB chain: top over chain-mid onto chain-base)" \
     "cp --reflink=never --sparse=always $REBASE_TOP {out} && $QEMU_IMG rebase -u -f qcow2 -b $CHAIN_MID -F qcow2 {out}" \
     "$REBASE_EXPECT" "$CHAIN_BASE" "{tool} rebase -q -f qcow2 -b $CHAIN_BASE -F qcow2 {out}" "$CHAIN_BASE" "$CHAIN_MID" "$REBASE_TOP"
+# `bench`: 4 KiB requests scattered over a 1 GiB qcow2, at queue depth 1 and 32, with cache=none
+# (O_DIRECT) and writeback: reads and writes on the preallocated image, writes on a growing one.
+for cache in none writeback; do
+    for depth in 1 32; do
+        io="-c $BENCH_IO_REQUESTS -d $depth -t $cache -S $BENCH_IO_STEP -f qcow2"
+        IO_REQUESTS=$BENCH_IO_REQUESTS case_ "bench_read_${cache}_qd${depth}" \
+            "bench 4 KiB reads, QD $depth, cache=$cache, preallocated" stdout "" qcow2 \
+            "{tool} bench $io $BENCH_FULL" "$BENCH_FULL"
+        IO_REQUESTS=$BENCH_IO_REQUESTS case_inplace "bench_write_${cache}_qd${depth}" \
+            "bench 4 KiB writes, QD $depth, cache=$cache, preallocated" \
+            "cp --reflink=never $BENCH_FULL {out}" "$BENCH_EXPECT" none \
+            "{tool} bench -w --pattern=165 $io {out}" "$BENCH_FULL"
+        IO_REQUESTS=$BENCH_IO_REQUESTS case_inplace "bench_grow_${cache}_qd${depth}" \
+            "bench 4 KiB writes, QD $depth, cache=$cache, growing image" \
+            "$QEMU_IMG create -q -f qcow2 {out} 1G" "$BENCH_EXPECT" none \
+            "{tool} bench -w --pattern=165 $io {out}"
+    done
+done
+
 # What commit cannot avoid: writing the top's data into the base and making it durable.
 FLOOR_1G=$BENCH_DIR/floor-1G.bin
 [[ -f $FLOOR_1G ]] || head -c 1073741824 "$RAW" > "$FLOOR_1G"
 FLOOR_TOOL=dd case_ sync_floor "floor: 1 GiB written and synced (dd conv=fdatasync)" none .bin raw \
     "{tool} if=$FLOOR_1G of={out} bs=1M conv=fdatasync status=none" "$FLOOR_1G"
-case_ cp_floor "floor: cp --sparse=always raw → raw" none .raw raw \
+FLOOR_FOR=$RAW case_ cp_floor "floor: cp --sparse=always raw → raw" none .raw raw \
     "{tool} --sparse=always $RAW {out}" "$RAW"
+for fmt in qcow2 vmdk vdi vpc; do
+    FLOOR_FOR=${FMT_FILE[$fmt]} case_ "cp_floor_$fmt" "floor: cp --sparse=always of the $fmt input" none \
+        "${FMT_EXT[$fmt]}" "$fmt" "{tool} --sparse=always ${FMT_FILE[$fmt]} {out}" "${FMT_FILE[$fmt]}"
+done
 
 # Guest I/O over vhost-user-blk (vdisk serve vs qemu-storage-daemon): its own harness, since the
 # timing happens inside the guest; its table is appended to the report below.
@@ -316,8 +389,16 @@ fi
 T_END=$(date +%s.%N)
 TOTAL=$(python3 -c "print($T_END - $T_START)")
 "${MEASURE[@]}" report --results "$RESULTS" --meta "$META" --md "$OUT_MD" --json "$OUT_JSON" \
-    --total-runtime "$TOTAL"
+    --total-runtime "$TOTAL" --svg "${BENCH_OUT_SVG:-$HERE/ratios.svg}"
 if [[ -f $GUEST_IO_MD ]]; then
     { echo; sed '1s/^# /## /' "$GUEST_IO_MD"; } >> "$OUT_MD"
+else
+    # Not run this time: point at the newest saved guest report.
+    LATEST_GUEST=$(ls "$HERE"/reports/*-guest-io.md 2>/dev/null | sort | tail -1 || true)
+    if [[ -n $LATEST_GUEST ]]; then
+        { echo; echo "## Guest I/O over vhost-user-blk"; echo
+          echo "Not run with this report (case \`guest_io\`, about 10 minutes). The newest saved run:" \
+               "[\`bench/reports/$(basename "$LATEST_GUEST")\`](bench/reports/$(basename "$LATEST_GUEST"))."; } >> "$OUT_MD"
+    fi
 fi
 log "done in ${TOTAL%.*} s; wrote $OUT_MD and $OUT_JSON"
