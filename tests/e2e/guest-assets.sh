@@ -13,6 +13,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${VDISK_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdisk-e2e}
 mkdir -p "$CACHE"
 say() { echo "guest-assets: $*" >&2; }
+# Tests run in parallel and may call this at once: one builds, the others wait for it.
+exec 9>"$CACHE/.lock"
+flock 9
 
 if [[ ! -f $CACHE/vmlinuz ]]; then
     pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ { print $2; exit }')
