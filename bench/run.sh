@@ -318,6 +318,12 @@ case_ map_1m "map --output=json (1 TiB qcow2, 1M allocated clusters)" stdout "" 
     "{tool} map --output=json -f qcow2 $PREALLOC" "$PREALLOC"
 case_ map_sparse "map --output=json (1 TiB sparse qcow2)" stdout "" raw \
     "{tool} map --output=json -f qcow2 $SPARSE" "$SPARSE"
+case_ info_sparse "info (1 TiB sparse qcow2)" stdout "" raw \
+    "{tool} info -f qcow2 $SPARSE" "$SPARSE"
+case_ info_1m "info (1 TiB qcow2, 1M allocated clusters)" stdout "" raw \
+    "{tool} info -f qcow2 $PREALLOC" "$PREALLOC"
+case_ compare_sparse "compare (1 TiB sparse qcow2 with itself)" stdout "" raw \
+    "{tool} compare -f qcow2 -F qcow2 $SPARSE $SPARSE" "$SPARSE"
 SERVERS=1 case_ nbdcopy_qcow2 "nbdcopy from an NBD export of disk.qcow2 (vdisk serve --nbd vs qemu-nbd, in the qemu-img column)" image .raw raw \
     "$HERE/nbdcopy-from.sh {tool} $QCOW {out}" "$QCOW"
 # case_inplace ID TITLE SETUP EXPECT EXPECT_BACKING TEMPLATE INPUT...: commands that change their

@@ -45,18 +45,13 @@ pub const COPY_BUFFER_BUDGET: usize = 2 << 20;
 const MIN_BUDGET_JOB: usize = 256 << 10;
 
 /// The data job size that keeps `workers` buffers within [`COPY_BUFFER_BUDGET`]: a power of two
-/// between 256 KiB and [`DEFAULT_BUF_SIZE`], never below `cluster` (a target cluster is never
-/// split between two jobs when jobs are whole clusters).
-pub fn budget_buf_size(workers: usize, cluster: u64) -> usize {
+/// between 256 KiB and [`DEFAULT_BUF_SIZE`]. Jobs smaller than a target's clusters or blocks cost
+/// little: the first job into a fresh cluster has the file zero it (no bytes written for the
+/// rest), the next ones write in place.
+pub fn budget_buf_size(workers: usize) -> usize {
     let share = COPY_BUFFER_BUDGET / workers.max(1);
     let pow2 = if share == 0 { MIN_BUDGET_JOB } else { 1usize << (usize::BITS - 1 - share.leading_zeros()) };
-    let job = pow2.clamp(MIN_BUDGET_JOB, DEFAULT_BUF_SIZE);
-    let cluster = usize::try_from(cluster).unwrap_or(usize::MAX);
-    if cluster.is_power_of_two() {
-        job.max(cluster.min(DEFAULT_BUF_SIZE))
-    } else {
-        job
-    }
+    pow2.clamp(MIN_BUDGET_JOB, DEFAULT_BUF_SIZE)
 }
 
 /// Worker threads for a copy when the user names none: one per CPU, at least two (one can read
@@ -671,22 +666,18 @@ mod tests {
     #[test]
     fn budget_buf_size_keeps_all_buffers_within_the_budget() {
         for workers in 1..=64 {
-            let job = budget_buf_size(workers, 0);
+            let job = budget_buf_size(workers);
             assert!(job.is_power_of_two(), "{workers} workers: {job}");
             assert!((MIN_BUDGET_JOB..=DEFAULT_BUF_SIZE).contains(&job), "{workers} workers: {job}");
             if workers * MIN_BUDGET_JOB <= COPY_BUFFER_BUDGET {
                 assert!(workers * job <= COPY_BUFFER_BUDGET, "{workers} workers of {job} bytes");
             }
         }
-        assert_eq!(budget_buf_size(1, 0), DEFAULT_BUF_SIZE);
-        assert_eq!(budget_buf_size(2, 0), 1 << 20);
-        assert_eq!(budget_buf_size(3, 0), 512 << 10);
-        // A target cluster is never split between jobs; clusters that are not powers of two
-        // (no such format) and clusters above 2 MiB do not change the size.
-        assert_eq!(budget_buf_size(8, 2 << 20), 2 << 20);
-        assert_eq!(budget_buf_size(8, 65536), 256 << 10);
-        assert_eq!(budget_buf_size(8, 3 << 19), 256 << 10);
-        assert_eq!(budget_buf_size(1, 1 << 30), DEFAULT_BUF_SIZE);
+        assert_eq!(budget_buf_size(1), DEFAULT_BUF_SIZE);
+        assert_eq!(budget_buf_size(2), 1 << 20);
+        assert_eq!(budget_buf_size(3), 512 << 10);
+        assert_eq!(budget_buf_size(8), 256 << 10);
+        assert_eq!(budget_buf_size(64), MIN_BUDGET_JOB);
         assert!((2..=8).contains(&default_workers()));
     }
 

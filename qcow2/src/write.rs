@@ -237,6 +237,17 @@ impl Qcow2 {
         let head_len = pos - run_start;
         let tail_start = pos + n;
         let tail_len = run_end - tail_start;
+        let run_host = host + (run_start - gc * cs);
+        if fresh
+            && head_len + tail_len > 0
+            && self.old_reads_as_zeros(&old)
+            && self.data.zero_without_writing(run_host, run_end - run_start)
+        {
+            // Nothing to carry over and the run already reads as zeros: only the guest's bytes
+            // are written, and no head or tail is read or held.
+            let result = self.write_data(run_host + head_len, pos, &iov::slice(bufs, 0, n));
+            return self.point_at_new(pos, n, gc, count, host, fresh, &old, result);
+        }
         let mut head = vec![0u8; head_len as usize];
         let mut tail = vec![0u8; tail_len as usize];
         if head_len > 0 {
@@ -251,12 +262,42 @@ impl Qcow2 {
         parts.push(IoSlice::new(&head));
         parts.extend(iov::slice(bufs, 0, n));
         parts.push(IoSlice::new(&tail));
-        let run_host = host + (run_start - gc * cs);
         let result = if fresh && !geo.data_file {
             self.write_fresh(run_host, run_start, run_end, &parts, (head_len, n), &tail[..readable])
         } else {
             self.write_data(run_host, run_start, &parts)
         };
+        self.point_at_new(pos, n, gc, count, host, fresh, &old, result)
+    }
+
+    /// Whether guest clusters whose old entries are `old` read as zeros, so that a fresh run
+    /// for them needs nothing carried over: unencrypted, standard entries that are zero
+    /// clusters, or unallocated with no backing file.
+    fn old_reads_as_zeros(&self, old: &[(u64, u64)]) -> bool {
+        !self.geo.extended
+            && !self.geo.data_file
+            && self.cipher.is_none()
+            && old.iter().all(|&(e, _)| {
+                e & COMPRESSED == 0 && (e & ZERO != 0 || (e & OFFSET_MASK == 0 && self.backing.is_none()))
+            })
+    }
+
+    /// After the data write of [`Qcow2::write_allocated`] (`result`): points the L2 entries of
+    /// guest clusters `[gc, gc+count)` at the host clusters from `host` and queues the old ones
+    /// for freeing; on a failed write, gives fresh clusters back instead. Returns `n`.
+    #[allow(clippy::too_many_arguments)]
+    fn point_at_new(
+        &self,
+        pos: u64,
+        n: u64,
+        gc: u64,
+        count: u64,
+        host: u64,
+        fresh: bool,
+        old: &[(u64, u64)],
+        result: Result<()>,
+    ) -> Result<u64> {
+        let cs = self.cluster_size();
         let mut m = self.lock();
         let io = self.file.as_ref();
         if let Err(e) = result {

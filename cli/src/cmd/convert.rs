@@ -294,11 +294,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
             above: target_backing.is_some().then_some(1),
             // Progress lines are per job; with `-p` jobs are qemu-img's 2 MiB chunks so that the
             // lines match qemu-img's, otherwise they are sized to the memory budget.
-            buf_size: if p.has("p") {
-                DEFAULT_BUF_SIZE
-            } else {
-                budget_buf_size(a.workers, target.cluster_size().unwrap_or(0))
-            },
+            buf_size: if p.has("p") { DEFAULT_BUF_SIZE } else { budget_buf_size(a.workers) },
             salvage: p.has("salvage"),
             compress,
             detect_zeroes: true,
