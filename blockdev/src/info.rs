@@ -211,13 +211,15 @@ pub fn file_image_info(
 /// `info` for a container node (qemu's child node "file"): its length rounded up to sectors, as
 /// qemu reports it, and the space it occupies.
 pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
+    // Remote containers (NBD) have no dirty flag and no format-specific node in qemu's output.
+    let local = !matches!(storage.protocol(), "nbd" | "http" | "https");
     Ok(ImageInfo {
         filename: storage.name().to_string(),
         format: storage.protocol().to_string(),
-        dirty_flag: Some(false),
+        dirty_flag: local.then_some(false),
         actual_size: storage.allocated_size()?,
         virtual_size: storage.len()?.div_ceil(512) * 512,
-        format_specific: Some((storage.protocol().to_string(), Dict::new())),
+        format_specific: local.then(|| (storage.protocol().to_string(), Dict::new())),
         ..ImageInfo::default()
     })
 }

@@ -216,7 +216,7 @@ impl Chain {
 /// Resolves `name` (as stored in `referrer`) to the path to open, as qemu does: absolute names and
 /// protocol URLs stay as they are, relative names are relative to the referrer's directory.
 pub fn resolve_reference(referrer: &str, name: &str) -> String {
-    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") {
+    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") || name.starts_with("nbd:") {
         return name.to_string();
     }
     match referrer.rfind('/') {
@@ -238,7 +238,7 @@ pub fn check_reference(policy: ReferencePolicy, referrer: &str, name: &str) -> R
         ReferencePolicy::Deny => refuse("references to other files are not allowed"),
         ReferencePolicy::Confine => {
             let p = Path::new(name);
-            if name.contains("://") || name.starts_with("json:") {
+            if name.contains("://") || name.starts_with("json:") || name.starts_with("nbd:") {
                 return refuse("only local files inside the image's directory may be referenced");
             }
             if p.is_absolute() {

@@ -6,52 +6,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use vdisk_tests::servers::{start, wait_for, Served};
 use vdisk_tests::{pseudo_random, qemu_img, qemu_io, qemu_tool, run_in, s, tempdir, Run};
-
-/// A running server; killed when dropped.
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Served {
-    fn uri(&self) -> String {
-        format!("nbd+unix:///disk?socket={}", self.socket.display())
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(socket: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while UnixStream::connect(socket).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "server did not listen on {}", socket.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts `program args... image`, listening on `socket` (vdisk: `serve --nbd`; qemu-nbd).
-fn start(program: &Path, args: &[&str], socket: &Path) -> Served {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    wait_for(socket, &mut child);
-    Served { child, socket: socket.to_path_buf() }
-}
 
 fn vdisk_serve(socket: &Path, extra: &[&str], image: &Path) -> Served {
     let sock = s(socket).to_string();

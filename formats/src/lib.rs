@@ -18,6 +18,7 @@ pub mod json_name;
 pub mod luks;
 pub mod overlay;
 pub mod raw;
+pub mod remote;
 
 use std::sync::Arc;
 
@@ -140,25 +141,22 @@ impl Registry {
             }
             None => None,
         };
-        let local = local_path(filename);
-        let filename = local.as_str();
-        let file = HostFile::open(
-            filename,
-            &HostOpenOptions {
-                read_only: opts.read_only,
-                cache: opts.cache,
-                create: false,
-                no_locking: opts.no_locking,
-                eager_writeback: opts.eager_writeback,
-            },
-        )?;
+        let (storage, file, filename) = match remote::open(filename, opts)? {
+            Some(remote) => (remote, None, filename.to_string()),
+            None => {
+                let local = local_path(filename);
+                let file = Arc::new(HostFile::open(&local, &host_options(opts))?);
+                (file.clone() as Arc<dyn Storage>, Some(file), local)
+            }
+        };
+        let filename = filename.as_str();
         let (fmt, probed_raw) = match named {
             Some(f) => (f, false),
             None => {
                 let mut head = vec![0u8; PROBE_SIZE];
-                let len = file.len()?;
+                let len = storage.len()?;
                 let n = (len.min(PROBE_SIZE as u64)) as usize;
-                blockdev::read_exact_at(&file, 0, &mut head[..n])?;
+                blockdev::read_exact_at(storage.as_ref(), 0, &mut head[..n])?;
                 let f = self.probe_bytes(&head[..n], filename);
                 if f.name() == "raw" && is_qcow1(&head[..n]) {
                     // qemu probes this as its "qcow" driver (and fails on a damaged qcow2 header
@@ -170,9 +168,10 @@ impl Registry {
                 (f, f.name() == "raw")
             }
         };
-        let (perm, shared) = lock_perms(fmt, opts);
-        file.set_permissions(perm, shared)?;
-        let storage: Arc<dyn Storage> = Arc::new(file);
+        if let Some(file) = &file {
+            let (perm, shared) = lock_perms(fmt, opts);
+            file.set_permissions(perm, shared)?;
+        }
         let chain = chain.enter(std::path::Path::new(filename), opts.max_chain_depth)?;
         let driver: Arc<dyn BlockDriver> = if probed_raw && !opts.read_only {
             let guard: raw::ProbeCheck = {
@@ -241,16 +240,10 @@ impl Opener for Registry {
     fn open_storage(&self, referrer: &str, name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
         check_reference(opts.references, referrer, name)?;
         let path = resolve_reference(referrer, name);
-        let f = HostFile::open(
-            &path,
-            &HostOpenOptions {
-                read_only: opts.read_only,
-                cache: opts.cache,
-                create: false,
-                no_locking: opts.no_locking,
-                eager_writeback: opts.eager_writeback,
-            },
-        )?;
+        if let Some(remote) = remote::open(&path, opts)? {
+            return Ok(remote);
+        }
+        let f = HostFile::open(&path, &host_options(opts))?;
         let (perm, shared) = lock_perms(self.format("raw").expect("raw is registered"), opts);
         f.set_permissions(perm, shared)?;
         Ok(Arc::new(f))
@@ -259,11 +252,17 @@ impl Opener for Registry {
     fn create_storage(&self, name: &str, opts: &CreateOptions) -> Result<Arc<dyn Storage>> {
         let size = opts.get_size("size")?.unwrap_or(0);
         let prealloc = file::file_prealloc(opts)?;
+        if remote::is_remote(name) {
+            return remote::create(name, size, prealloc);
+        }
         let f: Arc<dyn Storage> = file::create_file(&local_path(name), size, prealloc)?;
         Ok(f)
     }
 
     fn delete_storage(&self, name: &str) {
+        if remote::is_remote(name) {
+            return;
+        }
         let path = local_path(name);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
             let _ = std::fs::remove_file(&path);
@@ -272,6 +271,17 @@ impl Opener for Registry {
 }
 
 pub use blockdev::info::storage_info;
+
+/// The options for opening an existing local file of an image opened with `opts`.
+fn host_options(opts: &OpenOptions) -> HostOpenOptions {
+    HostOpenOptions {
+        read_only: opts.read_only,
+        cache: opts.cache,
+        create: false,
+        no_locking: opts.no_locking,
+        eager_writeback: opts.eager_writeback,
+    }
+}
 
 /// The local path a file name refers to: a `file:` prefix is dropped, and a name whose first
 /// colon comes before any slash (which qemu would read as a protocol prefix) gets `./` in front,

@@ -232,7 +232,8 @@ impl blockdev::BlockDriver for RawDriver {
         Ok(ImageInfo {
             filename: self.storage.name().to_string(),
             format: "raw".into(),
-            dirty_flag: Some(false),
+            // qemu takes it from the container (files have one, NBD exports do not).
+            dirty_flag: file.dirty_flag,
             actual_size: file.actual_size,
             virtual_size: self.size(),
             children: vec![("file".into(), file)],

@@ -1,5 +1,7 @@
-//! vdisk's NBD server: any opened image (`Arc<dyn BlockDriver>`) exported over the Network Block
-//! Device protocol to real clients (qemu-img, qemu-io, QEMU, nbdinfo, nbdcopy).
+//! vdisk's NBD server and client. The server exports any opened image (`Arc<dyn BlockDriver>`)
+//! over the Network Block Device protocol to real clients (qemu-img, qemu-io, QEMU, nbdinfo,
+//! nbdcopy); the client ([`client`]) opens an export as a [`blockdev::Storage`] under any format
+//! driver, named as qemu-img names NBD images ([`address`]).
 //!
 //! - Negotiation ([`handshake`]): fixed newstyle, `NO_ZEROES`; options `EXPORT_NAME`, `ABORT`,
 //!   `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`; others
@@ -17,6 +19,8 @@
 //!   only after the image flushed (durable).
 //! - [`handle`] works on any byte stream, so the fuzz target drives it in memory.
 
+pub mod address;
+pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The NBD protocol's constants and wire helpers (all integers big-endian), after the protocol
 //! document of the NBD project (`doc/proto.md`): fixed newstyle negotiation, simple and
-//! structured replies. Only what the server uses is here.
+//! structured replies. What the server and the client use is here.
 
 use std::io::{self, Read, Write};
 
@@ -148,10 +148,16 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     /// Data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// A hole (reads as zeros) at an offset.
+    pub const OFFSET_HOLE: u16 = 2;
     /// Extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
     /// An error.
     pub const ERROR: u16 = (1 << 15) | 1;
+    /// An error at an offset.
+    pub const ERROR_OFFSET: u16 = (1 << 15) | 2;
+    /// Bit set in every error chunk type.
+    pub const ERROR_BIT: u16 = 1 << 15;
 }
 
 /// Errors as the protocol numbers them.

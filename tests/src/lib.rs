@@ -6,6 +6,7 @@
 pub mod bitmaps;
 pub mod crash;
 pub mod model;
+pub mod servers;
 pub mod workloads;
 
 use std::path::{Path, PathBuf};

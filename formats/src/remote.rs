@@ -1,0 +1,39 @@
+//! Containers behind a protocol name instead of a local path: `nbd://`, `nbd+unix://` and the
+//! older `nbd:` forms open an NBD export ([`nbd::client`]); any format driver then runs on it.
+//!
+//! Remote containers take no file locks (the server owns the file) and cannot grow. "Creating"
+//! one, as qemu-img does, opens the existing export read-write, checks that the image fits and
+//! clears its first sector.
+
+use std::sync::Arc;
+
+use blockdev::{Error, OpenOptions, Prealloc, Result, Storage};
+use nbd::address::Address;
+use nbd::client::{ClientOptions, NbdStorage};
+
+/// Opens `name` if it is a protocol name; `None` for a local file name.
+pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> {
+    let Some(address) = Address::parse(name) else { return Ok(None) };
+    let address = address?;
+    let client = ClientOptions { read_only: opts.read_only, ..ClientOptions::default() };
+    Ok(Some(Arc::new(NbdStorage::connect(&address, &client)?)))
+}
+
+/// Whether `name` names a remote container (it is then never a local path).
+pub fn is_remote(name: &str) -> bool {
+    nbd::address::is_nbd_name(name)
+}
+
+/// "Creates" the remote container `name` for an image of `size` bytes: opens the existing export
+/// read-write, refuses images larger than it and preallocation, and zeroes the first sector (so
+/// that an old header there is not probed).
+pub fn create(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
+    let storage = open(name, &OpenOptions::read_write())?
+        .ok_or_else(|| Error::invalid_argument(format!("'{name}' is not remote")))?;
+    if !matches!(prealloc, Prealloc::Off | Prealloc::Metadata) {
+        return Err(Error::unsupported(format!("Unsupported preallocation mode '{}'", prealloc.as_str())));
+    }
+    storage.set_len(size, Prealloc::Off)?;
+    storage.write_zeroes(0, storage.len()?.min(512), false)?;
+    Ok(storage)
+}
