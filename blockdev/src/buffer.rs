@@ -9,9 +9,13 @@ use std::ptr::NonNull;
 
 /// A zero-initialised byte buffer whose start is aligned to `align` bytes.
 pub struct AlignedBuf {
+    /// The aligned start inside the allocation.
     ptr: NonNull<u8>,
+    /// The allocation's start and layout (`len + align - 1` bytes, byte-aligned).
+    base: NonNull<u8>,
     layout: Layout,
     len: usize,
+    align: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
@@ -21,13 +25,24 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes aligned to `align` (a power of two; 4096 is always enough).
+    ///
+    /// The allocation is byte-aligned and `align - 1` bytes longer, the start aligned by hand: the
+    /// allocator then serves it zeroed with `calloc`, whose large blocks are fresh pages that
+    /// cost no memory until touched (an over-aligned zeroed allocation would write every byte),
+    /// so a buffer sized for the largest request only occupies what requests use.
     pub fn new(len: usize, align: usize) -> AlignedBuf {
         let align = align.max(1).next_power_of_two();
-        let layout = Layout::from_size_align(len.max(1), align).expect("buffer size overflows isize");
+        let size = len.max(1).checked_add(align - 1).expect("buffer size overflows usize");
+        let layout = Layout::from_size_align(size, 1).expect("buffer size overflows isize");
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, layout, len }
+        let base = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        let offset = raw.align_offset(align);
+        assert!(offset < align, "align_offset of a byte pointer is below the alignment");
+        // SAFETY: offset + len <= size, so the aligned start and len bytes after it are inside
+        // the allocation.
+        let ptr = unsafe { NonNull::new_unchecked(raw.add(offset)) };
+        AlignedBuf { ptr, base, layout, len, align }
     }
 
     /// Length in bytes.
@@ -58,14 +73,14 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: allocated in `new` at `base` with this layout.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
     }
 }
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes, align {})", self.len, self.layout.align())
+        write!(f, "AlignedBuf({} bytes, align {})", self.len, self.align)
     }
 }
 
@@ -86,10 +101,17 @@ mod tests {
 
     #[test]
     fn aligned_and_zeroed() {
-        let b = AlignedBuf::new(10000, 4096);
-        assert_eq!(b.as_ptr() as usize % 4096, 0);
-        assert!(is_zero(&b));
-        assert_eq!(b.len(), 10000);
+        for (len, align) in [(10000, 4096), (0, 4096), (1, 1), (3 << 20, 4096), (513, 512), (100, 3)] {
+            let mut b = AlignedBuf::new(len, align);
+            assert_eq!(b.as_ptr() as usize % align.next_power_of_two(), 0, "{len} {align}");
+            assert!(is_zero(&b));
+            assert_eq!(b.len(), len);
+            if len > 0 {
+                b[len - 1] = 7;
+                b[0] = 7;
+                assert_eq!((b[0], b[len - 1]), (7, 7));
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct TableCache {
     slots: HashMap<u64, Slot, foldhash::fast::RandomState>,
     capacity: usize,
     clock: u64,
+    /// The buffer of the last table evicted, kept for the next load (so a scan that streams
+    /// tables through a full cache reuses one buffer instead of freeing and allocating each).
+    spare: Option<Vec<u8>>,
 }
 
 /// A table pushed out of the cache; the owner must write it if it was dirty.
@@ -33,7 +36,7 @@ pub struct Evicted {
 impl TableCache {
     /// A cache holding at most `capacity` tables (at least 1).
     pub fn new(capacity: usize) -> TableCache {
-        TableCache { slots: HashMap::default(), capacity: capacity.max(1), clock: 0 }
+        TableCache { slots: HashMap::default(), capacity: capacity.max(1), clock: 0, spare: None }
     }
 
     /// How many tables the cache holds at most.
@@ -112,6 +115,20 @@ impl TableCache {
         if let Some(s) = self.slots.get_mut(&offset) {
             s.dirty = false;
         }
+    }
+
+    /// A buffer of `len` bytes for a table about to be loaded: the last evicted table's (its old
+    /// bytes still in it: the caller overwrites every byte) or a new zeroed one.
+    pub fn buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spare.take() {
+            Some(b) if b.len() == len => b,
+            _ => vec![0u8; len],
+        }
+    }
+
+    /// Keeps the buffer of an evicted table (written if it was dirty) for [`TableCache::buffer`].
+    pub fn recycle(&mut self, data: Vec<u8>) {
+        self.spare = Some(data);
     }
 
     /// Drops a table (it was freed); its changes are discarded.

@@ -131,7 +131,8 @@ impl Meta {
         if self.l2.contains(off) {
             return Ok(());
         }
-        let mut data = vec![0u8; self.cluster_size() as usize];
+        let mut data = self.l2.buffer(self.cluster_size() as usize);
+        // Every byte is overwritten (zeros past the end of the file).
         read_exact_at(io, off, &mut data)?;
         self.insert_l2(io, off, data, false)
     }
@@ -144,6 +145,7 @@ impl Meta {
                 self.barrier(io)?;
                 write_all_at(io, ev.offset, &ev.data)?;
             }
+            self.l2.recycle(ev.data);
         }
         Ok(())
     }
