@@ -96,6 +96,30 @@ neg = (struct.pack(">I", 3) + opt(3) + opt(8) + opt(9, ctx)
 open(f"{d}/seed-negotiate", "wb").write(bytes([0]) + neg)
 PY
 
+# nbd_client: a mode byte (see the target), then the server's replies to the target's requests
+# in order (cookies 1..8): structured data chunks for the two reads, a block status chunk, simple
+# replies for write, write zeroes, trim and flush, a second block status; and a simple-reply
+# variant (no structured replies).
+mkdir -p "$C/nbd_client"
+python3 - "$C/nbd_client" <<'PY'
+import struct, sys
+d = sys.argv[1]
+def chunk(kind, cookie, payload, flags=1):
+    return struct.pack(">IHHQI", 0x668E33EF, flags, kind, cookie, len(payload)) + payload
+def simple(cookie, err=0, data=b""):
+    return struct.pack(">IIQ", 0x67446698, err, cookie) + data
+size = 1 << 20
+structured = (chunk(1, 1, struct.pack(">Q", 0) + b"\x11" * 8192)
+              + chunk(2, 2, struct.pack(">QI", size - 4096, 4096))
+              + chunk(5, 3, struct.pack(">III", 7, 65536, 0))
+              + simple(4) + simple(5) + simple(6) + simple(7)
+              + chunk(5, 8, struct.pack(">IIIII", 7, 4096, 3, 8192, 0)))
+open(f"{d}/seed-structured", "wb").write(bytes([3]) + structured)
+plain = simple(1, 0, b"\x22" * 8192) + simple(2, 0, b"\x33" * 4096) + simple(3) + simple(4, 5) + simple(5) + simple(6) + simple(7)
+open(f"{d}/seed-simple", "wb").write(bytes([1]) + plain)
+open(f"{d}/seed-read-only", "wb").write(bytes([7]) + structured)
+PY
+
 # virtio_blk_request: a mode byte, then guest memory with a 16-entry split queue holding six
 # well-formed chains: IN, OUT, FLUSH, GET_ID, WRITE_ZEROES and DISCARD.
 mkdir -p "$C/virtio_blk_request"

@@ -27,7 +27,7 @@ max_len() {
         qcow2_image | probe | vmdk_image | vpc_image | vdi_image) echo 524288 ;;
         qcow2_header | qcow2_snapshot_table) echo 65536 ;;
         qcow2_tables) echo 512 ;;
-        nbd_server) echo 65536 ;;
+        nbd_server | nbd_client) echo 65536 ;;
         virtio_blk_request) echo 65600 ;;
         *) echo 4096 ;;
     esac

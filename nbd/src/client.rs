@@ -135,8 +135,8 @@ fn violation(what: impl Into<String>) -> io::Error {
 
 /// One negotiated connection in transmission phase.
 struct Conn {
-    r: BufReader<Socket>,
-    w: Socket,
+    r: BufReader<Box<dyn Read + Send>>,
+    w: Box<dyn Write + Send>,
     next_cookie: u64,
 }
 
@@ -171,7 +171,6 @@ enum Sink<'a, 'b> {
 
 /// An NBD export as a [`Storage`]. See the module docs.
 pub struct NbdStorage {
-    address: Address,
     /// The address in URL form (qemu's spelling in messages and `info`).
     name: String,
     info: ExportInfo,
@@ -508,24 +507,31 @@ impl NbdStorage {
         let socket = Socket::connect(&address.endpoint, opts.timeout)
             .map_err(|e| io_err("connect", e).prefixed(format!("Failed to connect to '{name}'")))?;
         let reader = socket.try_clone().map_err(|e| io_err("connect", e))?;
-        let mut r = BufReader::with_capacity(256 << 10, reader);
-        let mut w = socket;
-        let info = negotiate(&mut r, &mut w, &address.export).map_err(|e| e.with_path(name.clone()))?;
+        Self::over_stream(&name, reader, socket, &address.export, opts)
+    }
+
+    /// Negotiates `export` with a server on an already connected byte stream (`r` and `w` its two
+    /// directions; a VMM's own transport, or test and fuzz input) and returns the export;
+    /// `name` is the name used in messages and `info`. `opts.timeout` is the stream's business.
+    pub fn over_stream(
+        name: &str,
+        r: impl Read + Send + 'static,
+        w: impl Write + Send + 'static,
+        export: &str,
+        opts: &ClientOptions,
+    ) -> Result<NbdStorage> {
+        let mut r = BufReader::with_capacity(256 << 10, Box::new(r) as Box<dyn Read + Send>);
+        let mut w = Box::new(w) as Box<dyn Write + Send>;
+        let info = negotiate(&mut r, &mut w, export).map_err(|e| e.with_path(name))?;
         if !opts.read_only && info.flags & tflag::READ_ONLY != 0 {
             return Err(Error::read_only().with_message(format!("The NBD export '{name}' is read-only")));
         }
         Ok(NbdStorage {
-            address: address.clone(),
-            name,
+            name: name.to_string(),
             info,
             read_only: opts.read_only,
             conn: Mutex::new(Some(Conn { r, w, next_cookie: 1 })),
         })
-    }
-
-    /// The export's address.
-    pub fn address(&self) -> &Address {
-        &self.address
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
