@@ -44,6 +44,8 @@ fn qemu_nbd(args: &[&str], socket: &Path) -> Served {
     start(&qemu_tool("qemu-nbd"), args, socket)
 }
 
+/// `vdisk serve` with `args`; tests pass `-e N` above 1, since the listening probe of `start` is a
+/// connection too and the server may not have seen it close when the next client arrives.
 fn vdisk_serve(args: &[&str], socket: &Path) -> Served {
     start(Path::new(env!("CARGO_BIN_EXE_vdisk")), args, socket)
 }
@@ -81,13 +83,27 @@ fn nbd_exports_of_qemu_nbd_and_vdisk_serve_read_like_qemu_img() {
     let qsock = d.path().join("q.sock");
     let q = qemu_nbd(&["-f", "qcow2", "-r", "-t", "-e", "8", "-x", "disk", "-k", s(&qsock), s(&img)], &qsock);
     reads_like_qemu_img(&q.uri(), &raw, d.path());
-    // The older spelling names the same export.
+    // The older spelling, a json: name and --image-opts name the same export.
     let legacy = format!("nbd:unix:{}:exportname=disk", qsock.display());
     vdisk(&["compare", "-f", "raw", "-F", "raw", &legacy, s(&raw)]).ok();
+    let sock = qsock.display();
+    let json = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}},"export":"disk"}}}}"#
+    );
+    same_as_qemu_img(&["map", "--output=json", &json]);
+    vdisk(&["compare", "-F", "raw", &json, s(&raw)]).ok();
+    let opts = format!("driver=raw,file.driver=nbd,file.path={sock},file.export=disk");
+    same_as_qemu_img(&["map", "--output=json", "--image-opts", &opts]);
+    let out = d.path().join("opts.raw");
+    vdisk(&["convert", "--image-opts", &opts, "-O", "raw", s(&out)]).ok();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&raw).unwrap(), "--image-opts export content");
     drop(q);
 
     let vsock = d.path().join("v.sock");
-    let v = vdisk_serve(&["serve", "--nbd", "-t", "-r", "-f", "qcow2", "-x", "disk", "-k", s(&vsock), s(&img)], &vsock);
+    let v = vdisk_serve(
+        &["serve", "--nbd", "-t", "-e", "8", "-r", "-f", "qcow2", "-x", "disk", "-k", s(&vsock), s(&img)],
+        &vsock,
+    );
     reads_like_qemu_img(&v.uri(), &raw, d.path());
 }
 

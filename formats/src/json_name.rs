@@ -3,9 +3,12 @@
 //! The object is flattened to qemu's dotted option keys (`{"file": {"filename": "x"}}` becomes
 //! `file.filename=x`). vdisk understands the format driver (`driver`), the file
 //! (`file.filename`, `file` as a string, or `filename`) and a `file.driver` of `file` or
-//! `host_device`; any other option is refused with qemu's message rather than ignored.
+//! `host_device`, or an NBD node (`file.driver=nbd` with `file.server.*` or the flat `file.path`,
+//! `file.host`, `file.port`, and `file.export`, turned into the export's URL); any other option
+//! is refused with qemu's message rather than ignored.
 
 use blockdev::{Error, Result};
+use nbd::address::{Address, NODE_OPTION_KEYS};
 use serde_json::Value;
 
 /// What a `json:` name asks for.
@@ -40,6 +43,8 @@ pub fn parse(text: &str) -> Result<JsonName> {
     flatten("", &v, &mut flat);
     let mut filename = None;
     let mut driver = None;
+    let mut nbd_node = false;
+    let mut nbd_keys: Vec<(String, String)> = Vec::new();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -57,6 +62,10 @@ pub fn parse(text: &str) -> Result<JsonName> {
             "driver" => driver = Some(text),
             "file" | "file.filename" | "filename" => filename = Some(text),
             "file.driver" if text == "file" || text == "host_device" => {}
+            "file.driver" if text == "nbd" => nbd_node = true,
+            k if k.strip_prefix("file.").is_some_and(|n| NODE_OPTION_KEYS.contains(&n)) => {
+                nbd_keys.push((k["file.".len()..].to_string(), text));
+            }
             "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
             "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
             _ => {
@@ -64,6 +73,14 @@ pub fn parse(text: &str) -> Result<JsonName> {
                 return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option '{k}'")));
             }
         }
+    }
+    if let Some((k, _)) = nbd_keys.first().filter(|_| !nbd_node) {
+        let fmt = driver.clone().unwrap_or_else(|| "raw".into());
+        return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option 'file.{k}'")));
+    }
+    if nbd_node {
+        let address = Address::from_node_options(|k| nbd_keys.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone()))?;
+        filename = Some(address.to_string());
     }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
     Ok(JsonName { filename, driver })
@@ -81,7 +98,13 @@ mod tests {
         assert_eq!(b.filename, "y");
         assert!(parse("{").unwrap_err().message().contains("Could not parse"));
         assert!(parse("[1]").unwrap_err().message().contains("Invalid JSON object"));
-        assert!(parse(r#"{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).is_err());
+        let nbd = parse(r#"{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).unwrap();
+        assert_eq!(nbd, JsonName { filename: "nbd://h:10809/".into(), driver: Some("qcow2".into()) });
+        let unix = r#"{"file":{"driver":"nbd","server":{"type":"unix","path":"/s"},"export":"e"}}"#;
+        assert_eq!(parse(unix).unwrap().filename, "nbd+unix:///e?socket=/s");
+        assert!(parse(r#"{"file":{"driver":"nbd","export":"e"}}"#).is_err(), "no server");
+        assert!(parse(r#"{"file":{"driver":"file","filename":"x","export":"e"}}"#).is_err(), "NBD key on a file");
+        assert!(parse(r#"{"file":{"driver":"http","filename":"x"}}"#).is_err());
         assert!(parse(r#"{"driver":"raw"}"#).is_err());
     }
 }

@@ -146,6 +146,41 @@ impl Address {
     }
 }
 
+/// The keys of an NBD node's options (qemu's `driver=nbd` node) that [`Address::from_node_options`]
+/// reads, relative to the node.
+pub const NODE_OPTION_KEYS: [&str; 8] =
+    ["server.type", "server.path", "server.host", "server.port", "export", "path", "host", "port"];
+
+impl Address {
+    /// The address an NBD node's options give, as qemu's `json:` names and `--image-opts` spell
+    /// them (keys relative to the node, from [`NODE_OPTION_KEYS`]): `server.type=unix` with
+    /// `server.path`, or `server.type=inet` with `server.host` and `server.port` (10809 when
+    /// absent); the older flat `path`, or `host` and `port`; `export` in both.
+    pub fn from_node_options(get: impl Fn(&str) -> Option<String>) -> Result<Address> {
+        let bad = |why: &str| Error::invalid_argument(format!("Invalid NBD node options: {why}"));
+        let export = get("export").unwrap_or_default();
+        let port = |p: Option<String>| match p {
+            Some(p) => p.parse::<u16>().map_err(|_| bad("bad port")),
+            None => Ok(DEFAULT_PORT),
+        };
+        let endpoint = match get("server.type").as_deref() {
+            Some("unix") => Endpoint::Unix(get("server.path").ok_or_else(|| bad("server.path is missing"))?.into()),
+            Some("inet") => Endpoint::Tcp {
+                host: get("server.host").ok_or_else(|| bad("server.host is missing"))?,
+                port: port(get("server.port"))?,
+            },
+            Some(other) => return Err(bad(&format!("unknown server.type '{other}'"))),
+            None => match (get("path"), get("host")) {
+                (Some(path), None) => Endpoint::Unix(path.into()),
+                (None, Some(host)) => Endpoint::Tcp { host, port: port(get("port"))? },
+                (Some(_), Some(_)) => return Err(bad("path and host are mutually exclusive")),
+                (None, None) => return Err(bad("no server given")),
+            },
+        };
+        Ok(Address { endpoint, export })
+    }
+}
+
 impl fmt::Display for Address {
     /// The URL form (qemu's spelling in `info`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,6 +214,28 @@ mod tests {
         assert_eq!(ok("nbd://[::1]:99/x").to_string(), "nbd://[::1]:99/x");
         assert!(Address::parse("disk.qcow2").is_none());
         assert!(Address::parse("./nbd:x").is_none());
+    }
+
+    #[test]
+    fn node_options_give_the_same_addresses() {
+        let from = |pairs: &[(&str, &str)]| {
+            let owned: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Address::from_node_options(|k| owned.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone()))
+        };
+        let unix = Address { endpoint: Endpoint::Unix("/s".into()), export: "e".into() };
+        assert_eq!(from(&[("server.type", "unix"), ("server.path", "/s"), ("export", "e")]).unwrap(), unix);
+        assert_eq!(from(&[("path", "/s"), ("export", "e")]).unwrap(), unix);
+        assert_eq!(from(&[("server.type", "inet"), ("server.host", "h")]).unwrap(), tcp("h", DEFAULT_PORT, ""));
+        assert_eq!(from(&[("host", "h"), ("port", "5")]).unwrap(), tcp("h", 5, ""));
+        for bad in [
+            &[][..],
+            &[("server.type", "vsock")],
+            &[("server.type", "unix")],
+            &[("host", "h"), ("port", "x")],
+            &[("path", "/s"), ("host", "h")],
+        ] {
+            assert!(from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
