@@ -186,6 +186,22 @@ fn convert_writes_into_an_export_that_fits_and_refuses_one_too_small() {
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&raw).unwrap(), "converted into the export");
 }
 
+#[test]
+fn a_server_at_its_connection_limit_is_used_through_the_connection_it_took() {
+    let d = tempdir();
+    let (img, raw) = image(d.path());
+    let sock = d.path().join("l.sock");
+    // Two clients at most, CAN_MULTI_CONN advertised; another client holds one of the two.
+    let q = qemu_nbd(&["-f", "qcow2", "-r", "-t", "-e", "2", "-x", "disk", "-k", s(&sock), s(&img)], &sock);
+    let _other = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let out = d.path().join("l.raw");
+    vdisk(&["convert", "-f", "raw", "-O", "raw", &q.uri(), s(&out)]).ok();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&raw).unwrap());
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+}
+
 /// What a fake server does once the client is in transmission.
 #[derive(Clone, Copy, Debug)]
 enum Misbehaviour {
