@@ -211,8 +211,7 @@ pub fn file_image_info(
 /// `info` for a container node (qemu's child node "file"): its length rounded up to sectors, as
 /// qemu reports it, and the space it occupies.
 pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
-    // Remote containers (NBD) have no dirty flag and no format-specific node in qemu's output.
-    let local = !matches!(storage.protocol(), "nbd" | "http" | "https");
+    let local = !storage.is_remote();
     Ok(ImageInfo {
         filename: storage.name().to_string(),
         format: storage.protocol().to_string(),

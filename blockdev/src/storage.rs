@@ -164,6 +164,12 @@ pub trait Storage: Send + Sync + Debug {
 
     /// The protocol driver's name as qemu-img prints it (`file`, `nbd`, `http`).
     fn protocol(&self) -> &'static str;
+
+    /// Whether the bytes live on another machine (an NBD export): `info` then shows no dirty
+    /// flag and no format-specific node for the container, as qemu-img does.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset` (zeros past the end).

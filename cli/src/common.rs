@@ -7,7 +7,7 @@ use std::sync::Arc;
 use blockdev::options::split_options;
 use blockdev::{BlockDriver, CacheMode, OpenOptions};
 use formats::Registry;
-use nbd::address::{Address, NODE_OPTION_KEYS};
+use nbd::address::FileNodeOptions;
 
 use crate::report::CliError;
 
@@ -220,8 +220,7 @@ fn qcow2_node(o: &ImageOpts) -> bool {
 pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
     let entries = split_options(s).ok_or_else(|| CliError::new("help is not available for --image-opts in vdisk"))?;
     let mut o = ImageOpts::default();
-    let mut nbd_node = false;
-    let mut nbd_keys: Vec<(String, String)> = Vec::new();
+    let mut nbd = FileNodeOptions::default();
     for (i, (k, v)) in entries.iter().enumerate() {
         match k.as_str() {
             "file" | "file.filename" | "filename" => o.filename = v.clone(),
@@ -230,11 +229,8 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             "cache.direct" => o.direct = blockdev::options::parse_bool(k, v)?,
             "cache.no-flush" => o.no_flush = blockdev::options::parse_bool(k, v)?,
             "file.driver" if v == "file" || v == "host_device" => {}
-            "file.driver" if v == "nbd" => nbd_node = true,
+            k if nbd.take(k, v) => {}
             "file.driver" => return Err(CliError::new(format!("Unknown protocol '{v}'"))),
-            k if k.strip_prefix("file.").is_some_and(|n| NODE_OPTION_KEYS.contains(&n)) => {
-                nbd_keys.push((k["file.".len()..].to_string(), v.clone()));
-            }
             "file.locking" | "locking" | "file.aio" | "read-only" | "discard" | "detect-zeroes" => {
                 o.other.push((k.clone(), v.clone()))
             }
@@ -281,13 +277,9 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             }
         }
     }
-    if let Some((k, _)) = nbd_keys.first().filter(|_| !nbd_node) {
-        let fmt = o.driver.clone().unwrap_or_else(|| "raw".into());
-        return Err(CliError::new(format!("Block format '{fmt}' does not support the option 'file.{k}'")));
-    }
-    if nbd_node {
-        let get = |k: &str| nbd_keys.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
-        o.filename = Address::from_node_options(get).map_err(|e| CliError::new(e.message()))?.to_string();
+    let format = o.driver.as_deref().unwrap_or("raw");
+    if let Some(url) = nbd.url(format).map_err(|e| CliError::new(e.message()))? {
+        o.filename = url;
     }
     if o.filename.is_empty() {
         return Err(CliError::new("A block device must be specified for \"file\""));

@@ -8,7 +8,7 @@
 //! is refused with qemu's message rather than ignored.
 
 use blockdev::{Error, Result};
-use nbd::address::{Address, NODE_OPTION_KEYS};
+use nbd::address::FileNodeOptions;
 use serde_json::Value;
 
 /// What a `json:` name asks for.
@@ -43,8 +43,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
     flatten("", &v, &mut flat);
     let mut filename = None;
     let mut driver = None;
-    let mut nbd_node = false;
-    let mut nbd_keys: Vec<(String, String)> = Vec::new();
+    let mut nbd = FileNodeOptions::default();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -62,10 +61,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
             "driver" => driver = Some(text),
             "file" | "file.filename" | "filename" => filename = Some(text),
             "file.driver" if text == "file" || text == "host_device" => {}
-            "file.driver" if text == "nbd" => nbd_node = true,
-            k if k.strip_prefix("file.").is_some_and(|n| NODE_OPTION_KEYS.contains(&n)) => {
-                nbd_keys.push((k["file.".len()..].to_string(), text));
-            }
+            k if nbd.take(k, &text) => {}
             "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
             "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
             _ => {
@@ -74,13 +70,8 @@ pub fn parse(text: &str) -> Result<JsonName> {
             }
         }
     }
-    if let Some((k, _)) = nbd_keys.first().filter(|_| !nbd_node) {
-        let fmt = driver.clone().unwrap_or_else(|| "raw".into());
-        return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option 'file.{k}'")));
-    }
-    if nbd_node {
-        let address = Address::from_node_options(|k| nbd_keys.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone()))?;
-        filename = Some(address.to_string());
+    if let Some(url) = nbd.url(driver.as_deref().unwrap_or("raw"))? {
+        filename = Some(url);
     }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
     Ok(JsonName { filename, driver })

@@ -181,6 +181,47 @@ impl Address {
     }
 }
 
+/// An NBD file node spelled as dotted `file.*` options, the way `json:` names and `--image-opts`
+/// give it: `file.driver=nbd` and the keys of [`NODE_OPTION_KEYS`] under `file.`.
+#[derive(Debug, Default)]
+pub struct FileNodeOptions {
+    nbd: bool,
+    keys: Vec<(String, String)>,
+}
+
+impl FileNodeOptions {
+    /// Takes `key=value` if it is part of an NBD file node; false (nothing taken) otherwise.
+    pub fn take(&mut self, key: &str, value: &str) -> bool {
+        if key == "file.driver" && value == "nbd" {
+            self.nbd = true;
+            return true;
+        }
+        match key.strip_prefix("file.") {
+            Some(k) if NODE_OPTION_KEYS.contains(&k) => {
+                self.keys.push((k.to_string(), value.to_string()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The URL of the export the options name; `None` when they name no NBD node. NBD keys
+    /// without `file.driver=nbd` are refused with qemu's message for an option the image's
+    /// `format` does not support; an incomplete server address is refused too.
+    pub fn url(&self, format: &str) -> Result<Option<String>> {
+        if !self.nbd {
+            return match self.keys.first() {
+                Some((k, _)) => Err(Error::invalid_argument(format!(
+                    "Block format '{format}' does not support the option 'file.{k}'"
+                ))),
+                None => Ok(None),
+            };
+        }
+        let get = |k: &str| self.keys.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+        Ok(Some(Address::from_node_options(get)?.to_string()))
+    }
+}
+
 impl fmt::Display for Address {
     /// The URL form (qemu's spelling in `info`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

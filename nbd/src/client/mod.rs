@@ -404,6 +404,10 @@ impl Storage for NbdStorage {
     fn protocol(&self) -> &'static str {
         "nbd"
     }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for NbdStorage {
