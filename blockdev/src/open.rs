@@ -82,6 +82,10 @@ pub struct OpenOptions {
     /// they are made (`sync_file_range`), so that a later flush finds little left to do. For
     /// servers whose clients flush (`vdisk serve`); durability still comes only from flush.
     pub eager_writeback: bool,
+    /// Options of the image's protocol node (the `file.*` keys of a `json:` name or of
+    /// `--image-opts` that the protocol driver takes, without `file.`: an HTTP node's `timeout`,
+    /// `readahead`, ...). Empty for local files; never passed on to backing files.
+    pub protocol_options: Vec<(String, String)>,
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -147,6 +151,7 @@ impl Default for OpenOptions {
             backing_keys: Vec::new(),
             parent_hint: None,
             eager_writeback: false,
+            protocol_options: Vec::new(),
         }
     }
 }
@@ -175,6 +180,7 @@ impl OpenOptions {
             key_secret: self.backing_keys.first().cloned().flatten(),
             backing_keys: self.backing_keys.iter().skip(1).cloned().collect(),
             parent_hint: None,
+            protocol_options: Vec::new(),
             ..self.clone()
         }
     }
@@ -359,6 +365,9 @@ mod tests {
         assert_eq!(resolve_reference("dir/top", "../x"), "dir/../x");
         assert_eq!(resolve_reference("/a/top", "/abs/x"), "/abs/x");
         assert_eq!(resolve_reference("/a/top", "nbd://h/e"), "nbd://h/e");
+        // A relative name in an image on a web server is relative to its URL, as in qemu.
+        assert_eq!(resolve_reference("https://h/img/top.qcow2", "base.qcow2"), "https://h/img/base.qcow2");
+        assert_eq!(resolve_reference("/a/top", "http://h/b"), "http://h/b");
     }
 
     #[test]
@@ -366,7 +375,7 @@ mod tests {
         let p = ReferencePolicy::Confine;
         assert!(check_reference(p, "/tmp/x/top", "base").is_ok());
         assert!(check_reference(p, "/tmp/x/top", "sub/base").is_ok());
-        for bad in ["/etc/passwd", "../base", "a/../../b", "nbd://h/e"] {
+        for bad in ["/etc/passwd", "../base", "a/../../b", "nbd://h/e", "http://h/b", "https://h/b", "nbd:h:1"] {
             let e = check_reference(p, "/tmp/x/top", bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{bad}");
         }

@@ -163,6 +163,8 @@ pub struct ImageOpts {
     pub no_flush: bool,
     /// `data-file.filename=` (qcow2's external data file, overriding the image's record).
     pub data_file: Option<String>,
+    /// Options of an HTTP(S) protocol node (`file.timeout`, ... without `file.`).
+    pub protocol_options: Vec<(String, String)>,
     /// qcow2's `cache-size`, `l2-cache-size` and `refcount-cache-size`.
     pub metadata_cache: blockdev::MetadataCacheSizes,
     /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
@@ -221,6 +223,7 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
     let entries = split_options(s).ok_or_else(|| CliError::new("help is not available for --image-opts in vdisk"))?;
     let mut o = ImageOpts::default();
     let mut nbd = FileNodeOptions::default();
+    let mut http = httpfile::NodeOptions::default();
     for (i, (k, v)) in entries.iter().enumerate() {
         match k.as_str() {
             "file" | "file.filename" | "filename" => o.filename = v.clone(),
@@ -229,7 +232,7 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             "cache.direct" => o.direct = blockdev::options::parse_bool(k, v)?,
             "cache.no-flush" => o.no_flush = blockdev::options::parse_bool(k, v)?,
             "file.driver" if v == "file" || v == "host_device" => {}
-            k if nbd.take(k, v) => {}
+            k if nbd.take(k, v) || http.take(k, v) => {}
             "file.driver" => return Err(CliError::new(format!("Unknown protocol '{v}'"))),
             "file.locking" | "locking" | "file.aio" | "read-only" | "discard" | "detect-zeroes" => {
                 o.other.push((k.clone(), v.clone()))
@@ -280,6 +283,10 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
     let format = o.driver.as_deref().unwrap_or("raw");
     if let Some(url) = nbd.url(format).map_err(|e| CliError::new(e.message()))? {
         o.filename = url;
+    }
+    if let Some((url, options)) = http.node(format).map_err(|e| CliError::new(e.message()))? {
+        o.filename = url;
+        o.protocol_options = options;
     }
     if o.filename.is_empty() {
         return Err(CliError::new("A block device must be specified for \"file\""));
@@ -336,6 +343,7 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
             opts.cache = CacheMode::Unsafe;
         }
         opts.data_file = io.data_file.clone();
+        opts.protocol_options = io.protocol_options.clone();
         opts.metadata_cache = io.metadata_cache;
         // A key given twice counts once, the last time (as qemu's option dictionaries do).
         let (key, backing_keys) =

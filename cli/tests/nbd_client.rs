@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vdisk_tests::servers::{start, Served};
-use vdisk_tests::{qemu_img, qemu_io, qemu_tool, run_in, s, tempdir, Run};
+use vdisk_tests::{qemu_img, qemu_io, qemu_tool, run_in, s, tempdir, write_into_overlay, Run};
 
 fn vdisk(args: &[&str]) -> Run {
     run_in(None, Path::new(env!("CARGO_BIN_EXE_vdisk")), args)
@@ -154,10 +154,7 @@ fn an_overlay_over_an_nbd_base_reads_through_and_commits_back() {
     assert!(info.stdout.contains(&format!("backing file: {}", server.uri())), "{}", info.stdout);
     // Before any write the overlay reads the remote base.
     vdisk(&["compare", "-f", "qcow2", "-F", "raw", s(&overlay), s(&raw)]).ok();
-    qemu_io(&["-f", "qcow2", "-c", "write -P 0x44 1M 128k", "-c", "write -P 0x55 7M 64k", s(&overlay)]).ok();
-    let mut want = std::fs::read(&raw).unwrap();
-    want[1 << 20..(1 << 20) + (128 << 10)].fill(0x44);
-    want[7 << 20..(7 << 20) + (64 << 10)].fill(0x55);
+    let want = write_into_overlay(&overlay, &raw);
     let out = d.path().join("overlay.raw");
     vdisk(&["convert", "-O", "raw", s(&overlay), s(&out)]).ok();
     assert!(std::fs::read(&out).unwrap() == want, "overlay over the NBD base");

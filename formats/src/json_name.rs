@@ -4,8 +4,10 @@
 //! `file.filename=x`). vdisk understands the format driver (`driver`), the file
 //! (`file.filename`, `file` as a string, or `filename`) and a `file.driver` of `file` or
 //! `host_device`, or an NBD node (`file.driver=nbd` with `file.server.*` or the flat `file.path`,
-//! `file.host`, `file.port`, and `file.export`, turned into the export's URL); any other option
-//! is refused with qemu's message rather than ignored.
+//! `file.host`, `file.port`, and `file.export`, turned into the export's URL), or an HTTP(S)
+//! node (`file.driver=http`/`https`, `file.url` and the node options of
+//! [`httpfile::NODE_OPTION_KEYS`]); any other option is refused with qemu's message rather than
+//! ignored.
 
 use blockdev::{Error, Result};
 use nbd::address::FileNodeOptions;
@@ -18,6 +20,8 @@ pub struct JsonName {
     pub filename: String,
     /// The format driver, if named.
     pub driver: Option<String>,
+    /// Options of the protocol node (an HTTP node's `timeout`, ...), without `file.`.
+    pub protocol_options: Vec<(String, String)>,
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
@@ -40,10 +44,13 @@ pub fn parse(text: &str) -> Result<JsonName> {
         return Err(Error::invalid_argument("Invalid JSON object given"));
     }
     let mut flat = Vec::new();
-    flatten("", &v, &mut flat);
+    // A bare protocol node (`{"driver": "https", "url": ...}`) is the file of a raw image.
+    let bare_http = matches!(v.get("driver").and_then(Value::as_str), Some("http" | "https"));
+    flatten(if bare_http { "file" } else { "" }, &v, &mut flat);
     let mut filename = None;
     let mut driver = None;
     let mut nbd = FileNodeOptions::default();
+    let mut http = httpfile::NodeOptions::default();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -61,7 +68,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
             "driver" => driver = Some(text),
             "file" | "file.filename" | "filename" => filename = Some(text),
             "file.driver" if text == "file" || text == "host_device" => {}
-            k if nbd.take(k, &text) => {}
+            k if nbd.take(k, &text) || http.take(k, &text) => {}
             "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
             "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
             _ => {
@@ -70,11 +77,17 @@ pub fn parse(text: &str) -> Result<JsonName> {
             }
         }
     }
-    if let Some(url) = nbd.url(driver.as_deref().unwrap_or("raw"))? {
+    let format = driver.as_deref().unwrap_or("raw");
+    if let Some(url) = nbd.url(format)? {
         filename = Some(url);
     }
+    let mut protocol_options = Vec::new();
+    if let Some((url, options)) = http.node(format)? {
+        filename = Some(url);
+        protocol_options = options;
+    }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
-    Ok(JsonName { filename, driver })
+    Ok(JsonName { filename, driver, protocol_options })
 }
 
 #[cfg(test)]
@@ -82,15 +95,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http_nodes() {
+        let a = parse(r#"{"driver":"qcow2","file":{"driver":"https","url":"https://h/b.qcow2","timeout":3}}"#).unwrap();
+        assert_eq!(a.filename, "https://h/b.qcow2");
+        assert_eq!(a.driver.as_deref(), Some("qcow2"));
+        assert_eq!(a.protocol_options, vec![("timeout".to_string(), "3".to_string())]);
+        let bare = parse(r#"{"driver":"http","url":"http://h/x","readahead":"1M"}"#).unwrap();
+        assert_eq!((bare.filename.as_str(), bare.driver), ("http://h/x", None));
+        assert_eq!(bare.protocol_options, vec![("readahead".to_string(), "1M".to_string())]);
+        assert!(parse(r#"{"file":{"driver":"http"}}"#).is_err(), "no url");
+        assert!(parse(r#"{"file":{"driver":"http","url":"http://h/x","timeout":"x"}}"#).is_err());
+    }
+
+    #[test]
     fn nested_and_dotted_forms() {
         let a = parse(r#"{"driver":"qcow2","file":{"driver":"file","filename":"/x.qcow2"}}"#).unwrap();
-        assert_eq!(a, JsonName { filename: "/x.qcow2".into(), driver: Some("qcow2".into()) });
+        assert_eq!(a, JsonName { filename: "/x.qcow2".into(), driver: Some("qcow2".into()), protocol_options: vec![] });
         let b = parse(r#"{"driver":"raw","file.filename":"y"}"#).unwrap();
         assert_eq!(b.filename, "y");
         assert!(parse("{").unwrap_err().message().contains("Could not parse"));
         assert!(parse("[1]").unwrap_err().message().contains("Invalid JSON object"));
         let nbd = parse(r#"{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#).unwrap();
-        assert_eq!(nbd, JsonName { filename: "nbd://h:10809/".into(), driver: Some("qcow2".into()) });
+        assert_eq!((nbd.filename.as_str(), nbd.driver.as_deref()), ("nbd://h:10809/", Some("qcow2")));
         let unix = r#"{"file":{"driver":"nbd","server":{"type":"unix","path":"/s"},"export":"e"}}"#;
         assert_eq!(parse(unix).unwrap().filename, "nbd+unix:///e?socket=/s");
         assert!(parse(r#"{"file":{"driver":"nbd","export":"e"}}"#).is_err(), "no server");

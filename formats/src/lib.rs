@@ -130,7 +130,8 @@ impl Registry {
                 }
                 (f, d) => f.or(d).map(str::to_string),
             };
-            return self.open_in_chain(&spec.filename, fmt.as_deref(), opts, chain);
+            let opts = OpenOptions { protocol_options: spec.protocol_options, ..opts.clone() };
+            return self.open_in_chain(&spec.filename, fmt.as_deref(), &opts, chain);
         }
         if opts.force_share && !opts.read_only {
             return Err(Error::invalid_argument("force-share=on can only be used with read-only images"));

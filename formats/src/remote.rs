@@ -1,9 +1,10 @@
 //! Containers behind a protocol name instead of a local path: `nbd://`, `nbd+unix://` and the
-//! older `nbd:` forms open an NBD export ([`nbd::client`]); any format driver then runs on it.
+//! older `nbd:` forms open an NBD export ([`nbd::client`]), `http://` and `https://` a file on a
+//! web server, read-only ([`httpfile`]); any format driver then runs on them.
 //!
 //! Remote containers take no file locks (the server owns the file) and cannot grow. "Creating"
-//! one, as qemu-img does, opens the existing export read-write, checks that the image fits and
-//! clears its first sector.
+//! an NBD one, as qemu-img does, opens the existing export read-write, checks that the image fits
+//! and clears its first sector; HTTP ones cannot be written at all.
 
 use std::sync::Arc;
 
@@ -11,8 +12,16 @@ use blockdev::{Error, OpenOptions, Prealloc, Result, Storage};
 use nbd::address::Address;
 use nbd::client::{ClientOptions, NbdStorage};
 
-/// Opens `name` if it is a protocol name; `None` for a local file name.
+/// Opens `name` if it is a protocol name; `None` for a local file name. An HTTP node takes its
+/// options from `opts.protocol_options`.
 pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> {
+    if httpfile::is_http_name(name) {
+        if !opts.read_only {
+            return Err(Error::read_only().with_message(format!("Could not open '{name}': HTTP images are read-only")));
+        }
+        let http = httpfile::HttpOptions::from_pairs(&opts.protocol_options)?;
+        return Ok(Some(Arc::new(httpfile::HttpStorage::open(name, &http)?)));
+    }
     let Some(address) = Address::parse(name) else { return Ok(None) };
     let address = address?;
     let client = ClientOptions { read_only: opts.read_only, ..ClientOptions::default() };
@@ -21,7 +30,7 @@ pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> 
 
 /// Whether `name` names a remote container (it is then never a local path).
 pub fn is_remote(name: &str) -> bool {
-    nbd::address::is_nbd_name(name)
+    nbd::address::is_nbd_name(name) || httpfile::is_http_name(name)
 }
 
 /// "Creates" the remote container `name` for an image of `size` bytes: opens the existing export

@@ -6,6 +6,7 @@
 pub mod bitmaps;
 pub mod crash;
 pub mod model;
+pub mod nginx;
 pub mod servers;
 pub mod workloads;
 
@@ -101,6 +102,16 @@ pub fn vdisk_as_qemu_img(bin: &Path, args: &[&str]) -> Run {
     output(&mut c).unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display())).into()
 }
 
+/// Writes two patterns into the qcow2 `overlay` with qemu-io (128 KiB of 0x44 at 1 MiB, 64 KiB of
+/// 0x55 at 7 MiB) and returns what the overlay then holds when its backing content is `base`.
+pub fn write_into_overlay(overlay: &Path, base: &Path) -> Vec<u8> {
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x44 1M 128k", "-c", "write -P 0x55 7M 64k", s(overlay)]).ok();
+    let mut want = std::fs::read(base).unwrap();
+    want[1 << 20..(1 << 20) + (128 << 10)].fill(0x44);
+    want[7 << 20..(7 << 20) + (64 << 10)].fill(0x55);
+    want
+}
+
 /// Writes `pattern` bytes at `offset..offset+len` of `image` (format `fmt`) with qemu-io.
 pub fn qemu_io_write(image: &Path, fmt: &str, pattern: u8, offset: u64, len: u64) {
     let cmd = format!("write -P {pattern:#x} {offset} {len}");
@@ -138,8 +149,11 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|_| x.next() as u8).collect()
 }
 
+/// The temporary directory type of [`tempdir`].
+pub use tempfile::TempDir;
+
 /// A fresh temporary directory.
-pub fn tempdir() -> tempfile::TempDir {
+pub fn tempdir() -> TempDir {
     tempfile::tempdir().expect("temporary directory")
 }
 
