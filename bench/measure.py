@@ -43,10 +43,12 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from report import cmd_report, loadavg
@@ -86,6 +88,10 @@ RSS_METHOD = ("GNU time %M (wait4 ru_maxrss of the command, started from GNU tim
               else "wait4 ru_maxrss of the direct child (includes the harness's own RSS as a floor)")
 
 
+# Longest a timed run may take before it is killed and counted as failed (BENCH_RUN_TIMEOUT, s).
+RUN_TIMEOUT_S = float(os.environ.get("BENCH_RUN_TIMEOUT", "1800"))
+
+
 def measure(cmd, stdout_path=None, stderr_path=None):
     """Run cmd; return dict(wall_s, maxrss_kib, utime_s, stime_s, rc)."""
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
@@ -98,8 +104,21 @@ def measure(cmd, stdout_path=None, stderr_path=None):
         argv = [GNU_TIME, "-f", "%M", "-o", relay_file, "--"] + argv
     try:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        _, status, ru = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        # A tool that hangs (qemu-img's curl driver once stalled mid-convert) fails its run
+        # instead of holding the whole benchmark: its process group is killed.
+        fired = threading.Event()
+
+        def kill_group():
+            fired.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(RUN_TIMEOUT_S, kill_group)
+        watchdog.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            watchdog.cancel()
         wall = time.perf_counter() - t0
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
         maxrss = ru.ru_maxrss  # Linux: KiB
@@ -107,7 +126,8 @@ def measure(cmd, stdout_path=None, stderr_path=None):
             with open(relay_file) as f:
                 lines = f.read().splitlines()
             # "Command exited with non-zero status N" / "Command terminated by signal N" may precede %M
-            maxrss = int(lines[-1].strip())
+            # Nothing when the watchdog killed GNU time with the tool.
+            maxrss = int(lines[-1].strip()) if lines else maxrss
             for line in lines[:-1]:
                 if line.startswith("Command terminated by signal"):
                     rc = -int(line.split()[-1])
@@ -124,7 +144,25 @@ def measure(cmd, stdout_path=None, stderr_path=None):
         "utime_s": ru.ru_utime,  # wait4 of the direct child includes its reaped children
         "stime_s": ru.ru_stime,
         "rc": rc,
+        "timed_out": fired.is_set(),
     }
+
+
+# Times a run killed by the watchdog is run again (BENCH_HANG_RETRIES; for tools known to hang
+# now and then, such as qemu-img's curl driver). The hangs are counted in the results.
+HANG_RETRIES = int(os.environ.get("BENCH_HANG_RETRIES", "0"))
+
+
+def measure_retrying(cmd, stdout_path, stderr_path, label):
+    """measure(), run again while the watchdog kills it (at most HANG_RETRIES times)."""
+    hangs = 0
+    while True:
+        m = measure(cmd, stdout_path, stderr_path)
+        if not m["timed_out"] or hangs >= HANG_RETRIES:
+            m["hangs"] = hangs
+            return m
+        hangs += 1
+        print(f"  {label}: hung, killed after {RUN_TIMEOUT_S:.0f} s; running it again", file=sys.stderr, flush=True)
 
 
 def cmd_run(args):
@@ -299,8 +337,9 @@ def cmd_case(args):
     for name, path in tools:
         setup(name)
         cmd = render(args.template, path, outs[name])
-        m = measure(cmd, stdout_files[name], stderr_files[name])
+        m = measure_retrying(cmd, stdout_files[name], stderr_files[name], f"{args.id} verification {name}")
         vrun[name] = {
+            "hangs": m["hangs"],
             "rc": m["rc"],
             "stderr": read_text(stderr_files[name]),
             "output_size": file_sizes(outs[name]) if outs[name] else None,
@@ -393,7 +432,7 @@ def cmd_case(args):
             cold = drop_caches() if args.drop_caches else (os.sync() or False)
             cold_flags.append(cold)
             cmd = render(args.template, path, outs[name])
-            m = measure(cmd, stdout_files[name], stderr_files[name])
+            m = measure_retrying(cmd, stdout_files[name], stderr_files[name], f"{args.id} run {i + 1} {name}")
             m["run"] = i
             m["cold_cache"] = cold
             if args.requests:
@@ -418,6 +457,7 @@ def cmd_case(args):
             "peak_rss_kib": max(r["maxrss_kib"] for r in runs) if runs else None,
             "median_reported_s": median_reported(runs),
             "rc": vrun[name]["rc"],
+            "hangs": vrun[name]["hangs"] + sum(r["hangs"] for r in runs),
             "stderr": vrun[name]["stderr"],
             "output_size": vrun[name]["output_size"],
             "stdout_bytes": vrun[name]["stdout_bytes"],

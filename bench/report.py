@@ -201,6 +201,17 @@ def cmd_report(args):
                              f"`{t['stderr'].strip().splitlines()[0]}`")
         L.append("")
 
+    hung = [(c, name, t["hangs"]) for c in cases for name, t in c["tools"].items() if t.get("hangs")]
+    if hung:
+        L.append("## Hung runs")
+        L.append("")
+        L.append("Runs killed by the watchdog (`BENCH_RUN_TIMEOUT`) and run again (`BENCH_HANG_RETRIES`); "
+                 "the times above are of the runs that finished.")
+        L.append("")
+        for c, name, n in hung:
+            L.append(f"- **{c['title']}** (`{c['id']}`): {name} hung {n} time{'s' if n != 1 else ''}")
+        L.append("")
+
     L.append("## Cases")
     L.append("")
     for n, c in enumerate(cases, 1):

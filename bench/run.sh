@@ -14,6 +14,10 @@
 #   BENCH_OUT_MD, BENCH_OUT_JSON, BENCH_OUT_SVG  report paths (default BENCHMARKS.md,
 #                          bench/results.json, bench/ratios.svg)
 #   GUEST_IO_RUNS          runs of bench/guest-io.sh (case guest_io; default 3)
+#   BENCH_RUN_TIMEOUT      seconds after which a hung run is killed (default 1800)
+#   BENCH_HANG_RETRIES     times a killed run is run again before it counts as failed (default 0)
+# The remote cases (convert_http_qcow2_raw, convert_nbd_raw) need nginx (nginx-light) and qemu-img's
+# curl driver (qemu-block-extra from bookworm-backports, the same version as qemu-utils).
 set -euo pipefail
 
 T_START=$(date +%s.%N)
@@ -326,6 +330,25 @@ case_ compare_sparse "compare (1 TiB sparse qcow2 with itself)" stdout "" raw \
     "{tool} compare -f qcow2 -F qcow2 $SPARSE $SPARSE" "$SPARSE"
 SERVERS=1 case_ nbdcopy_qcow2 "nbdcopy from an NBD export of disk.qcow2 (vdisk serve --nbd vs qemu-nbd, in the qemu-img column)" image .raw raw \
     "$HERE/nbdcopy-from.sh {tool} $QCOW {out}" "$QCOW"
+# Remote sources: the same disk.qcow2 from nginx over HTTP and from qemu-nbd (exporting its
+# content), both on loopback and started once for both tools (bench/remote-servers.sh).
+if want convert_http_qcow2_raw || want convert_nbd_raw; then
+    REMOTE_FIFO=$WORK/remote.out
+    mkfifo "$REMOTE_FIFO"
+    "$HERE/remote-servers.sh" "$BENCH_DIR" "$QCOW" "$WORK/remote" > "$REMOTE_FIFO" &
+    REMOTE_PID=$!
+    trap 'kill $REMOTE_PID 2>/dev/null || true' EXIT
+    read -r HTTP_PORT NBD_SOCK < "$REMOTE_FIFO"
+    # qemu-img's curl driver (10.0.2, libcurl 7.88) stalls in about half of these runs at 0% CPU:
+    # such a run is killed after 60 s and run again, and the report counts the hangs.
+    BENCH_RUN_TIMEOUT=60 BENCH_HANG_RETRIES=10 \
+    case_ convert_http_qcow2_raw "convert qcow2 → raw from an HTTP URL (nginx on loopback)" image .raw raw \
+        "{tool} convert -q -f qcow2 -O raw http://127.0.0.1:$HTTP_PORT/disk.qcow2 {out}" "$QCOW"
+    case_ convert_nbd_raw "convert from an NBD export of disk.qcow2 (qemu-nbd -f qcow2 on a unix socket) → raw" image .raw raw \
+        "{tool} convert -q -f raw -O raw nbd+unix:///disk?socket=$NBD_SOCK {out}" "$QCOW"
+    kill "$REMOTE_PID" 2>/dev/null || true
+    wait "$REMOTE_PID" 2>/dev/null || true
+fi
 # case_inplace ID TITLE SETUP EXPECT EXPECT_BACKING TEMPLATE INPUT...: commands that change their
 # files in place; SETUP lays out a fresh copy at {out} (untimed) before every run, and every tool's
 # {out} must then compare equal to EXPECT, pass `qemu-img check` and have the backing file
