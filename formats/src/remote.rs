@@ -17,7 +17,7 @@ use nbd::client::{ClientOptions, NbdStorage};
 pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> {
     if httpfile::is_http_name(name) {
         if !opts.read_only {
-            return Err(Error::read_only().with_message(format!("Could not open '{name}': HTTP images are read-only")));
+            return Err(Error::read_only().with_message("curl driver does not support writes"));
         }
         let http = httpfile::HttpOptions::from_pairs(&opts.protocol_options)?;
         return Ok(Some(Arc::new(httpfile::HttpStorage::open(name, &http)?)));
@@ -37,6 +37,9 @@ pub fn is_remote(name: &str) -> bool {
 /// read-write, refuses images larger than it and preallocation, and zeroes the first sector (so
 /// that an old header there is not probed).
 pub fn create(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
+    if let Some(scheme) = name.split_once("://").map(|(s, _)| s).filter(|_| httpfile::is_http_name(name)) {
+        return Err(Error::unsupported(format!("Protocol driver '{scheme}' does not support image creation")));
+    }
     let storage = open(name, &OpenOptions::read_write())?
         .ok_or_else(|| Error::invalid_argument(format!("'{name}' is not remote")))?;
     if !matches!(prealloc, Prealloc::Off | Prealloc::Metadata) {
