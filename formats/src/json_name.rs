@@ -6,7 +6,7 @@
 //! `host_device`, or an NBD node (`file.driver=nbd` with `file.server.*` or the flat `file.path`,
 //! `file.host`, `file.port`, and `file.export`, turned into the export's URL), or an HTTP(S)
 //! node (`file.driver=http`/`https`, `file.url` and the node options of
-//! [`httpfile::NODE_OPTION_KEYS`]); any other option is refused with qemu's message rather than
+//! `httpfile::NODE_OPTION_KEYS`, with the `http` feature); any other option is refused with qemu's message rather than
 //! ignored.
 
 use blockdev::{Error, Result};
@@ -50,7 +50,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
     let mut filename = None;
     let mut driver = None;
     let mut nbd = FileNodeOptions::default();
-    let mut http = httpfile::NodeOptions::default();
+    let mut http = crate::remote::HttpNodeOptions::default();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -94,6 +94,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "http")]
     #[test]
     fn http_nodes() {
         let a = parse(r#"{"driver":"qcow2","file":{"driver":"https","url":"https://h/b.qcow2","timeout":3}}"#).unwrap();

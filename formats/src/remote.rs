@@ -12,15 +12,56 @@ use blockdev::{Error, OpenOptions, Prealloc, Result, Storage};
 use nbd::address::Address;
 use nbd::client::{ClientOptions, NbdStorage};
 
+#[cfg(feature = "http")]
+pub(crate) use httpfile::NodeOptions as HttpNodeOptions;
+
+/// Without the `http` feature no option belongs to an HTTP node.
+#[cfg(not(feature = "http"))]
+#[derive(Debug, Default)]
+pub(crate) struct HttpNodeOptions {
+    _none: (),
+}
+
+/// An HTTP node's URL and options (none exist without the `http` feature).
+#[cfg(not(feature = "http"))]
+type HttpNode = (String, Vec<(String, String)>);
+
+#[cfg(not(feature = "http"))]
+impl HttpNodeOptions {
+    pub(crate) fn take(&mut self, _key: &str, _value: &str) -> bool {
+        false
+    }
+
+    pub(crate) fn node(&self, _format: &str) -> Result<Option<HttpNode>> {
+        Ok(None)
+    }
+}
+
+/// Whether `name` is an `http://` or `https://` URL.
+fn is_http_name(name: &str) -> bool {
+    name.split_once("://").is_some_and(|(s, _)| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
+}
+
+/// Opens the HTTP(S) file `name` read-only with the node options of `opts`.
+#[cfg(feature = "http")]
+fn open_http(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+    if !opts.read_only {
+        return Err(Error::read_only().with_message("curl driver does not support writes"));
+    }
+    let http = httpfile::HttpOptions::from_pairs(&opts.protocol_options)?;
+    Ok(Arc::new(httpfile::HttpStorage::open(name, &http)?))
+}
+
+#[cfg(not(feature = "http"))]
+fn open_http(_name: &str, _opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+    Err(Error::unsupported("vdisk was built without HTTP support (feature \"http\" of crate formats)"))
+}
+
 /// Opens `name` if it is a protocol name; `None` for a local file name. An HTTP node takes its
 /// options from `opts.protocol_options`.
 pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> {
-    if httpfile::is_http_name(name) {
-        if !opts.read_only {
-            return Err(Error::read_only().with_message("curl driver does not support writes"));
-        }
-        let http = httpfile::HttpOptions::from_pairs(&opts.protocol_options)?;
-        return Ok(Some(Arc::new(httpfile::HttpStorage::open(name, &http)?)));
+    if is_http_name(name) {
+        return open_http(name, opts).map(Some);
     }
     let Some(address) = Address::parse(name) else { return Ok(None) };
     let address = address?;
@@ -30,14 +71,14 @@ pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> 
 
 /// Whether `name` names a remote container (it is then never a local path).
 pub fn is_remote(name: &str) -> bool {
-    nbd::address::is_nbd_name(name) || httpfile::is_http_name(name)
+    nbd::address::is_nbd_name(name) || is_http_name(name)
 }
 
 /// "Creates" the remote container `name` for an image of `size` bytes: opens the existing export
 /// read-write, refuses images larger than it and preallocation, and zeroes the first sector (so
 /// that an old header there is not probed).
 pub fn create(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
-    if let Some(scheme) = name.split_once("://").map(|(s, _)| s).filter(|_| httpfile::is_http_name(name)) {
+    if let Some(scheme) = name.split_once("://").map(|(s, _)| s).filter(|_| is_http_name(name)) {
         return Err(Error::unsupported(format!("Protocol driver '{scheme}' does not support image creation")));
     }
     let storage = open(name, &OpenOptions::read_write())?
