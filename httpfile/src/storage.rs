@@ -62,21 +62,27 @@ impl HttpStorage {
     /// support, following redirects.
     pub fn open(url: &str, opts: &HttpOptions) -> Result<HttpStorage> {
         let scheme = scheme_of(url).ok_or_else(|| Error::invalid_argument(format!("'{url}' is not an HTTP URL")))?;
-        let mut config = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(MAX_REDIRECTS)
             .timeout_resolve(Some(opts.timeout))
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .timeout_per_write(Some(opts.timeout))
-            .user_agent(concat!("vdisk/", env!("CARGO_PKG_VERSION")));
-        // Only https needs the CA store (redirects from http to https are followed with it too).
-        if scheme == "https" || opts.ca_file.is_some() || !opts.ssl_verify {
-            config = config.tls_config(tls::config(opts)?);
-        }
+            .user_agent(concat!("vdisk/", env!("CARGO_PKG_VERSION")))
+            // An http URL may redirect to https: the same trust either way.
+            .tls_config(tls::config(opts)?);
         let agent: ureq::Agent = config.build().into();
         let open_error = |msg: String| Error::new(ErrorKind::Io, format!("{OPEN_PREFIX}: {msg}"));
-        let resp = agent.head(url).call().map_err(|e| open_error(e.to_string()))?;
+        // A whole exchange is bounded too: headers trickled byte by byte would reset the per-read
+        // timeout forever.
+        let resp = agent
+            .head(url)
+            .config()
+            .timeout_per_call(Some(opts.timeout * 2))
+            .build()
+            .call()
+            .map_err(|e| open_error(e.to_string()))?;
         if resp.status() != StatusCode::OK {
             let kind = if resp.status() == StatusCode::NOT_FOUND { ErrorKind::NotFound } else { ErrorKind::Io };
             return Err(open_error(status_error(resp.status())).with_kind(kind));
