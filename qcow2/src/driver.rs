@@ -309,7 +309,9 @@ impl BlockDriver for Qcow2 {
         Ok(ImageInfo {
             filename: self.file.name().to_string(),
             format: "qcow2".into(),
-            dirty_flag: Some(false),
+            // The incompatible dirty bit (set by lazy-refcount writes, cleared by a clean close or
+            // the repair a writable open makes), as qemu's info reports it.
+            dirty_flag: Some(m.dirty_on_disk),
             actual_size: file.actual_size,
             virtual_size: self.size(),
             cluster_size: Some(self.cluster_size()),
