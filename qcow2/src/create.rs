@@ -192,6 +192,9 @@ fn params_for(opts: &CreateOptions, measure: bool) -> Result<Params> {
     if data_file_raw && backing.is_some() {
         return Err(bad("Backing file and data-file-raw cannot be used at the same time"));
     }
+    // A raw data file must read the same as the image, so every guest cluster maps 1:1 onto it
+    // from the start: qemu forces metadata preallocation (create only; measure is unchanged).
+    let prealloc = if data_file_raw && prealloc == Prealloc::Off && !measure { Prealloc::Metadata } else { prealloc };
     if data_file.is_some() && version < 3 {
         return Err(bad(
             "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",

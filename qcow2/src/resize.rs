@@ -11,6 +11,7 @@ use blockdev::{Error, Prealloc, ResizeOptions, Result};
 
 use crate::driver::Qcow2;
 use crate::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::header::autoclear;
 use crate::limits::{MAX_L1_SIZE, MAX_VIRTUAL_SIZE};
 use crate::meta::Meta;
 
@@ -83,6 +84,14 @@ impl Qcow2 {
 
     /// Resizes the disk from `old` to `new_size` bytes (checks done).
     fn resize_disk(&self, old: u64, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        // A raw external data file keeps its 1:1 mapping over the grown area too (as in qemu):
+        // the new clusters are mapped at once, as metadata preallocation maps them.
+        let raw_data_file = self.geo.data_file && self.lock().h.autoclear & autoclear::DATA_FILE_RAW != 0;
+        let mut opts = *opts;
+        if raw_data_file && opts.prealloc == Prealloc::Off && new_size > old {
+            opts.prealloc = Prealloc::Metadata;
+        }
+        let opts = &opts;
         if new_size < old {
             if !opts.allow_shrink {
                 return Err(Error::invalid_argument("Use the --shrink option to perform a shrink operation."));
