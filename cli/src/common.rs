@@ -20,6 +20,13 @@ pub enum OutputFormat {
     Json,
 }
 
+/// qemu-img's error for a format name it does not know (`create -f`, `convert -O`, `measure -O`,
+/// `amend -f`); used with [`Registry::format_or`], which names the formats qemu knows and vdisk
+/// cannot handle yet instead.
+pub fn unknown_file_format(name: &str) -> blockdev::Error {
+    blockdev::Error::invalid_argument(format!("Unknown file format '{name}'"))
+}
+
 /// Parses `--output`, with qemu-img's message for anything else.
 pub fn output_format(v: Option<&str>) -> Result<OutputFormat, CliError> {
     match v {

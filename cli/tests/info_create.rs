@@ -66,3 +66,183 @@ fn bad_input_gives_qemu_errors_not_panics() {
         assert!(!v.stderr.contains("panicked"), "{args:?}");
     }
 }
+
+/// A lazy-refcounts image whose writer died keeps the dirty bit: `info` says so in text
+/// ("cleanly shut down: no") and JSON ("dirty-flag": true), exactly as qemu-img does; once
+/// qemu-img check repairs it, both report a clean image again.
+#[test]
+fn info_reports_the_qcow2_dirty_bit() {
+    let d = tempdir();
+    let img = d.path().join("dirty.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "64M"]).ok();
+    // qemu-io's abort leaves the image as a crash would: data written, dirty bit set.
+    let _ = vdisk_tests::qemu_io(&["-c", "write -P 7 0 1M", "-c", "abort", s(&img)]);
+    let text = ["info", s(&img)];
+    let json = ["info", "--output=json", s(&img)];
+    for args in [&text[..], &json[..]] {
+        let q = qemu_img(args).ok();
+        let v = vdisk(args).ok();
+        assert_eq!(q.stdout, v.stdout, "{args:?}");
+    }
+    assert!(vdisk(&text).stdout.contains("cleanly shut down: no\n"));
+    assert!(vdisk(&json).stdout.contains("\"dirty-flag\": true"));
+
+    // Repaired, the image is clean in both tools.
+    qemu_img(&["check", "-r", "all", s(&img)]).ok();
+    for args in [&text[..], &json[..]] {
+        let q = qemu_img(args).ok();
+        let v = vdisk(args).ok();
+        assert_eq!(q.stdout, v.stdout, "{args:?}");
+        assert!(!v.stdout.contains("cleanly shut down") && !v.stdout.contains("\"dirty-flag\": true"));
+    }
+}
+
+/// A minimal bochs growing redolog (1 MiB, every extent unallocated) that qemu-img opens.
+fn bochs_image() -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[..22].copy_from_slice(b"Bochs Virtual HD Image");
+    h[32..39].copy_from_slice(b"Redolog");
+    h[48..55].copy_from_slice(b"Growing");
+    // version 2, header size, catalog entries, bitmap size, extent size; then the disk size.
+    for (i, v) in [0x0002_0000u32, 512, 256, 512, 4096].into_iter().enumerate() {
+        h[64 + 4 * i..68 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    h[88..96].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    h.extend(std::iter::repeat_n(0xff, 256 * 4));
+    h
+}
+
+/// A cloop image with no blocks (qemu-img opens it as a 0-byte disk).
+fn cloop_image() -> Vec<u8> {
+    let preamble = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+    let mut c = vec![0u8; 128];
+    c[..preamble.len()].copy_from_slice(preamble);
+    c.extend(512u32.to_be_bytes()); // block size
+    c.extend(0u32.to_be_bytes()); // blocks
+    c.extend(144u64.to_be_bytes()); // the end offset of the (no) blocks
+    c
+}
+
+/// Every format qemu-img probes that vdisk cannot open yet is refused with its name, where vdisk
+/// used to open it as raw (and `convert` copied the container's bytes as the disk): each file here
+/// probes as that format in qemu-img (checked live), and vdisk's info and convert fail naming it,
+/// writing nothing. `-f raw` still opens it as raw with qemu-img's output, and `-f NAME` says the
+/// format is not supported yet.
+#[test]
+fn formats_vdisk_lacks_are_refused_by_name_not_opened_as_raw() {
+    let d = tempdir();
+    let mut cases: Vec<(&str, &str, std::path::PathBuf)> = Vec::new();
+    for (fmt, description) in
+        [("vhdx", "vhdx"), ("qed", "qed"), ("qcow", "qcow (version 1)"), ("parallels", "parallels")]
+    {
+        let p = d.path().join(format!("disk.{fmt}"));
+        qemu_img(&["create", "-f", fmt, s(&p), "64M"]).ok();
+        cases.push((fmt, description, p));
+    }
+    for (fmt, bytes) in [("bochs", bochs_image()), ("cloop", cloop_image()), ("dmg", vec![0u8; 4096])] {
+        let p = d.path().join(format!("disk.{fmt}"));
+        std::fs::write(&p, bytes).unwrap();
+        cases.push((fmt, fmt, p));
+    }
+    for (fmt, description, img) in &cases {
+        let q = qemu_img(&["info", s(img)]);
+        if *fmt == "dmg" {
+            // No magic: qemu picks dmg by the name alone, then finds no UDIF trailer.
+            assert!(q.stderr.contains("UDIF trailer"), "{fmt}: {}", q.stderr);
+        } else {
+            assert!(q.stdout.contains(&format!("file format: {fmt}\n")), "{fmt}: {}", q.stdout);
+        }
+        let v = vdisk(&["info", s(img)]);
+        assert_eq!(v.code, 1, "{fmt}");
+        assert_eq!(
+            v.stderr,
+            format!(
+                "qemu-img: Could not open '{}': Image is in the {description} format, which vdisk does not support yet\n",
+                s(img)
+            )
+        );
+        let out = d.path().join(format!("{fmt}.raw"));
+        let v = vdisk(&["convert", "-O", "raw", s(img), s(&out)]);
+        assert_eq!(v.code, 1, "{fmt}");
+        assert!(v.stderr.contains(&format!("in the {description} format")), "{fmt}: {}", v.stderr);
+        assert!(!out.exists(), "{fmt}: convert created its target");
+
+        let named = vdisk(&["info", "-f", fmt, s(img)]);
+        assert_eq!(named.code, 1, "{fmt}");
+        assert!(named.stderr.contains(&format!("Image format '{fmt}' is not supported by vdisk yet")), "{fmt}");
+
+        let args = ["info", "-f", "raw", s(img)];
+        assert_eq!(qemu_img(&args).ok().stdout, vdisk(&args).ok().stdout, "{fmt} as raw");
+    }
+    // Naming a format vdisk lacks as a target says so too.
+    let out = d.path().join("out");
+    let source = d.path().join("source.raw");
+    std::fs::write(&source, vec![0u8; 65536]).unwrap();
+    for args in [
+        vec!["create", "-f", "vhdx", s(&out), "1M"],
+        vec!["convert", "-O", "qed", s(&source), s(&out)],
+        vec!["measure", "-O", "parallels", "--size", "1M"],
+    ] {
+        let v = vdisk(&args);
+        assert_eq!(v.code, 1, "{args:?}");
+        assert!(v.stderr.contains("is not supported by vdisk yet"), "{args:?}: {}", v.stderr);
+        assert!(!out.exists());
+    }
+}
+
+/// Probing follows qemu for files shorter than its 512-byte probe: an empty file is raw, and a
+/// shorter one is probed as if padded with zeros (so a file holding only the start of cloop's
+/// preamble is raw, and one holding only a magic is that format).
+#[test]
+fn short_files_probe_as_in_qemu() {
+    let d = tempdir();
+    for (name, bytes) in [("empty", &b""[..]), ("short", &b"#!/bin/sh\n"[..]), ("magic", &b"vhdxfile"[..])] {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let args = ["info", s(&p)];
+        let (q, v) = (qemu_img(&args), vdisk(&args));
+        if name == "magic" {
+            assert!(q.stderr.contains("No valid VHDX header found"), "{}", q.stderr);
+            assert!(v.stderr.contains("in the vhdx format"), "{}", v.stderr);
+        } else {
+            assert_eq!((q.code, q.stdout), (0, v.stdout), "{name}");
+        }
+    }
+}
+
+/// `data_file_raw=on` maps every guest cluster 1:1 onto the raw data file from creation on (qemu
+/// forces metadata preallocation), and keeps doing so when the disk grows: bytes written straight
+/// into the data file read back through the qcow2, as with qemu-img's image.
+#[test]
+fn data_file_raw_maps_the_data_file_one_to_one() {
+    let d = tempdir();
+    let path = |n: &str| d.path().join(n);
+    let (vq, vd, qq, qd) = (path("v.qcow2"), path("v.data"), path("q.qcow2"), path("q.data"));
+    let create = |img: &std::path::Path, data: &std::path::Path| {
+        let o = format!("data_file={},data_file_raw=on", s(data));
+        ["create", "-f", "qcow2", "-o", &o, s(img), "4M"].map(String::from)
+    };
+    let (a, b) = (create(&qq, &qd), create(&vq, &vd));
+    let q = qemu_img(&a.each_ref().map(String::as_str)).ok();
+    let v = vdisk(&b.each_ref().map(String::as_str)).ok();
+    assert_eq!(q.stdout.replace(s(&qq), "X").replace(s(&qd), "D"), v.stdout.replace(s(&vq), "X").replace(s(&vd), "D"));
+
+    let map = |img: &std::path::Path| qemu_img(&["map", "--output=json", s(img)]).ok().stdout;
+    for (size, at) in [(None, 1u64 << 20), (Some("8M"), 6 << 20)] {
+        if let Some(size) = size {
+            qemu_img(&["resize", s(&qq), size]).ok();
+            vdisk(&["resize", s(&vq), size]).ok();
+        }
+        assert_eq!(map(&qq), map(&vq), "mapping after growing to {size:?}");
+        assert!(map(&vq).contains("\"data\": true"), "{}", map(&vq));
+        // Bytes written into the raw file itself are the disk's bytes.
+        use std::os::unix::fs::FileExt;
+        let data = std::fs::OpenOptions::new().write(true).open(&vd).unwrap();
+        data.write_all_at(&vdisk_tests::pseudo_random(65536 + 512, at), at + 512).unwrap();
+        drop(data);
+        qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&vq), s(&vd)]).ok();
+        let check = qemu_img(&["check", s(&vq)]).ok();
+        assert!(check.stdout.contains("No errors were found"), "{}", check.stdout);
+    }
+    assert_eq!(std::fs::metadata(&vq).unwrap().len(), std::fs::metadata(&qq).unwrap().len());
+}

@@ -14,6 +14,7 @@
 
 pub mod commit;
 pub mod file;
+pub mod foreign;
 pub mod json_name;
 pub mod luks;
 pub mod overlay;
@@ -29,6 +30,7 @@ use blockdev::{
 };
 
 pub use file::FILE_CREATE_OPTIONS;
+pub use foreign::{foreign_format, ForeignFormat, FOREIGN_FORMATS};
 pub use overlay::{OverlayOptions, TemporaryOverlay};
 
 /// Bytes read from the start of a file to probe its format (qemu's BLOCK_PROBE_BUF_SIZE).
@@ -41,6 +43,39 @@ pub struct Opened {
     pub driver: Arc<dyn BlockDriver>,
     /// The format was guessed as raw because nothing else matched (qemu warns about this).
     pub probed_raw: bool,
+}
+
+/// What probing found: a format vdisk has, or one qemu has and vdisk cannot open yet.
+#[derive(Clone, Copy)]
+pub enum Probed<'a> {
+    /// A registered format (raw when nothing else matched).
+    Format(&'a dyn Format),
+    /// A format vdisk refuses by name.
+    Foreign(&'static ForeignFormat),
+}
+
+impl Probed<'_> {
+    /// qemu's name of the probed format.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Probed::Format(f) => f.name(),
+            Probed::Foreign(f) => f.name,
+        }
+    }
+
+    /// The probed format's score for `head` and `filename`.
+    pub fn score(&self, head: &[u8], filename: &str) -> u32 {
+        match self {
+            Probed::Format(f) => f.probe(head, filename),
+            Probed::Foreign(f) => (f.probe)(head, filename),
+        }
+    }
+}
+
+impl std::fmt::Debug for Probed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Every format vdisk knows.
@@ -93,16 +128,42 @@ impl Registry {
         v
     }
 
-    /// The format whose probe scores `head` highest (raw if nothing else matches).
-    pub fn probe_bytes(&self, head: &[u8], filename: &str) -> &dyn Format {
-        let mut best: Option<(&dyn Format, u32)> = None;
-        for f in &self.formats {
-            let score = f.probe(head, filename);
-            if score > 0 && best.is_none_or(|(_, s)| score > s) {
-                best = Some((f.as_ref(), score));
+    /// The format whose probe scores `head` (the first bytes of a file called `filename`)
+    /// highest, among the registered formats and the [`FOREIGN_FORMATS`] qemu knows and vdisk
+    /// cannot open yet; raw if nothing else matches or the file is empty (as in qemu, which
+    /// probes no format for an empty file). On equal scores the format listed first wins.
+    pub fn probe_bytes(&self, head: &[u8], filename: &str) -> Probed<'_> {
+        let raw = Probed::Format(self.format("raw").expect("raw is always registered"));
+        if head.is_empty() {
+            return raw;
+        }
+        let registered = self.formats.iter().map(|f| (Probed::Format(f.as_ref()), f.probe(head, filename)));
+        let foreign = FOREIGN_FORMATS.iter().map(|f| (Probed::Foreign(f), (f.probe)(head, filename)));
+        let mut best: Option<(Probed<'_>, u32)> = None;
+        for (candidate, score) in registered.chain(foreign) {
+            if score > 0 && best.as_ref().is_none_or(|(_, s)| score > *s) {
+                best = Some((candidate, score));
             }
         }
-        best.map(|(f, _)| f).unwrap_or_else(|| self.format("raw").expect("raw is always registered"))
+        best.map(|(f, _)| f).unwrap_or(raw)
+    }
+
+    /// The guard of an image probed as raw and opened writable (qemu's): a write may not make
+    /// sector 0 probe as any other format, one vdisk cannot open included.
+    pub fn raw_probe_guard(&self) -> raw::ProbeCheck {
+        let this = Registry { formats: self.formats.clone() };
+        Arc::new(move |sector: &[u8]| this.probe_bytes(sector, "").name() == "raw")
+    }
+
+    /// The format called `name`, or the error for a name that is not one: a format qemu has and
+    /// vdisk does not yet is refused by name ([`ForeignFormat::named_refusal`]); any other name gets
+    /// `unknown`'s error (whose wording depends on the command).
+    pub fn format_or(&self, name: &str, unknown: impl FnOnce() -> Error) -> Result<&dyn Format> {
+        match (self.format(name), foreign_format(name)) {
+            (Some(f), _) => Ok(f),
+            (None, Some(foreign)) => Err(foreign.named_refusal()),
+            (None, None) => Err(unknown()),
+        }
     }
 
     /// Create options of `format` followed by the file protocol's (without duplicates): the list
@@ -137,9 +198,7 @@ impl Registry {
             return Err(Error::invalid_argument("force-share=on can only be used with read-only images"));
         }
         let named = match format {
-            Some(name) => {
-                Some(self.format(name).ok_or_else(|| Error::invalid_argument(format!("Unknown driver '{name}'")))?)
-            }
+            Some(name) => Some(self.format_or(name, || Error::invalid_argument(format!("Unknown driver '{name}'")))?),
             None => None,
         };
         let (storage, file, filename) = match remote::open(filename, opts)? {
@@ -154,18 +213,18 @@ impl Registry {
         let (fmt, probed_raw) = match named {
             Some(f) => (f, false),
             None => {
+                // As in qemu, a file shorter than the probe size is probed padded with zeros
+                // (it reads as whole sectors); an empty one is raw.
                 let mut head = vec![0u8; PROBE_SIZE];
                 let len = storage.len()?;
                 let n = (len.min(PROBE_SIZE as u64)) as usize;
                 blockdev::read_exact_at(storage.as_ref(), 0, &mut head[..n])?;
-                let f = self.probe_bytes(&head[..n], filename);
-                if f.name() == "raw" && is_qcow1(&head[..n]) {
-                    // qemu probes this as its "qcow" driver (and fails on a damaged qcow2 header
-                    // whose version reads 1); treating it as raw would expose the metadata as data.
-                    return Err(Error::unsupported(
-                        "Image is in the qcow (version 1) format, which vdisk does not support",
-                    ));
-                }
+                let head = if n == 0 { &head[..0] } else { &head[..] };
+                let f = match self.probe_bytes(head, filename) {
+                    Probed::Format(f) => f,
+                    // Opening it as raw would expose the container's metadata as the disk.
+                    Probed::Foreign(foreign) => return Err(foreign.refusal()),
+                };
                 (f, f.name() == "raw")
             }
         };
@@ -175,14 +234,7 @@ impl Registry {
         }
         let chain = chain.enter(std::path::Path::new(filename), opts.max_chain_depth)?;
         let driver: Arc<dyn BlockDriver> = if probed_raw && !opts.read_only {
-            let guard: raw::ProbeCheck = {
-                let this = self.formats.clone();
-                Arc::new(move |sector: &[u8]| {
-                    let best = this.iter().map(|f| (f.probe(sector, ""), f.name())).max_by_key(|(s, _)| *s);
-                    best.is_none_or(|(_, name)| name == "raw")
-                })
-            };
-            Arc::new(raw::RawDriver::new(storage, opts.read_only, Some(guard))?)
+            Arc::new(raw::RawDriver::new(storage, opts.read_only, Some(self.raw_probe_guard()))?)
         } else {
             fmt.open(storage, opts, &chain, self)?
         };
@@ -191,17 +243,9 @@ impl Registry {
 
     /// Creates `filename` as `format` with already validated `opts`.
     pub fn create(&self, format: &str, filename: &str, opts: &CreateOptions) -> Result<()> {
-        let f =
-            self.format(format).ok_or_else(|| Error::invalid_argument(format!("Unknown file format '{format}'")))?;
+        let f = self.format_or(format, || Error::invalid_argument(format!("Unknown file format '{format}'")))?;
         f.create(filename, opts, self)
     }
-}
-
-/// True for a file that starts like QEMU's original qcow (version 1) format: qcow2's magic with
-/// version 1. qemu's `qcow` driver claims it; vdisk has no such driver and refuses it rather than
-/// probing it as raw.
-fn is_qcow1(head: &[u8]) -> bool {
-    head.len() >= 8 && head[..4] == *b"QFI\xfb" && head[4..8] == 1u32.to_be_bytes()
 }
 
 /// The permissions an open of `format` with `opts` holds and shares.
@@ -308,4 +352,43 @@ pub fn sector_len(storage: &dyn Storage) -> Result<u64> {
 /// Whether an error means "the file does not exist".
 pub fn is_not_found(e: &Error) -> bool {
     e.kind() == ErrorKind::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::IoSlice;
+
+    #[test]
+    fn foreign_magics_outrank_raw_and_lose_to_nothing_registered() {
+        let reg = Registry::new();
+        let mut head = vec![0u8; PROBE_SIZE];
+        assert_eq!(reg.probe_bytes(&head, "x").name(), "raw");
+        assert_eq!(reg.probe_bytes(&[], "x.dmg").name(), "raw", "an empty file is raw whatever its name");
+        assert_eq!(reg.probe_bytes(&head, "x.dmg").name(), "dmg");
+        head[..8].copy_from_slice(b"vhdxfile");
+        assert!(matches!(reg.probe_bytes(&head, "x"), Probed::Foreign(f) if f.name == "vhdx"));
+        head[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+        assert!(matches!(reg.probe_bytes(&head, "x.dmg"), Probed::Format(f) if f.name() == "qcow2"));
+    }
+
+    #[test]
+    fn a_probed_raw_image_refuses_a_sector_zero_that_probes_as_a_foreign_format() {
+        let reg = Registry::new();
+        let storage = Arc::new(blockdev::MemStorage::new("m", vec![0u8; 4096]));
+        let raw = raw::RawDriver::new(storage, false, Some(reg.raw_probe_guard())).unwrap();
+        let e = raw.write_at(0, &[IoSlice::new(b"WithoutFreeSpace\x02\0\0\0")]).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EPERM));
+        raw.write_at(0, &[IoSlice::new(b"plain data")]).unwrap();
+    }
+
+    #[test]
+    fn named_formats_vdisk_lacks_are_refused_by_name() {
+        let reg = Registry::new();
+        let unknown = || Error::invalid_argument("unknown");
+        assert_eq!(reg.format_or("qcow2", unknown).map(|f| f.name()).ok(), Some("qcow2"));
+        let message = |name| reg.format_or(name, unknown).err().map(|e| e.message().to_string());
+        assert!(message("vhdx").unwrap().contains("'vhdx' is not supported by vdisk"));
+        assert_eq!(message("nonsense").unwrap(), "unknown");
+    }
 }

@@ -23,7 +23,7 @@ const OPTS: &[Opt] = &[
 ];
 
 fn print_help(reg: &Registry, fmt: &str) -> CmdResult {
-    let f = reg.format(fmt).ok_or_else(|| CliError::new(format!("Unknown file format '{fmt}'")))?;
+    let f = reg.format_or(fmt, || crate::common::unknown_file_format(fmt))?;
     let specs = f
         .amend_options()
         .ok_or_else(|| CliError::new(format!("Format driver '{fmt}' does not support option amendment")))?;

@@ -192,7 +192,7 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
     let mut target_backing = p.value("B").map(str::to_string);
     if !p.has("n") {
         let fmt_name = a.out_fmt.unwrap_or("raw");
-        let format = reg.format(fmt_name).ok_or_else(|| CliError::new(format!("Unknown file format '{fmt_name}'")))?;
+        let format = reg.format_or(fmt_name, || crate::common::unknown_file_format(fmt_name))?;
         let specs = reg.create_specs(format);
         if let Some(o) = &a.options {
             create_opts.parse_into(o, &specs)?;

@@ -7,7 +7,7 @@ use formats::Registry;
 
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{accumulate_options, parse_img_size, registry};
-use crate::common::Objects;
+use crate::common::{unknown_file_format, Objects};
 use crate::report::{CliError, CmdResult};
 
 const OPTS: &[Opt] = &[
@@ -84,7 +84,9 @@ pub struct CreateRequest<'a> {
 /// Creates an image as qemu's `bdrv_img_create` does (checks, "Formatting" line, create). Errors
 /// carry the message only; callers add the filename prefix.
 pub fn img_create(reg: &Registry, req: &CreateRequest<'_>) -> Result<(), String> {
-    let format = reg.format(req.fmt).ok_or_else(|| format!("Unknown file format '{}'", req.fmt))?;
+    let format = reg
+        .format_or(req.fmt, || blockdev::Error::invalid_argument(format!("Unknown file format '{}'", req.fmt)))
+        .map_err(|e| e.message().to_string())?;
     let specs = reg.create_specs(format);
     let mut opts = CreateOptions::new();
     opts.set_secrets(crate::common::defined_secrets());
@@ -166,7 +168,7 @@ pub fn img_create(reg: &Registry, req: &CreateRequest<'_>) -> Result<(), String>
 
 /// `-o help`: the format's options (and the file protocol's when a file name is given).
 pub fn print_option_help(reg: &Registry, filename: Option<&str>, fmt: &str) -> CmdResult {
-    let format = reg.format(fmt).ok_or_else(|| CliError::new(format!("Unknown file format '{fmt}'")))?;
+    let format = reg.format_or(fmt, || unknown_file_format(fmt))?;
     match filename {
         Some(_) => print!("{}", help_text("Supported options:", &reg.create_specs(format))),
         None => {

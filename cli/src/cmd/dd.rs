@@ -132,9 +132,8 @@ pub fn run(args: &[String]) -> CmdResult {
     let reg = registry();
 
     let input = img_open(&reg, &OpenRequest::read_only(&ops.input, p.value("f"), p.has("image-opts"), p.has("U")))?;
-    if reg.format(out_fmt).is_none() {
-        return Err(CliError::new("Unknown file format"));
-    }
+    // qemu-img dd's message names no format; one vdisk lacks is named.
+    reg.format_or(out_fmt, || blockdev::Error::invalid_argument("Unknown file format"))?;
     let plan = plan(input.size(), &ops);
     let create = CreateRequest {
         filename: &ops.output,

@@ -266,7 +266,7 @@ pub fn run(args: &[String]) -> CmdResult {
         }
         None => None,
     };
-    let format = reg.format(&a.out_fmt).ok_or_else(|| CliError::new(format!("Unknown file format '{}'", a.out_fmt)))?;
+    let format = reg.format_or(&a.out_fmt, || crate::common::unknown_file_format(&a.out_fmt))?;
     let mut opts = match &a.options {
         Some(o) => parse_options(o, &reg.create_specs(format)).map_err(|e| {
             error_report(e.message());
