@@ -9,7 +9,7 @@
 //! repair.
 //!
 //! # Crash consistency
-//! The update order (DESIGN.md, "Crash consistency") is kept by construction:
+//! The update order (DESIGN.md, section 5, "Crash consistency") is kept by construction:
 //! 1. guest data is written to a newly allocated cluster before its L2 entry is changed in the cache
 //!    (`write.rs`), and the L2 table reaches the file only at a flush or eviction, after a sync;
 //! 2. refcount increases happen at allocation time in the refcount cache; a flush writes refcount
