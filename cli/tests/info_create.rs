@@ -66,3 +66,31 @@ fn bad_input_gives_qemu_errors_not_panics() {
         assert!(!v.stderr.contains("panicked"), "{args:?}");
     }
 }
+
+/// Character devices (`/dev/null`, `/dev/zero`) open as qemu's `host_device` nodes of length 0:
+/// `info`, `map`, `compare`, `check` and `resize` print what qemu-img prints, with its exit codes.
+#[test]
+fn character_devices_open_as_in_qemu_img() {
+    let same = |args: &[&str]| {
+        let q = qemu_img(args);
+        let v = vdisk(args);
+        assert_eq!((v.code, &v.stdout, &v.stderr), (q.code, &q.stdout, &q.stderr), "{args:?}");
+    };
+    for dev in ["/dev/null", "/dev/zero"] {
+        same(&["info", dev]);
+        same(&["info", "-f", "raw", "--output=json", dev]);
+        same(&["info", "--backing-chain", dev]);
+        same(&["map", dev]);
+        same(&["map", "--output=json", dev]);
+        same(&["compare", dev, "/dev/null"]);
+        same(&["compare", "-s", dev, "/dev/zero"]);
+        same(&["check", dev]);
+        // A device keeps its size: qemu-img refuses every other one (nothing is written).
+        same(&["resize", "-f", "raw", dev, "1M"]);
+    }
+    let d = tempdir();
+    let img = d.path().join("x.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    same(&["compare", "/dev/null", s(&img)]);
+    same(&["compare", "-s", "/dev/null", s(&img)]);
+}
