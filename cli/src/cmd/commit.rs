@@ -53,6 +53,13 @@ pub fn run(args: &[String]) -> CmdResult {
     let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
     let drop_top = p.has("d") || p.has("b");
     let reg = registry();
+    // qemu opens the image read-write with its backing chain first: a lock another process holds
+    // on the image (or a write lock on a backing file) fails that open, and a probed raw image
+    // gets its warning. That open only checks; its locks are released before the work starts,
+    // since this process then opens the base for writing.
+    let first =
+        OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: OpenOptions::read_write() };
+    drop(img_open(&reg, &first)?);
     // Read through the whole chain without taking write permission on any of it.
     let view = OpenOptions { force_share: true, ..OpenOptions::default() };
     let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
@@ -123,7 +130,12 @@ fn commit(
     let opts = OpenOptions { read_only: false, cache, key_secret, backing_keys, ..OpenOptions::default() };
     let base_rw = reg
         .open(base.filename(), Some(base.format()), &opts)
-        .map_err(|e| CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())))?
+        .map_err(|e| match e.kind() {
+            // qemu reopens the base read-write inside the commit job: a lock conflict is reported
+            // as is, not as a failed open.
+            blockdev::ErrorKind::Locked => CliError::new(e.message()),
+            _ => CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())),
+        })?
         .driver;
     let on_progress = |done: u64, total: u64| {
         if total > 0 {
