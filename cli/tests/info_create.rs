@@ -93,4 +93,9 @@ fn character_devices_open_as_in_qemu_img() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
     same(&["compare", "/dev/null", s(&img)]);
     same(&["compare", "-s", "/dev/null", s(&img)]);
+    // Nothing fits in /dev/null: create and convert fail as they do in qemu-img.
+    let raw = d.path().join("r.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "1M"]).ok();
+    same(&["create", "-f", "raw", "/dev/null", "1M"]);
+    same(&["convert", "-O", "raw", "-f", "raw", s(&raw), "/dev/null"]);
 }

@@ -336,11 +336,9 @@ impl Storage for HostFile {
     fn set_len(&self, len: u64, prealloc: Prealloc) -> Result<()> {
         self.check_writable()?;
         if self.is_device {
-            let have = self.current_len()?;
-            if len > have {
-                return Err(Error::unsupported(format!(
-                    "Cannot grow device files (device size {have}, requested {len})"
-                )));
+            // qemu's words, without the sizes (create and convert print them after the name).
+            if len > self.current_len()? {
+                return Err(Error::unsupported("Cannot grow device files"));
             }
             return Ok(());
         }
