@@ -323,9 +323,20 @@ impl<'a> OpenRequest<'a> {
     }
 }
 
-/// Opens an image as qemu-img's `img_open` does: errors read "Could not open 'name': ...", and a
-/// read-write open of a probed raw image prints qemu's warning.
+/// Opens an image as qemu-img's `img_open` does: errors read "Could not open 'name': ...", a
+/// read-write open of a probed raw image prints qemu's warning, and so does a deprecated
+/// `"backing": ""` / `backing=`.
 pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
+    open_image(reg, req, true)
+}
+
+/// [`img_open`] again on an image this command already opened with it: the same open, without
+/// repeating the warnings qemu-img prints once (its single open of the image printed them).
+pub fn img_reopen(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
+    open_image(reg, req, false)
+}
+
+fn open_image(reg: &Registry, req: &OpenRequest<'_>, warn: bool) -> Result<Arc<dyn BlockDriver>, CliError> {
     let mut opts = req.opts.clone();
     let mut backing_nodes = Vec::new();
     opts.diagnostics = blockdev::Diagnostics::stderr();
@@ -336,7 +347,9 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         let io = parse_image_opts(req.name)
             .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
         if io.no_backing {
-            warn_report(formats::json_name::EMPTY_BACKING_WARNING);
+            if warn {
+                warn_report(formats::json_name::EMPTY_BACKING_WARNING);
+            }
             opts.no_backing = true;
         }
         if let Some(fs) = io.force_share {
@@ -367,7 +380,7 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
     } else {
         // The registry opens a json: name itself; qemu warns about `"backing": ""` first.
         let spec = req.name.strip_prefix("json:").and_then(|j| formats::json_name::parse(j).ok());
-        if spec.is_some_and(|s| s.empty_backing) {
+        if warn && spec.is_some_and(|s| s.empty_backing) {
             warn_report(formats::json_name::EMPTY_BACKING_WARNING);
         }
         (req.name.to_string(), req.fmt.map(str::to_string))
@@ -375,7 +388,7 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
     let opened = reg
         .open(&filename, fmt.as_deref(), &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
-    if opened.probed_raw && !opts.read_only {
+    if warn && opened.probed_raw && !opts.read_only {
         eprintln!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         \
              Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \

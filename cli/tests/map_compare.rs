@@ -198,6 +198,8 @@ fn backing_null_opens_the_image_alone_as_qemu_img() {
             vec!["compare", name, null.as_str()],
             vec!["check", name],
             vec!["measure", "-O", "qcow2", name],
+            // Without its backing file the image has nothing to commit into.
+            vec!["commit", name],
         ] {
             same(&args);
         }
@@ -209,6 +211,7 @@ fn backing_null_opens_the_image_alone_as_qemu_img() {
         vec!["map", "--image-opts", &opts],
         vec!["map", "--image-opts", "--output=json", &opts],
         vec!["compare", "--image-opts", &opts, &base_opts],
+        vec!["commit", "--image-opts", &opts],
     ] {
         same(&args);
     }

@@ -17,7 +17,7 @@ use formats::commit::CommitStep;
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{cvtnum, registry};
 use crate::common::{
-    bulk_write_cache, cache_mode, image_keys, img_open, parse_image_opts, same_file, Objects, OpenRequest,
+    bulk_write_cache, cache_mode, image_keys, img_open, img_reopen, parse_image_opts, same_file, Objects, OpenRequest,
 };
 use crate::progress::Progress;
 use crate::report::{CliError, CmdResult};
@@ -62,7 +62,7 @@ pub fn run(args: &[String]) -> CmdResult {
     drop(img_open(&reg, &first)?);
     // Read through the whole chain without taking write permission on any of it.
     let view = OpenOptions { force_share: true, ..OpenOptions::default() };
-    let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
+    let top = img_reopen(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
     let progress = Progress::new(p.has("p") && !quiet, 1.0);
     progress.set(0.0);
     // The base is reopened for writing with its key (`backing.encrypt.key-secret`, ...).
@@ -80,7 +80,7 @@ pub fn run(args: &[String]) -> CmdResult {
         let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
         let image_opts = p.has("image-opts");
         let fmt = (!image_opts).then_some(fmt);
-        let rw = img_open(&reg, &OpenRequest { name, fmt, image_opts, opts })?;
+        let rw = img_reopen(&reg, &OpenRequest { name, fmt, image_opts, opts })?;
         if let Some(ops) = rw.backing_ops() {
             ops.make_empty()?;
         }
