@@ -54,23 +54,31 @@ pub enum Failure {
 }
 
 /// Status flags as qemu's `bdrv_block_status_above` reports them (for strict mode and the plan).
+///
+/// Strict mode compares them all, `eof` included: qemu sets `BDRV_BLOCK_EOF` on the extent that
+/// reaches the end of the disk, so two disks whose last extents start at the same offset but
+/// end at different places (one reaches the end, the other does not) differ there, even when
+/// both extents are the same kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Flags {
     data: bool,
     zero: bool,
     allocated: bool,
     offset_valid: bool,
+    eof: bool,
 }
 
+/// The flags and length of the extent of `d` at `offset`; `max` is what is left of the disk.
 fn flags(d: &dyn BlockDriver, offset: u64, max: u64) -> crate::Result<(Flags, u64)> {
     let (e, _) = chain_status(d, offset, max)?;
-    let f = match e.kind {
-        ExtentKind::Data => Flags { data: true, zero: false, allocated: true, offset_valid: e.host.is_some() },
-        ExtentKind::Zero => Flags { data: false, zero: true, allocated: true, offset_valid: e.host.is_some() },
-        ExtentKind::ZeroData => Flags { data: true, zero: true, allocated: true, offset_valid: e.host.is_some() },
-        ExtentKind::Unallocated => Flags { data: false, zero: true, allocated: false, offset_valid: false },
+    let len = e.len.clamp(1, max);
+    let (data, zero, allocated, offset_valid) = match e.kind {
+        ExtentKind::Data => (true, false, true, e.host.is_some()),
+        ExtentKind::Zero => (false, true, true, e.host.is_some()),
+        ExtentKind::ZeroData => (true, true, true, e.host.is_some()),
+        ExtentKind::Unallocated => (false, true, false, false),
     };
-    Ok((f, e.len.clamp(1, max)))
+    Ok((Flags { data, zero, allocated, offset_valid, eof: len == max }, len))
 }
 
 #[derive(Debug, Clone, Copy)]

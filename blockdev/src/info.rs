@@ -218,7 +218,8 @@ pub fn storage_info(storage: &dyn Storage) -> Result<ImageInfo> {
         dirty_flag: local.then_some(false),
         actual_size: storage.allocated_size()?,
         virtual_size: storage.len()?.div_ceil(512) * 512,
-        format_specific: local.then(|| (storage.protocol().to_string(), Dict::new())),
+        // qemu's file-posix drivers (`file` and `host_device`) both report type "file".
+        format_specific: local.then(|| ("file".to_string(), Dict::new())),
         ..ImageInfo::default()
     })
 }

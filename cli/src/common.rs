@@ -9,7 +9,7 @@ use blockdev::{BlockDriver, CacheMode, OpenOptions};
 use formats::Registry;
 use nbd::address::FileNodeOptions;
 
-use crate::report::CliError;
+use crate::report::{warn_report, CliError};
 
 /// `--output=human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +182,9 @@ pub struct ImageOpts {
     /// `backing.driver` / `backing.file.filename` (at any depth): vdisk opens the backing files
     /// the images record and checks that these name the same: `(depth, key, value)`.
     pub backing_nodes: Vec<(usize, String, String)>,
+    /// `backing=` (empty): open the image without its backing file, as qemu does (with its
+    /// deprecation warning; `backing=null` is refused like any other value).
+    pub no_backing: bool,
 }
 
 /// Splits `backing.backing.KEY` into (2, KEY); `None` without a `backing.` prefix.
@@ -235,6 +238,7 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
         match k.as_str() {
             "file" | "file.filename" | "filename" => o.filename = v.clone(),
             "driver" => o.driver = Some(v.clone()),
+            "backing" if v.is_empty() => o.no_backing = true,
             "force-share" => o.force_share = Some(blockdev::options::parse_bool(k, v)?),
             "cache.direct" => o.direct = blockdev::options::parse_bool(k, v)?,
             "cache.no-flush" => o.no_flush = blockdev::options::parse_bool(k, v)?,
@@ -326,9 +330,20 @@ impl<'a> OpenRequest<'a> {
     }
 }
 
-/// Opens an image as qemu-img's `img_open` does: errors read "Could not open 'name': ...", and a
-/// read-write open of a probed raw image prints qemu's warning.
+/// Opens an image as qemu-img's `img_open` does: errors read "Could not open 'name': ...", a
+/// read-write open of a probed raw image prints qemu's warning, and so does a deprecated
+/// `"backing": ""` / `backing=`.
 pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
+    open_image(reg, req, true)
+}
+
+/// [`img_open`] again on an image this command already opened with it: the same open, without
+/// repeating the warnings qemu-img prints once (its single open of the image printed them).
+pub fn img_reopen(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDriver>, CliError> {
+    open_image(reg, req, false)
+}
+
+fn open_image(reg: &Registry, req: &OpenRequest<'_>, warn: bool) -> Result<Arc<dyn BlockDriver>, CliError> {
     let mut opts = req.opts.clone();
     let mut backing_nodes = Vec::new();
     opts.diagnostics = blockdev::Diagnostics::stderr();
@@ -338,6 +353,12 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
         }
         let io = parse_image_opts(req.name)
             .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
+        if io.no_backing {
+            if warn {
+                warn_report(formats::json_name::EMPTY_BACKING_WARNING);
+            }
+            opts.no_backing = true;
+        }
         if let Some(fs) = io.force_share {
             if opts.force_share && !fs {
                 return Err(CliError::new("--force-share/-U conflicts with image options"));
@@ -364,12 +385,17 @@ pub fn img_open(reg: &Registry, req: &OpenRequest<'_>) -> Result<Arc<dyn BlockDr
             io.backing_nodes.iter().find(|(depth, key, _)| *depth == 1 && key != "driver").map(|(_, _, v)| absolute(v));
         (io.filename, io.driver)
     } else {
+        // The registry opens a json: name itself; qemu warns about `"backing": ""` first.
+        let spec = req.name.strip_prefix("json:").and_then(|j| formats::json_name::parse(j).ok());
+        if warn && spec.is_some_and(|s| s.empty_backing) {
+            warn_report(formats::json_name::EMPTY_BACKING_WARNING);
+        }
         (req.name.to_string(), req.fmt.map(str::to_string))
     };
     let opened = reg
         .open(&filename, fmt.as_deref(), &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
-    if opened.probed_raw && !opts.read_only {
+    if warn && opened.probed_raw && !opts.read_only {
         eprintln!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         \
              Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
@@ -457,6 +483,14 @@ mod tests {
         assert_eq!(o.backing_keys, vec![Some("k1".to_string()), Some("k2".to_string())]);
         assert_eq!(o.backing_nodes, vec![(1, "driver".to_string(), "qcow2".to_string())]);
         assert!(parse_image_opts("driver=qcow2,file=t,backing.bogus=1").is_err());
+    }
+
+    #[test]
+    fn image_opts_empty_backing_turns_the_backing_file_off() {
+        assert!(parse_image_opts("driver=qcow2,file.filename=t,backing=").unwrap().no_backing);
+        assert!(!parse_image_opts("driver=qcow2,file.filename=t").unwrap().no_backing);
+        let e = parse_image_opts("driver=qcow2,file.filename=t,backing=null").unwrap_err();
+        assert_eq!(e.message(), "Block format 'qcow2' does not support the option 'backing'");
     }
 
     #[test]

@@ -238,3 +238,72 @@ fn rebase_from_sparse_old_view_onto_raw_data_matches_qemu_img() {
     }
     assert_eq!(results[0], results[1], "allocation after rebase");
 }
+
+/// A qemu-io holding `image` open (read-only with `-r`) until dropped; it answers a read first, so
+/// the image is open (and locked) once this returns.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(image: &Path, read_only: bool) -> Holder {
+        use std::io::{BufRead, Write};
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new(vdisk_tests::qemu_tool("qemu-io"));
+        if read_only {
+            cmd.arg("-r");
+        }
+        let mut child = cmd
+            .args(["-f", "qcow2", s(image)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io runs");
+        child.stdin.as_mut().unwrap().write_all(b"read 0 512\n").unwrap();
+        child.stdin.as_mut().unwrap().flush().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("read 512/512 bytes") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited before reading");
+        }
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.0.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// `commit` while another process holds the image or its base: qemu-img names the image it could
+/// not open read-write (or the backing file it could not share), or reports the base's write lock
+/// as is when only taking the base for writing fails; vdisk prints the same and changes nothing.
+#[test]
+fn commit_lock_conflicts_are_reported_as_by_qemu_img() {
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]).ok();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top), "4M"]).ok();
+    qemu_io(&["-f", "qcow2", "-c", "write -P 3 1M 64k", s(&top)]).ok();
+    let before = (std::fs::read(&base).unwrap(), std::fs::read(&top).unwrap());
+    for (held, read_only) in [(&top, false), (&top, true), (&base, false), (&base, true)] {
+        let _holder = Holder::new(held, read_only);
+        for args in [vec!["commit", s(&top)], vec!["commit", "-d", s(&top)], vec!["commit", "-f", "qcow2", s(&top)]] {
+            let q = qemu_img(&args);
+            let v = vdisk(&args);
+            let what = format!("{args:?} while {} is held (read-only: {read_only})", held.display());
+            assert_eq!((v.code, &v.stdout, &v.stderr), (q.code, &q.stdout, &q.stderr), "{what}");
+            assert_eq!(q.code, 1, "{what}: qemu-img must fail");
+            assert!(v.stderr.contains("lock"), "{what}: {}", v.stderr);
+        }
+        assert!(std::fs::read(&base).unwrap() == before.0, "base changed");
+    }
+    // qemu-img's failed attempts may rewrite the top's header; the data stays in the top.
+    qemu_io(&["-f", "qcow2", "-c", "read -P 3 1M 64k", s(&top)]).ok();
+}

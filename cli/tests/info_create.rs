@@ -246,3 +246,36 @@ fn data_file_raw_maps_the_data_file_one_to_one() {
     }
     assert_eq!(std::fs::metadata(&vq).unwrap().len(), std::fs::metadata(&qq).unwrap().len());
 }
+
+/// Character devices (`/dev/null`, `/dev/zero`) open as qemu's `host_device` nodes of length 0:
+/// `info`, `map`, `compare`, `check` and `resize` print what qemu-img prints, with its exit codes.
+#[test]
+fn character_devices_open_as_in_qemu_img() {
+    let same = |args: &[&str]| {
+        let q = qemu_img(args);
+        let v = vdisk(args);
+        assert_eq!((v.code, &v.stdout, &v.stderr), (q.code, &q.stdout, &q.stderr), "{args:?}");
+    };
+    for dev in ["/dev/null", "/dev/zero"] {
+        same(&["info", dev]);
+        same(&["info", "-f", "raw", "--output=json", dev]);
+        same(&["info", "--backing-chain", dev]);
+        same(&["map", dev]);
+        same(&["map", "--output=json", dev]);
+        same(&["compare", dev, "/dev/null"]);
+        same(&["compare", "-s", dev, "/dev/zero"]);
+        same(&["check", dev]);
+        // A device keeps its size: qemu-img refuses every other one (nothing is written).
+        same(&["resize", "-f", "raw", dev, "1M"]);
+    }
+    let d = tempdir();
+    let img = d.path().join("x.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    same(&["compare", "/dev/null", s(&img)]);
+    same(&["compare", "-s", "/dev/null", s(&img)]);
+    // Nothing fits in /dev/null: create and convert fail as they do in qemu-img.
+    let raw = d.path().join("r.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "1M"]).ok();
+    same(&["create", "-f", "raw", "/dev/null", "1M"]);
+    same(&["convert", "-O", "raw", "-f", "raw", s(&raw), "/dev/null"]);
+}

@@ -119,3 +119,14 @@ fn measure_in_upstream_words() {
         assert!(v.stdout.contains("Command syntax:"), "{full:?}");
     }
 }
+
+/// A character device measures as the empty raw image qemu-img sees in it.
+#[test]
+fn measure_character_devices_like_qemu_img() {
+    for dev in ["/dev/null", "/dev/zero"] {
+        assert_same(&["-f", "raw", dev]);
+        assert_same(&[dev]);
+        assert_same(&["-f", "raw", "-O", "qcow2", dev]);
+        assert_same(&["--output=json", "-O", "qcow2", dev]);
+    }
+}

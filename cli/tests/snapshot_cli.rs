@@ -171,3 +171,54 @@ fn resize_and_apply_across_sizes_match_qemu_img() {
     qemu_img(&["snapshot", "-c", "s", s(&v2)]).ok();
     same(&["resize", s(&v2), "16M"]);
 }
+
+/// The bitmaps of a qcow2 image as qemu-img lists them (`info`'s format-specific `bitmaps`).
+fn bitmaps_of(img: &Path) -> serde_json::Value {
+    let info = qemu_img(&["info", "--output=json", s(img)]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&info).expect("info JSON");
+    v["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// qemu-img refuses to apply a snapshot while the image has persistent bitmaps (enabled,
+/// disabled or left in use by a crash, and before it looks the tag up), and vdisk refuses it with the same message and exit code
+/// without touching the file; creating and deleting snapshots goes on with bitmaps in both.
+#[test]
+fn apply_is_refused_while_the_image_has_bitmaps() {
+    let d = tempdir();
+    for (i, kind) in ["enabled", "disabled", "in-use"].into_iter().enumerate() {
+        let src = image(d.path(), &format!("b{i}.qcow2"), "cluster_size=65536");
+        let disable = if kind == "disabled" { "--disable" } else { "--enable" };
+        qemu_img(&["bitmap", "--add", s(&src), "b0"]).ok();
+        qemu_img(&["bitmap", disable, s(&src), "b0"]).ok();
+        qemu_img(&["snapshot", "-c", "s", s(&src)]).ok();
+        qemu_io(&["-c", "write -P 8 0 1M", s(&src)]).ok();
+        if kind == "in-use" {
+            // qemu-io dies while the enabled bitmap is marked in use on disk.
+            let r = qemu_io(&["-c", "write -P 9 0 64k", "-c", "abort", s(&src)]);
+            assert_ne!(r.code, 0, "qemu-io abort");
+            assert!(qemu_img(&["info", s(&src)]).ok().stdout.contains("in-use"), "{kind}: bitmap not in use");
+        }
+        let (q, v) = (d.path().join(format!("q{i}.qcow2")), d.path().join(format!("v{i}.qcow2")));
+        std::fs::copy(&src, &q).unwrap();
+        std::fs::copy(&src, &v).unwrap();
+        let before = std::fs::read(&v).unwrap();
+        for tag in ["s", "1", "nosuch"] {
+            let qr = qemu_img(&["snapshot", "-a", tag, s(&q)]);
+            let vr = vdisk(&["snapshot", "-a", tag, s(&v)]);
+            assert_eq!((vr.code, &vr.stdout, &vr.stderr), (qr.code, &qr.stdout, &qr.stderr), "-a {tag} ({kind})");
+            assert_eq!(
+                vr.stderr,
+                format!("qemu-img: Could not apply snapshot '{tag}': Device has active dirty bitmaps\n")
+            );
+            assert!(std::fs::read(&v).unwrap() == before, "-a {tag}: the refused apply changed the image");
+        }
+        // Creating and deleting snapshots keeps the bitmaps, in both tools.
+        for args in [["snapshot", "-c", "t"], ["snapshot", "-d", "s"], ["snapshot", "-d", "t"]] {
+            let qr = qemu_img(&[args[0], args[1], args[2], s(&q)]);
+            let vr = vdisk(&[args[0], args[1], args[2], s(&v)]);
+            assert_eq!((vr.code, &vr.stdout, &vr.stderr), (qr.code, &qr.stdout, &qr.stderr), "{args:?}");
+            check_clean(&v, &format!("{args:?} with bitmaps"));
+            assert_eq!(bitmaps_of(&v), bitmaps_of(&q), "{args:?}");
+        }
+    }
+}

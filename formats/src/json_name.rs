@@ -6,8 +6,9 @@
 //! `host_device`, or an NBD node (`file.driver=nbd` with `file.server.*` or the flat `file.path`,
 //! `file.host`, `file.port`, and `file.export`, turned into the export's URL), or an HTTP(S)
 //! node (`file.driver=http`/`https`, `file.url` and the node options of
-//! `httpfile::NODE_OPTION_KEYS`, with the `http` feature); any other option is refused with qemu's message rather than
-//! ignored.
+//! `httpfile::NODE_OPTION_KEYS`, with the `http` feature), and `"backing": null` (or the
+//! deprecated `""`), which opens the image without its backing file; any other option is refused
+//! with qemu's message rather than ignored.
 
 use blockdev::{Error, Result};
 use nbd::address::FileNodeOptions;
@@ -22,16 +23,26 @@ pub struct JsonName {
     pub driver: Option<String>,
     /// Options of the protocol node (an HTTP node's `timeout`, ...), without `file.`.
     pub protocol_options: Vec<(String, String)>,
+    /// `"backing": null` or `"backing": ""`: open the image without its backing file.
+    pub no_backing: bool,
+    /// The backing file was turned off with `"backing": ""`, which qemu accepts with a
+    /// deprecation warning ([`EMPTY_BACKING_WARNING`]).
+    pub empty_backing: bool,
 }
+
+/// qemu's warning for `"backing": ""` (in `json:` names and `--image-opts`), which it takes as
+/// `"backing": null`.
+pub const EMPTY_BACKING_WARNING: &str = "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead";
 
 fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
     match v {
-        Value::Object(map) => {
+        Value::Object(map) if !map.is_empty() || prefix.is_empty() => {
             for (k, v) in map {
                 let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten(&key, v, out);
             }
         }
+        // An empty object names an option all the same (`"backing": {}` is refused as qemu does).
         other => out.push((prefix.to_string(), other.clone())),
     }
 }
@@ -51,6 +62,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
     let mut driver = None;
     let mut nbd = FileNodeOptions::default();
     let mut http = crate::remote::HttpNodeOptions::default();
+    let (mut no_backing, mut empty_backing) = (false, false);
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -66,6 +78,9 @@ pub fn parse(text: &str) -> Result<JsonName> {
         };
         match k.as_str() {
             "driver" => driver = Some(text),
+            "backing" if v.is_null() => no_backing = true,
+            "backing" if text.is_empty() && v.is_string() => (no_backing, empty_backing) = (true, true),
+            "file" if v.is_object() => {}
             "file" | "file.filename" | "filename" => filename = Some(text),
             "file.driver" if text == "file" || text == "host_device" => {}
             k if nbd.take(k, &text) || http.take(k, &text) => {}
@@ -87,7 +102,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
         protocol_options = options;
     }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
-    Ok(JsonName { filename, driver, protocol_options })
+    Ok(JsonName { filename, driver, protocol_options, no_backing, empty_backing })
 }
 
 #[cfg(test)]
@@ -111,7 +126,14 @@ mod tests {
     #[test]
     fn nested_and_dotted_forms() {
         let a = parse(r#"{"driver":"qcow2","file":{"driver":"file","filename":"/x.qcow2"}}"#).unwrap();
-        assert_eq!(a, JsonName { filename: "/x.qcow2".into(), driver: Some("qcow2".into()), protocol_options: vec![] });
+        let want = JsonName {
+            filename: "/x.qcow2".into(),
+            driver: Some("qcow2".into()),
+            protocol_options: vec![],
+            no_backing: false,
+            empty_backing: false,
+        };
+        assert_eq!(a, want);
         let b = parse(r#"{"driver":"raw","file.filename":"y"}"#).unwrap();
         assert_eq!(b.filename, "y");
         assert!(parse("{").unwrap_err().message().contains("Could not parse"));
@@ -124,5 +146,18 @@ mod tests {
         assert!(parse(r#"{"file":{"driver":"file","filename":"x","export":"e"}}"#).is_err(), "NBD key on a file");
         assert!(parse(r#"{"file":{"driver":"http","filename":"x"}}"#).is_err());
         assert!(parse(r#"{"driver":"raw"}"#).is_err());
+    }
+
+    #[test]
+    fn backing_null_or_empty_turns_the_backing_file_off() {
+        let null = parse(r#"{"driver":"qcow2","backing":null,"file":{"filename":"x"}}"#).unwrap();
+        assert_eq!((null.no_backing, null.empty_backing), (true, false));
+        let empty = parse(r#"{"driver":"qcow2","backing":"","file":"x"}"#).unwrap();
+        assert_eq!((empty.no_backing, empty.empty_backing), (true, true));
+        assert!(!parse(r#"{"driver":"qcow2","file":"x"}"#).unwrap().no_backing);
+        for other in [r#""null""#, "{}", "0", "false", r#"{"driver":"qcow2"}"#] {
+            let e = parse(&format!(r#"{{"driver":"qcow2","backing":{other},"file":"x"}}"#)).unwrap_err();
+            assert!(e.message().starts_with("Block format 'qcow2' does not support the option 'backing"), "{other}");
+        }
     }
 }

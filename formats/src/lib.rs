@@ -191,7 +191,8 @@ impl Registry {
                 }
                 (f, d) => f.or(d).map(str::to_string),
             };
-            let opts = OpenOptions { protocol_options: spec.protocol_options, ..opts.clone() };
+            let no_backing = opts.no_backing || spec.no_backing;
+            let opts = OpenOptions { protocol_options: spec.protocol_options, no_backing, ..opts.clone() };
             return self.open_in_chain(&spec.filename, fmt.as_deref(), &opts, chain);
         }
         if opts.force_share && !opts.read_only {

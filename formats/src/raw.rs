@@ -222,6 +222,11 @@ impl blockdev::BlockDriver for RawDriver {
         if opts.prealloc == Prealloc::Metadata {
             return Err(Error::unsupported("Unsupported preallocation mode: metadata"));
         }
+        // qemu resizes exactly: a device (block or character) keeps its size, so any other size
+        // is refused, a smaller one too.
+        if self.storage.protocol() == "host_device" && new_size != self.storage.len()? {
+            return Err(Error::unsupported("Cannot resize device files"));
+        }
         self.storage.set_len(new_size, opts.prealloc)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())

@@ -6,7 +6,8 @@
 //! Invariants asserted, when the text parses to a file name and a driver:
 //! - writing them back as JSON, nested (`{"driver": D, "file": {"driver": "file", "filename": F}}`)
 //!   or with qemu's dotted keys (`{"driver": D, "file.filename": F}`) or as `"file": F`, parses to
-//!   the same name and driver (the parse is a fixed point);
+//!   the same name and driver (the parse is a fixed point), `"backing": null` or `""` written back
+//!   when the name turned the backing file off;
 //! - a text that fails to parse fails again (parsing is deterministic).
 
 #![no_main]
@@ -32,6 +33,9 @@ fuzz_target!(|data: &[u8]| {
     let with_driver = |mut v: serde_json::Value| {
         if let Some(d) = &name.driver {
             v["driver"] = json!(d);
+        }
+        if name.no_backing {
+            v["backing"] = if name.empty_backing { json!("") } else { json!(null) };
         }
         v
     };

@@ -1,4 +1,4 @@
-//! [`HostFile`]: a local file or block device as a [`Storage`].
+//! [`HostFile`]: a local file, block device or character device as a [`Storage`].
 //!
 //! What it owns:
 //! - positional, vectored I/O (`preadv`/`pwritev`), never the shared file position;
@@ -93,7 +93,7 @@ pub struct HostOpenOptions {
 /// Buffered writes at least this long start their writeback at once with `eager_writeback`.
 const EAGER_WRITEBACK_MIN: u64 = 256 << 10;
 
-/// A local file (or block device) holding an image's bytes.
+/// A local file (or block or character device) holding an image's bytes.
 #[derive(Debug)]
 pub struct HostFile {
     file: File,
@@ -102,7 +102,12 @@ pub struct HostFile {
     read_only: bool,
     cache: CacheMode,
     align: Alignment,
-    is_block_device: bool,
+    /// A block or character device (qemu's `host_device`): its length is the device's, it cannot
+    /// be grown, truncated, punched or preallocated, and it does not read as zeros when new.
+    is_device: bool,
+    /// A character device (`/dev/null`, `/dev/zero`): no block-device ioctls; its length is what
+    /// seeking to its end gives (0 for those two), as qemu takes it.
+    is_char_device: bool,
     locking: bool,
     locks: Mutex<LockState>,
     /// Aligned windows of direct writes in flight (only used with `O_DIRECT`).
@@ -119,8 +124,8 @@ pub struct HostFile {
 }
 
 impl HostFile {
-    /// Opens `path` as qemu's `file` driver would. Directories and other non-regular files (other
-    /// than block devices) are refused with qemu's message.
+    /// Opens `path` as qemu's `file` driver would (`host_device` for block and character
+    /// devices). Directories and other non-regular files are refused with qemu's message.
     pub fn open(path: &str, opts: &HostOpenOptions) -> Result<HostFile> {
         let mut o = FsOpenOptions::new();
         o.read(true).write(!opts.read_only);
@@ -138,17 +143,16 @@ impl HostFile {
         let file = o
             .open(path)
             .map_err(|e| Error::from_io("open", e).prefixed(format!("Could not open '{path}'")).with_path(path))?;
-        let st = sys::fstat(file.as_raw_fd())?;
         let ft = file.metadata().map_err(|e| Error::from_io("stat", e).with_path(path))?.file_type();
-        let is_block_device = ft.is_block_device();
-        if !ft.is_file() && !is_block_device {
+        let is_char_device = ft.is_char_device();
+        let is_device = ft.is_block_device() || is_char_device;
+        if !ft.is_file() && !is_device {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("'file' driver requires '{path}' to be a regular file"),
             )
             .with_path(path));
         }
-        let _ = st;
         let align = if opts.cache.is_direct() {
             let (request, memory) = sys::dio_alignment(file.as_raw_fd()).unwrap_or((4096, 4096));
             Alignment { request, memory }
@@ -162,13 +166,14 @@ impl HostFile {
             read_only: opts.read_only,
             cache: opts.cache,
             align,
-            is_block_device,
+            is_device,
+            is_char_device,
             locking: !opts.no_locking,
             locks: Mutex::new(LockState::default()),
             windows: RangeLock::default(),
             extend: Mutex::new(()),
-            cannot_reserve: AtomicBool::new(is_block_device),
-            cannot_zero_range: AtomicBool::new(is_block_device),
+            cannot_reserve: AtomicBool::new(is_device),
+            cannot_zero_range: AtomicBool::new(is_device),
             eager_writeback: opts.eager_writeback && !opts.cache.is_sync() && opts.cache != CacheMode::Unsafe,
         })
     }
@@ -201,7 +206,13 @@ impl HostFile {
     }
 
     fn current_len(&self) -> Result<u64> {
-        if self.is_block_device {
+        if self.is_char_device {
+            return match sys::seek(self.fd(), 0, libc::SEEK_END) {
+                Ok(end) => Ok(end.unwrap_or(0)),
+                Err(e) => Err(Error::from_errno("lseek", e).with_path(&self.name)),
+            };
+        }
+        if self.is_device {
             return sys::block_device_size(self.fd());
         }
         Ok(sys::fstat(self.fd())?.st_size as u64)
@@ -308,7 +319,7 @@ impl Storage for HostFile {
                 pos += b.len();
             }
             sys::pwritev_full(self.fd(), wstart, &[IoSlice::new(&bounce)]).map_err(|e| e.with_path(&self.name))?;
-            if wend > len_before && !self.is_block_device {
+            if wend > len_before && !self.is_device {
                 self.truncate(end.max(len_before))?;
             }
         }
@@ -324,12 +335,10 @@ impl Storage for HostFile {
 
     fn set_len(&self, len: u64, prealloc: Prealloc) -> Result<()> {
         self.check_writable()?;
-        if self.is_block_device {
-            let have = self.current_len()?;
-            if len > have {
-                return Err(Error::unsupported(format!(
-                    "Cannot grow device files (device size {have}, requested {len})"
-                )));
+        if self.is_device {
+            // qemu's words, without the sizes (create and convert print them after the name).
+            if len > self.current_len()? {
+                return Err(Error::unsupported("Cannot grow device files"));
             }
             return Ok(());
         }
@@ -359,7 +368,7 @@ impl Storage for HostFile {
     }
 
     fn zero_without_writing(&self, offset: u64, len: u64) -> bool {
-        if self.read_only || self.is_block_device || len == 0 || self.cannot_zero_range.load(Ordering::Relaxed) {
+        if self.read_only || self.is_device || len == 0 || self.cannot_zero_range.load(Ordering::Relaxed) {
             return false;
         }
         if checked_end(offset, len).is_err() {
@@ -383,7 +392,7 @@ impl Storage for HostFile {
             return Ok(());
         }
         let file_len = self.current_len()?;
-        if !self.is_block_device {
+        if !self.is_device {
             if may_unmap {
                 let punch_end = end.min(file_len);
                 let punched = punch_end <= offset
@@ -415,7 +424,7 @@ impl Storage for HostFile {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         let end = checked_end(offset, len)?.min(self.current_len()?);
-        if end <= offset || self.is_block_device {
+        if end <= offset || self.is_device {
             return Ok(());
         }
         match sys::fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, end - offset) {
@@ -457,7 +466,7 @@ impl Storage for HostFile {
     }
 
     fn has_zero_init(&self) -> bool {
-        !self.is_block_device
+        !self.is_device
     }
 
     fn copy_range_to(&self, offset: u64, dst: &dyn Storage, dst_offset: u64, len: u64) -> Option<Result<u64>> {
@@ -486,7 +495,7 @@ impl Storage for HostFile {
     }
 
     fn protocol(&self) -> &'static str {
-        if self.is_block_device {
+        if self.is_device {
             "host_device"
         } else {
             "file"

@@ -152,6 +152,19 @@ fn read_only_refuses_writes_and_errors_have_qemu_text() {
 }
 
 #[test]
+fn character_devices_open_as_host_devices_of_their_seek_length() {
+    for dev in ["/dev/null", "/dev/zero"] {
+        let f = open(dev, CacheMode::Writeback, true);
+        assert_eq!(f.len().unwrap(), 0, "{dev}");
+        assert_eq!(f.protocol(), "host_device");
+        assert!(!f.has_zero_init(), "{dev}: a device is not known to read as zeros");
+        let w = open(dev, CacheMode::Writeback, false);
+        assert!(w.set_len(1 << 20, Prealloc::Off).is_err(), "{dev}: devices do not grow");
+        assert!(!w.zero_without_writing(0, 4096), "{dev}");
+    }
+}
+
+#[test]
 fn locks_conflict_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let p = tmp_file(&dir, "l", 512);

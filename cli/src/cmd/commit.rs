@@ -17,7 +17,7 @@ use formats::commit::CommitStep;
 use crate::args::{flag, opt, parse, Opt};
 use crate::cmd::{cvtnum, registry};
 use crate::common::{
-    bulk_write_cache, cache_mode, image_keys, img_open, parse_image_opts, same_file, Objects, OpenRequest,
+    bulk_write_cache, cache_mode, image_keys, img_open, img_reopen, parse_image_opts, same_file, Objects, OpenRequest,
 };
 use crate::progress::Progress;
 use crate::report::{CliError, CmdResult};
@@ -53,9 +53,16 @@ pub fn run(args: &[String]) -> CmdResult {
     let cache = cache_mode(p.value("t"), CacheMode::Writeback, "cache")?;
     let drop_top = p.has("d") || p.has("b");
     let reg = registry();
+    // qemu opens the image read-write with its backing chain first: a lock another process holds
+    // on the image (or a write lock on a backing file) fails that open, and a probed raw image
+    // gets its warning. That open only checks; its locks are released before the work starts,
+    // since this process then opens the base for writing.
+    let first =
+        OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: OpenOptions::read_write() };
+    drop(img_open(&reg, &first)?);
     // Read through the whole chain without taking write permission on any of it.
     let view = OpenOptions { force_share: true, ..OpenOptions::default() };
-    let top = img_open(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
+    let top = img_reopen(&reg, &OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts: view })?;
     let progress = Progress::new(p.has("p") && !quiet, 1.0);
     progress.set(0.0);
     // The base is reopened for writing with its key (`backing.encrypt.key-secret`, ...).
@@ -73,7 +80,7 @@ pub fn run(args: &[String]) -> CmdResult {
         let opts = OpenOptions { read_only: false, cache, no_backing: true, ..OpenOptions::default() };
         let image_opts = p.has("image-opts");
         let fmt = (!image_opts).then_some(fmt);
-        let rw = img_open(&reg, &OpenRequest { name, fmt, image_opts, opts })?;
+        let rw = img_reopen(&reg, &OpenRequest { name, fmt, image_opts, opts })?;
         if let Some(ops) = rw.backing_ops() {
             ops.make_empty()?;
         }
@@ -123,7 +130,12 @@ fn commit(
     let opts = OpenOptions { read_only: false, cache, key_secret, backing_keys, ..OpenOptions::default() };
     let base_rw = reg
         .open(base.filename(), Some(base.format()), &opts)
-        .map_err(|e| CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())))?
+        .map_err(|e| match e.kind() {
+            // qemu reopens the base read-write inside the commit job: a lock conflict is reported
+            // as is, not as a failed open.
+            blockdev::ErrorKind::Locked => CliError::new(e.message()),
+            _ => CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())),
+        })?
         .driver;
     let on_progress = |done: u64, total: u64| {
         if total > 0 {

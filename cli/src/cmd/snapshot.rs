@@ -61,6 +61,19 @@ pub fn run(args: &[String]) -> CmdResult {
         };
         r.map_err(|e| CliError::new(format!("Could not create snapshot '{tag}': {}", e.message())))?;
     } else if let Some(tag) = p.value("a") {
+        // Applying a snapshot rewinds the disk under the bitmaps, which would then describe
+        // writes that no longer exist; qemu refuses while the image has any (even disabled or
+        // inconsistent ones), before it looks for the snapshot.
+        let has_bitmaps = match drv.bitmaps() {
+            Some(b) => !b
+                .list()
+                .map_err(|e| CliError::new(format!("Could not apply snapshot '{tag}': {}", e.message())))?
+                .is_empty(),
+            None => false,
+        };
+        if has_bitmaps {
+            return Err(CliError::new(format!("Could not apply snapshot '{tag}': Device has active dirty bitmaps")));
+        }
         let r = match snaps {
             Some(s) => s
                 .apply(tag)
