@@ -202,27 +202,19 @@ impl CreateOptions {
 
     /// Sets `key` after checking it against `specs`.
     pub fn set_checked(&mut self, key: &str, value: &str, specs: &[OptionSpec]) -> Result<()> {
-        let spec = specs
-            .iter()
-            .find(|s| s.name == key)
-            .ok_or_else(|| Error::invalid_argument(format!("Invalid parameter '{key}'")))?;
-        match spec.kind {
-            OptionKind::Size => {
-                parse_size_option(key, value)?;
-            }
-            OptionKind::Bool => {
-                parse_bool(key, value)?;
-            }
-            OptionKind::Number => {
-                parse_number(key, value)?;
-            }
-            OptionKind::Str => {}
-        }
+        check_entry(key, value, specs)?;
         self.set(key, value);
         Ok(())
     }
 
-    /// Sets `key` without checks (for values vdisk computes itself).
+    /// Checks every entry against `specs` as [`CreateOptions::set_checked`] does: an unknown or
+    /// misspelled key, or a value of the wrong kind, is refused with qemu's message. The registry
+    /// runs this on every create, so entries added with [`CreateOptions::set`] are checked too.
+    pub fn validate(&self, specs: &[OptionSpec]) -> Result<()> {
+        self.entries.iter().try_for_each(|(k, v)| check_entry(k, v, specs))
+    }
+
+    /// Sets `key`; the value is checked when the options are used ([`CreateOptions::validate`]).
     pub fn set(&mut self, key: &str, value: &str) {
         self.entries.retain(|(k, _)| k != key);
         self.entries.push((key.to_string(), value.to_string()));
@@ -291,6 +283,20 @@ impl CreateOptions {
             }
         }
         out
+    }
+}
+
+/// Checks that `key` is one of `specs` and that `value` parses as its kind.
+fn check_entry(key: &str, value: &str, specs: &[OptionSpec]) -> Result<()> {
+    let spec = specs
+        .iter()
+        .find(|s| s.name == key)
+        .ok_or_else(|| Error::invalid_argument(format!("Invalid parameter '{key}'")))?;
+    match spec.kind {
+        OptionKind::Size => parse_size_option(key, value).map(drop),
+        OptionKind::Bool => parse_bool(key, value).map(drop),
+        OptionKind::Number => parse_number(key, value).map(drop),
+        OptionKind::Str => Ok(()),
     }
 }
 
@@ -373,6 +379,13 @@ mod tests {
             "Parameter 'refcount_bits' expects a number"
         );
         o.parse_into("size=2M", SPECS).unwrap();
+        o.validate(SPECS).unwrap();
+        o.set("sise", "2M");
+        assert_eq!(o.validate(SPECS).unwrap_err().message(), "Invalid parameter 'sise'");
+        o.remove("sise");
+        o.set("nocow", "perhaps");
+        assert!(o.validate(SPECS).is_err());
+        o.remove("nocow");
         assert_eq!(o.get_size("size").unwrap(), Some(2 << 20));
         assert_eq!(parse_number("n", "0x10").unwrap(), 16);
         assert_eq!(parse_number("n", "010").unwrap(), 8);

@@ -242,10 +242,50 @@ impl Registry {
         Ok(Opened { driver, probed_raw })
     }
 
-    /// Creates `filename` as `format` with already validated `opts`.
+    /// Creates `filename` as `format` with `opts`.
+    ///
+    /// Every option is checked against the format's create options and the file protocol's
+    /// ([`Registry::create_specs`]): an unknown or misspelled key is refused, whichever way it was
+    /// set. An overlay given a backing file and no size takes the backing image's size (opened
+    /// read-only, sharing, without I/O, in the format `backing_fmt` names or the one it probes
+    /// as); anything else without a size is refused.
+    ///
+    /// ```no_run
+    /// use blockdev::options::CreateOptions;
+    ///
+    /// let reg = formats::Registry::new();
+    /// let mut base = CreateOptions::new();
+    /// base.set("size", "64M");
+    /// reg.create("qcow2", "/tmp/base.qcow2", &base)?;
+    /// let mut overlay = CreateOptions::new();
+    /// overlay.set("backing_file", "base.qcow2"); // relative to the overlay
+    /// overlay.set("backing_fmt", "qcow2");
+    /// reg.create("qcow2", "/tmp/overlay.qcow2", &overlay)?; // 64 MiB, as its backing file
+    /// # Ok::<(), blockdev::Error>(())
+    /// ```
     pub fn create(&self, format: &str, filename: &str, opts: &CreateOptions) -> Result<()> {
         let f = self.format_or(format, || Error::invalid_argument(format!("Unknown file format '{format}'")))?;
-        f.create(filename, opts, self)
+        opts.validate(&self.create_specs(f))?;
+        if opts.has("size") {
+            return f.create(filename, opts, self);
+        }
+        let Some(backing) = opts.get("backing_file") else {
+            return Err(Error::invalid_argument("Image creation needs a size parameter"));
+        };
+        let size = self.backing_size(filename, backing, opts.get("backing_fmt"))?;
+        let mut sized = opts.clone();
+        sized.set("size", &size.to_string());
+        f.create(filename, &sized, self)
+    }
+
+    /// The virtual size of `backing` as the image `referrer` names it (for an overlay created
+    /// without a size).
+    fn backing_size(&self, referrer: &str, backing: &str, format: Option<&str>) -> Result<u64> {
+        let path = resolve_reference(referrer, backing);
+        let opts =
+            OpenOptions { read_only: true, force_share: true, no_io: true, no_backing: true, ..OpenOptions::default() };
+        let opened = self.open(&path, format, &opts).map_err(|e| e.prefixed("Could not open backing image"))?;
+        Ok(opened.driver.size())
     }
 }
 
@@ -381,6 +421,54 @@ mod tests {
         let e = raw.write_at(0, &[IoSlice::new(b"WithoutFreeSpace\x02\0\0\0")]).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EPERM));
         raw.write_at(0, &[IoSlice::new(b"plain data")]).unwrap();
+    }
+
+    fn options(entries: &[(&str, &str)]) -> CreateOptions {
+        let mut o = CreateOptions::new();
+        entries.iter().for_each(|(k, v)| o.set(k, v));
+        o
+    }
+
+    #[test]
+    fn an_overlay_created_without_a_size_takes_its_backing_files() {
+        let reg = Registry::new();
+        let dir = tempfile::tempdir().unwrap();
+        let name = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+        let mut tried = Vec::new();
+        for fmt in reg.names() {
+            if !reg.create_specs(reg.format(fmt).unwrap()).iter().any(|s| s.name == "backing_file") {
+                continue;
+            }
+            let (base, overlay) = (format!("base.{fmt}"), format!("top.{fmt}"));
+            reg.create(fmt, &name(&base), &options(&[("size", "48M")])).unwrap();
+            let base_size = reg.open(&name(&base), Some(fmt), &ro).unwrap().driver.size();
+            let o = options(&[("backing_file", &base), ("backing_fmt", fmt)]);
+            reg.create(fmt, &name(&overlay), &o).unwrap_or_else(|e| panic!("{fmt}: {e}"));
+            assert_eq!(reg.open(&name(&overlay), Some(fmt), &ro).unwrap().driver.size(), base_size, "{fmt}");
+            tried.push(fmt);
+        }
+        assert!(tried.contains(&"qcow2") && tried.contains(&"vmdk"), "{tried:?}");
+        // Without a size or a backing file there is nothing to take it from.
+        let e = reg.create("qcow2", &name("none.qcow2"), &CreateOptions::new()).unwrap_err();
+        assert_eq!(e.message(), "Image creation needs a size parameter");
+        // A backing file that is not there is named in the error.
+        let o = options(&[("backing_file", "missing.qcow2"), ("backing_fmt", "qcow2")]);
+        let e = reg.create("qcow2", &name("orphan.qcow2"), &o).unwrap_err();
+        assert!(e.message().starts_with("Could not open backing image"), "{}", e.message());
+    }
+
+    #[test]
+    fn misspelled_create_options_are_refused_on_the_library_path() {
+        let reg = Registry::new();
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("x.qcow2").to_str().unwrap().to_string();
+        let e = reg.create("qcow2", &img, &options(&[("size", "1M"), ("sise", "2M")])).unwrap_err();
+        assert_eq!(e.message(), "Invalid parameter 'sise'");
+        let e = reg.create("qcow2", &img, &options(&[("size", "1M"), ("lazy_refcounts", "maybe")])).unwrap_err();
+        assert!(e.message().contains("lazy_refcounts"), "{}", e.message());
+        assert!(!dir.path().join("x.qcow2").exists(), "a refused create made a file");
+        reg.create("qcow2", &img, &options(&[("size", "1M"), ("cluster_size", "4k")])).unwrap();
     }
 
     #[test]
