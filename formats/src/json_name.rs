@@ -22,6 +22,9 @@ pub struct JsonName {
     pub driver: Option<String>,
     /// Options of the protocol node (an HTTP node's `timeout`, ...), without `file.`.
     pub protocol_options: Vec<(String, String)>,
+    /// The format node's discard options (`discard`, qcow2's `pass-discard-*`), as given:
+    /// applied with [`blockdev::DiscardOptions::take`] over the caller's.
+    pub discard_options: Vec<(String, String)>,
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
@@ -51,6 +54,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
     let mut driver = None;
     let mut nbd = FileNodeOptions::default();
     let mut http = crate::remote::HttpNodeOptions::default();
+    let mut discard_options = Vec::new();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -71,6 +75,13 @@ pub fn parse(text: &str) -> Result<JsonName> {
             k if nbd.take(k, &text) || http.take(k, &text) => {}
             "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
             "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
+            "discard" | "pass-discard-request" | "pass-discard-snapshot" | "pass-discard-other"
+                if k == "discard" || driver.as_deref().is_none_or(|d| d == "qcow2") =>
+            {
+                // Checked here so that a bad value fails as qemu's does, whatever opens the name.
+                blockdev::DiscardOptions::default().take(k, &text)?;
+                discard_options.push((k.clone(), text));
+            }
             _ => {
                 let fmt = driver.clone().unwrap_or_else(|| "raw".into());
                 return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option '{k}'")));
@@ -87,7 +98,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
         protocol_options = options;
     }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
-    Ok(JsonName { filename, driver, protocol_options })
+    Ok(JsonName { filename, driver, protocol_options, discard_options })
 }
 
 #[cfg(test)]
@@ -111,7 +122,13 @@ mod tests {
     #[test]
     fn nested_and_dotted_forms() {
         let a = parse(r#"{"driver":"qcow2","file":{"driver":"file","filename":"/x.qcow2"}}"#).unwrap();
-        assert_eq!(a, JsonName { filename: "/x.qcow2".into(), driver: Some("qcow2".into()), protocol_options: vec![] });
+        let want = JsonName {
+            filename: "/x.qcow2".into(),
+            driver: Some("qcow2".into()),
+            protocol_options: vec![],
+            discard_options: vec![],
+        };
+        assert_eq!(a, want);
         let b = parse(r#"{"driver":"raw","file.filename":"y"}"#).unwrap();
         assert_eq!(b.filename, "y");
         assert!(parse("{").unwrap_err().message().contains("Could not parse"));
@@ -124,5 +141,15 @@ mod tests {
         assert!(parse(r#"{"file":{"driver":"file","filename":"x","export":"e"}}"#).is_err(), "NBD key on a file");
         assert!(parse(r#"{"file":{"driver":"http","filename":"x"}}"#).is_err());
         assert!(parse(r#"{"driver":"raw"}"#).is_err());
+    }
+
+    #[test]
+    fn discard_options() {
+        let a = parse(r#"{"driver":"qcow2","discard":"unmap","pass-discard-other":true,"file":"x"}"#).unwrap();
+        let want = [("discard", "unmap"), ("pass-discard-other", "on")];
+        assert_eq!(a.discard_options, want.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert_eq!(parse(r#"{"discard":"x","file":"x"}"#).unwrap_err().message(), "Invalid discard option");
+        let raw = parse(r#"{"driver":"raw","pass-discard-request":true,"file":"x"}"#).unwrap_err();
+        assert_eq!(raw.message(), "Block format 'raw' does not support the option 'pass-discard-request'");
     }
 }
