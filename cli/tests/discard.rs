@@ -209,3 +209,30 @@ fn bad_discard_options_fail_as_in_qemu_img() {
         both(d.path(), &make, &["info", name]);
     }
 }
+
+#[test]
+fn convert_n_of_zeros_gives_external_data_file_space_back() {
+    let d = tempdir();
+    let zeros = d.path().join("zeros.raw");
+    std::fs::File::create(&zeros).unwrap().set_len(64 * MIB).unwrap();
+    let make = |p: &Path| {
+        let data = p.with_extension("data");
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(&data);
+        let o = format!("data_file={}", s(&data));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(p), "64M"]).ok();
+        qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 64M", s(p)]).ok();
+    };
+    for (opts, gives_back) in [("", true), (",pass-discard-request=off", false), (",discard=ignore", false)] {
+        let target = format!("driver=qcow2,file.filename={{img}}{opts}");
+        let args = ["convert", "-n", "--target-image-opts", s(&zeros), &target];
+        let (_, _, images) = both(d.path(), &make, &args);
+        let data: Vec<u64> = images.iter().map(|i| allocated(&i.with_extension("data"))).collect();
+        let (low, high) = if gives_back { (0, MIB) } else { (64 * MIB, 66 * MIB) };
+        assert_allocated(&format!("{args:?} (data file)"), data[0], data[1], low, high);
+        for img in &images {
+            check_clean(img, &format!("{args:?}"));
+            same_content(img, &zeros, &format!("{args:?}"));
+        }
+    }
+}

@@ -591,7 +591,19 @@ impl Qcow2 {
 /// whether their space goes back to the file system).
 pub(crate) fn queue_entry_free(m: &mut Meta, e: u64, cs: u64, kind: DiscardKind) {
     if m.geo.data_file {
-        return; // data file clusters are not refcounted
+        // Data file clusters are not refcounted (they map guest clusters 1:1): as in qemu, one
+        // that a guest request, an emptying or a shrink unmaps goes back to the file system at
+        // once. The caller holds the guest cluster in the range lock, and it reads as zeros (or
+        // as discarded) whether or not the L2 change reaches the disk.
+        let allocated = e & COMPRESSED == 0 && e & COPIED != 0;
+        let unmapping = matches!(kind, DiscardKind::Request | DiscardKind::Snapshot | DiscardKind::Always);
+        if allocated && unmapping && m.passes(kind) {
+            if let Some(data) = &m.external_data {
+                // Advisory, as in qemu: a failed punch only leaves the old bytes in the file.
+                let _ = data.discard(e & OFFSET_MASK, cs);
+            }
+        }
+        return;
     }
     if e & COMPRESSED != 0 {
         let (off, size) = m.geo.compressed(e);
