@@ -41,8 +41,8 @@ pub use host_file::{CacheMode, HostFile, HostOpenOptions, Perms};
 pub use info::{CheckReport, ImageInfo, Measure, SnapshotInfo};
 pub use mem::MemStorage;
 pub use open::{
-    check_reference, delete_on_error, resolve_reference, Chain, Diagnostics, Format, MetadataCacheSizes, OpenOptions,
-    Opener, ReferencePolicy, DEFAULT_MAX_CHAIN_DEPTH,
+    check_reference, delete_on_error, resolve_reference, Chain, Diagnostics, DiscardOptions, Format,
+    MetadataCacheSizes, OpenOptions, Opener, ReferencePolicy, DEFAULT_MAX_CHAIN_DEPTH,
 };
 pub use storage::{
     checked_end, iov_len, iov_len_mut, read_exact_at, with_contiguous_mut, write_all_at, Alignment, Prealloc, Storage,

@@ -86,6 +86,86 @@ pub struct OpenOptions {
     /// `--image-opts` that the protocol driver takes, without `file.`: an HTTP node's `timeout`,
     /// `readahead`, ...). Empty for local files; never passed on to backing files.
     pub protocol_options: Vec<(String, String)>,
+    /// What discards and zero writes may give back to the file system (qemu's `discard` node
+    /// option and qcow2's `pass-discard-*`).
+    pub discard: DiscardOptions,
+}
+
+/// qemu's discard options of a node.
+///
+/// `unmap` is qemu's `discard=unmap` (`BDRV_O_UNMAP`): guest discards are carried out and zero
+/// writes may deallocate. With `discard=ignore` a discard changes nothing and zero writes keep
+/// their space allocated. qemu's default for a node is `ignore`, but qemu-img opens with `unmap`
+/// where it matters (convert unless `-S 0`, commit; qemu-io too): vdisk's default is `unmap`, and
+/// the commands that qemu-img opens without it say so.
+///
+/// The `pass_*` fields are qcow2's `pass-discard-request`, `pass-discard-snapshot` and
+/// `pass-discard-other`: whether a cluster whose refcount drops to zero is also deallocated in
+/// the image file, by what freed it (a guest discard or zero write; a snapshot operation or the
+/// emptying of an image; anything else, such as copy-on-write). `None` takes qemu's default:
+/// `unmap` for requests, on for snapshots, off for others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscardOptions {
+    /// `discard=unmap` (true) or `discard=ignore` (false).
+    pub unmap: bool,
+    /// `pass-discard-request`.
+    pub pass_request: Option<bool>,
+    /// `pass-discard-snapshot`.
+    pub pass_snapshot: Option<bool>,
+    /// `pass-discard-other`.
+    pub pass_other: Option<bool>,
+}
+
+impl Default for DiscardOptions {
+    fn default() -> Self {
+        DiscardOptions { unmap: true, pass_request: None, pass_snapshot: None, pass_other: None }
+    }
+}
+
+impl DiscardOptions {
+    /// `discard=ignore`, as qemu-img opens images for most commands and qemu-nbd by default.
+    pub fn ignore() -> Self {
+        DiscardOptions { unmap: false, ..DiscardOptions::default() }
+    }
+
+    /// Parses the value of qemu's `discard` option (`unmap`/`on` or `ignore`/`off`).
+    pub fn parse_mode(value: &str) -> Result<bool> {
+        match value {
+            "unmap" | "on" => Ok(true),
+            "ignore" | "off" => Ok(false),
+            _ => Err(Error::invalid_argument("Invalid discard option")),
+        }
+    }
+
+    /// Takes node option `key` if it is one of these (`discard`, `pass-discard-request`,
+    /// `pass-discard-snapshot`, `pass-discard-other`): returns whether it was, or qemu's error for
+    /// a bad value.
+    pub fn take(&mut self, key: &str, value: &str) -> Result<bool> {
+        let flag = || crate::options::parse_bool(key, value).map(Some);
+        match key {
+            "discard" => self.unmap = Self::parse_mode(value)?,
+            "pass-discard-request" => self.pass_request = flag()?,
+            "pass-discard-snapshot" => self.pass_snapshot = flag()?,
+            "pass-discard-other" => self.pass_other = flag()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// `pass-discard-request` with its default applied.
+    pub fn request(&self) -> bool {
+        self.pass_request.unwrap_or(self.unmap)
+    }
+
+    /// `pass-discard-snapshot` with its default applied.
+    pub fn snapshot(&self) -> bool {
+        self.pass_snapshot.unwrap_or(true)
+    }
+
+    /// `pass-discard-other` with its default applied.
+    pub fn other(&self) -> bool {
+        self.pass_other.unwrap_or(false)
+    }
 }
 
 /// Requested metadata cache sizes in bytes, as qemu's qcow2 node options give them.
@@ -152,6 +232,7 @@ impl Default for OpenOptions {
             parent_hint: None,
             eager_writeback: false,
             protocol_options: Vec::new(),
+            discard: DiscardOptions::default(),
         }
     }
 }
@@ -181,6 +262,7 @@ impl OpenOptions {
             backing_keys: self.backing_keys.iter().skip(1).cloned().collect(),
             parent_hint: None,
             protocol_options: Vec::new(),
+            discard: DiscardOptions { unmap: self.discard.unmap, ..DiscardOptions::default() },
             ..self.clone()
         }
     }

@@ -174,6 +174,9 @@ pub struct ImageOpts {
     pub protocol_options: Vec<(String, String)>,
     /// qcow2's `cache-size`, `l2-cache-size` and `refcount-cache-size`.
     pub metadata_cache: blockdev::MetadataCacheSizes,
+    /// The node's discard options (`discard`, qcow2's `pass-discard-*`), checked, in the order
+    /// given: applied with [`blockdev::DiscardOptions::take`].
+    pub discard_options: Vec<(String, String)>,
     /// Options vdisk does not act on but accepts (`file.driver=file`, `file.locking=...`, keys).
     pub other: Vec<(String, String)>,
     /// Secret ids of the backing files' keys, nearest first (`backing.encrypt.key-secret`,
@@ -198,15 +201,13 @@ fn backing_option(key: &str) -> Option<(usize, &str)> {
     (depth > 0).then_some((depth, rest))
 }
 
-/// qcow2 node options vdisk accepts in `--image-opts` besides the cache sizes (the cache entry
-/// size and cleaning interval, discard and overlap-check policies are vdisk's own).
+/// qcow2 node options vdisk accepts in `--image-opts` besides the cache sizes and the discard
+/// options (the cache entry size and cleaning interval, `discard-no-unref` and overlap-check
+/// policies are vdisk's own).
 const QCOW2_NODE_OPTIONS: &[&str] = &[
     "l2-cache-entry-size",
     "cache-clean-interval",
     "lazy-refcounts",
-    "pass-discard-request",
-    "pass-discard-snapshot",
-    "pass-discard-other",
     "discard-no-unref",
     "overlap-check",
     "overlap-check.template",
@@ -214,14 +215,7 @@ const QCOW2_NODE_OPTIONS: &[&str] = &[
 ];
 
 /// The on/off ones among [`QCOW2_NODE_OPTIONS`].
-const QCOW2_BOOL_OPTIONS: &[&str] = &[
-    "lazy-refcounts",
-    "pass-discard-request",
-    "pass-discard-snapshot",
-    "pass-discard-other",
-    "discard-no-unref",
-    "auto-read-only",
-];
+const QCOW2_BOOL_OPTIONS: &[&str] = &["lazy-refcounts", "discard-no-unref", "auto-read-only"];
 
 /// Whether node options go to a qcow2 node: `driver=qcow2`, or no driver yet (probing decides).
 fn qcow2_node(o: &ImageOpts) -> bool {
@@ -245,7 +239,11 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
             "file.driver" if v == "file" || v == "host_device" => {}
             k if nbd.take(k, v) || http.take(k, v) => {}
             "file.driver" => return Err(CliError::new(format!("Unknown protocol '{v}'"))),
-            "file.locking" | "locking" | "file.aio" | "read-only" | "discard" | "detect-zeroes" => {
+            "discard" => {
+                blockdev::DiscardOptions::default().take(k, v)?;
+                o.discard_options.push((k.clone(), v.clone()))
+            }
+            "file.locking" | "locking" | "file.aio" | "read-only" | "detect-zeroes" => {
                 o.other.push((k.clone(), v.clone()))
             }
             k if backing_option(k).is_some() => {
@@ -277,6 +275,10 @@ pub fn parse_image_opts(s: &str) -> Result<ImageOpts, CliError> {
                     "l2-cache-size" => o.metadata_cache.l2 = bytes,
                     _ => o.metadata_cache.refcount = bytes,
                 }
+            }
+            "pass-discard-request" | "pass-discard-snapshot" | "pass-discard-other" if qcow2_node(&o) => {
+                blockdev::DiscardOptions::default().take(k, v)?;
+                o.discard_options.push((k.clone(), v.clone()))
             }
             k if qcow2_node(&o) && QCOW2_NODE_OPTIONS.contains(&k) => {
                 if QCOW2_BOOL_OPTIONS.contains(&k) {
@@ -373,6 +375,11 @@ fn open_image(reg: &Registry, req: &OpenRequest<'_>, warn: bool) -> Result<Arc<d
         opts.data_file = io.data_file.clone();
         opts.protocol_options = io.protocol_options.clone();
         opts.metadata_cache = io.metadata_cache;
+        for (k, v) in &io.discard_options {
+            opts.discard
+                .take(k, v)
+                .map_err(|e| CliError::new(format!("Could not open '{}': {}", req.name, e.message())))?;
+        }
         // A key given twice counts once, the last time (as qemu's option dictionaries do).
         let (key, backing_keys) =
             image_keys(&io, opts.no_io).map_err(|m| CliError::new(format!("Could not open '{}': {m}", req.name)))?;

@@ -28,6 +28,9 @@ pub struct JsonName {
     /// The backing file was turned off with `"backing": ""`, which qemu accepts with a
     /// deprecation warning ([`EMPTY_BACKING_WARNING`]).
     pub empty_backing: bool,
+    /// The format node's discard options (`discard`, qcow2's `pass-discard-*`), as given:
+    /// applied with [`blockdev::DiscardOptions::take`] over the caller's.
+    pub discard_options: Vec<(String, String)>,
 }
 
 /// qemu's warning for `"backing": ""` (in `json:` names and `--image-opts`), which it takes as
@@ -63,6 +66,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
     let mut nbd = FileNodeOptions::default();
     let mut http = crate::remote::HttpNodeOptions::default();
     let (mut no_backing, mut empty_backing) = (false, false);
+    let mut discard_options = Vec::new();
     for (k, v) in &flat {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -86,6 +90,13 @@ pub fn parse(text: &str) -> Result<JsonName> {
             k if nbd.take(k, &text) || http.take(k, &text) => {}
             "file.driver" => return Err(Error::unsupported(format!("Unknown protocol '{text}'"))),
             "file.locking" | "file.aio" | "read-only" | "file.read-only" | "cache.direct" | "cache.no-flush" => {}
+            "discard" | "pass-discard-request" | "pass-discard-snapshot" | "pass-discard-other"
+                if k == "discard" || driver.as_deref().is_none_or(|d| d == "qcow2") =>
+            {
+                // Checked here so that a bad value fails as qemu's does, whatever opens the name.
+                blockdev::DiscardOptions::default().take(k, &text)?;
+                discard_options.push((k.clone(), text));
+            }
             _ => {
                 let fmt = driver.clone().unwrap_or_else(|| "raw".into());
                 return Err(Error::invalid_argument(format!("Block format '{fmt}' does not support the option '{k}'")));
@@ -102,7 +113,7 @@ pub fn parse(text: &str) -> Result<JsonName> {
         protocol_options = options;
     }
     let filename = filename.ok_or_else(|| Error::invalid_argument("A block device must be specified for \"file\""))?;
-    Ok(JsonName { filename, driver, protocol_options, no_backing, empty_backing })
+    Ok(JsonName { filename, driver, protocol_options, no_backing, empty_backing, discard_options })
 }
 
 #[cfg(test)]
@@ -132,6 +143,7 @@ mod tests {
             protocol_options: vec![],
             no_backing: false,
             empty_backing: false,
+            discard_options: vec![],
         };
         assert_eq!(a, want);
         let b = parse(r#"{"driver":"raw","file.filename":"y"}"#).unwrap();
@@ -159,5 +171,15 @@ mod tests {
             let e = parse(&format!(r#"{{"driver":"qcow2","backing":{other},"file":"x"}}"#)).unwrap_err();
             assert!(e.message().starts_with("Block format 'qcow2' does not support the option 'backing"), "{other}");
         }
+    }
+
+    #[test]
+    fn discard_options() {
+        let a = parse(r#"{"driver":"qcow2","discard":"unmap","pass-discard-other":true,"file":"x"}"#).unwrap();
+        let want = [("discard", "unmap"), ("pass-discard-other", "on")];
+        assert_eq!(a.discard_options, want.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert_eq!(parse(r#"{"discard":"x","file":"x"}"#).unwrap_err().message(), "Invalid discard option");
+        let raw = parse(r#"{"driver":"raw","pass-discard-request":true,"file":"x"}"#).unwrap_err();
+        assert_eq!(raw.message(), "Block format 'raw' does not support the option 'pass-discard-request'");
     }
 }

@@ -192,7 +192,10 @@ impl Registry {
                 (f, d) => f.or(d).map(str::to_string),
             };
             let no_backing = opts.no_backing || spec.no_backing;
-            let opts = OpenOptions { protocol_options: spec.protocol_options, no_backing, ..opts.clone() };
+            let mut opts = OpenOptions { protocol_options: spec.protocol_options, no_backing, ..opts.clone() };
+            for (k, v) in &spec.discard_options {
+                opts.discard.take(k, v)?;
+            }
             return self.open_in_chain(&spec.filename, fmt.as_deref(), &opts, chain);
         }
         if opts.force_share && !opts.read_only {

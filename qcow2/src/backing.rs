@@ -43,7 +43,7 @@ impl BackingOps for Qcow2 {
                 let (e, b) = m.entry(io, gc)?;
                 if e != 0 || b != 0 {
                     m.set_entry(io, gc, 0, 0)?;
-                    crate::write::queue_entry_free(&mut m, e, cs, true);
+                    crate::write::queue_entry_free(&mut m, e, cs, crate::discard::DiscardKind::Snapshot);
                 }
             }
         }

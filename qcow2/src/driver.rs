@@ -264,11 +264,17 @@ impl BlockDriver for Qcow2 {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_request(offset, len, self.size())?;
         self.note_change(offset, len)?;
-        self.zero_range(offset, len, flags)
+        // With `discard=ignore` zero writes keep their clusters, as qemu's do.
+        let may_unmap = flags.may_unmap && self.lock().discard.unmap;
+        self.zero_range(offset, len, ZeroFlags { may_unmap, ..flags })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(offset, len, self.size())?;
+        if !self.lock().discard.unmap {
+            // `discard=ignore`: qemu drops the request and the data stays.
+            return self.check_writable();
+        }
         self.note_change(offset, len)?;
         self.discard_range(offset, len)
     }

@@ -58,7 +58,8 @@ impl Meta {
         self.h.refcount_table_clusters = table_clusters as u32;
         self.write_header(io, false)?;
         io.flush()?;
-        self.rc.update_range(io, old_table.0 / cs, old_table.1, -1)?;
+        let punch = self.passes(crate::discard::DiscardKind::Other);
+        self.rc.update_range_with(io, old_table.0 / cs, old_table.1, -1, punch)?;
         Ok(end)
     }
 }
@@ -109,7 +110,7 @@ impl Qcow2 {
             };
             m.set_entry(io, gc, (host + i * cs) | COPIED, bitmap)?;
             if old_entry & (OFFSET_MASK | COMPRESSED) != 0 {
-                crate::write::queue_entry_free(&mut m, old_entry, cs, false);
+                crate::write::queue_entry_free(&mut m, old_entry, cs, crate::discard::DiscardKind::Other);
             }
         }
         m.flush(io)

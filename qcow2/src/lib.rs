@@ -26,7 +26,9 @@
 //! 7. bitmap changes write new bit data, tables and directory, sync, switch the header, sync, and
 //!    only then free the old ones; bitmaps recording writes are marked in use on disk first
 //!    (`bitmap/`);
-//! 8. creating an encrypted image writes the LUKS area into clusters it allocated before the
+//! 8. a freed cluster's space is given back to the file system (`discard.rs`) only once its
+//!    refcount of zero is durable, and never once it is allocated again;
+//! 9. creating an encrypted image writes the LUKS area into clusters it allocated before the
 //!    header names them (`create.rs`).
 //!
 //! # Hostile images
@@ -43,6 +45,7 @@ mod compress;
 mod compressed;
 mod create;
 mod crypt;
+mod discard;
 mod driver;
 mod entry;
 mod grow;

@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, HashSet};
 use blockdev::{read_exact_at, write_all_at, Error, ErrorKind, Result, Storage};
 
 use crate::cache::{get_u64, set_u64, TableCache};
+use crate::discard::DiscardKind;
 use crate::entry::{Geometry, Sub, COPIED, L1_RESERVED, OFFSET_MASK};
 use crate::header::{incompat, Extensions, Header};
 use crate::refcount::Refcounts;
@@ -32,8 +33,8 @@ pub struct Free {
     pub offset: u64,
     /// Number of clusters.
     pub clusters: u64,
-    /// Also deallocate the space in the file (guest discard).
-    pub discard: bool,
+    /// What freed them: whether their space goes back to the file system.
+    pub kind: DiscardKind,
 }
 
 /// The metadata state of an open image.
@@ -76,6 +77,8 @@ pub struct Meta {
     pub snapshots_size: u64,
     /// The persistent bitmaps' directory entries, in directory order (see `bitmap/`).
     pub bitmaps: Vec<crate::bitmap::BitmapEntry>,
+    /// Which freed clusters are given back to the file system (`discard.rs`).
+    pub discard: blockdev::DiscardOptions,
 }
 
 impl Meta {
@@ -251,7 +254,7 @@ impl Meta {
             let data = self.l2.peek(off).map(<[u8]>::to_vec).ok_or_else(|| Error::corrupt("L2 table vanished"))?;
             let new = self.alloc(io, 1)?;
             self.insert_l2(io, new, data, true)?;
-            self.queue_free(off, 1, false);
+            self.queue_free(off, 1, DiscardKind::Other);
             self.l2_tables.remove(&off);
             return self.set_l1(i, new);
         }
@@ -316,7 +319,7 @@ impl Meta {
             self.write_header(io, false)?;
             io.flush()?;
             for (o, c) in std::mem::take(&mut self.rc.retired) {
-                self.queue_free(o, c, false);
+                self.queue_free(o, c, DiscardKind::Other);
             }
         }
         Ok(())
@@ -381,10 +384,15 @@ impl Meta {
     }
 
     /// Queues clusters to be freed after the next flush.
-    pub fn queue_free(&mut self, offset: u64, clusters: u64, discard: bool) {
+    pub fn queue_free(&mut self, offset: u64, clusters: u64, kind: DiscardKind) {
         if clusters > 0 {
-            self.frees.push(Free { offset, clusters, discard });
+            self.frees.push(Free { offset, clusters, kind });
         }
+    }
+
+    /// Whether clusters freed by `kind` are given back to the file system.
+    pub fn passes(&self, kind: DiscardKind) -> bool {
+        kind.passes(&self.discard)
     }
 
     /// Writes refcount blocks and table entries; with `sync`, makes them durable.
@@ -392,13 +400,13 @@ impl Meta {
         if !self.rc.is_dirty() {
             return Ok(());
         }
+        if sync {
+            return self.rc.make_durable(io);
+        }
         self.rc.flush_blocks(io)?;
         if !self.rc.dirty_entries.is_empty() {
             io.flush()?;
             self.rc.flush_table_entries(io)?;
-        }
-        if sync {
-            io.flush()?;
         }
         Ok(())
     }
@@ -412,7 +420,8 @@ impl Meta {
         io.flush()
     }
 
-    /// Makes all metadata durable in the documented order, then applies queued frees.
+    /// Makes all metadata durable in the documented order, then applies queued frees and gives
+    /// freed clusters back to the file system as the discard options say.
     pub fn flush(&mut self, io: &dyn Storage) -> Result<()> {
         let tables_dirty = self.l2.has_dirty() || !self.l1_dirty.is_empty();
         self.flush_refcounts(io, false)?;
@@ -441,7 +450,7 @@ impl Meta {
         if !self.frees.is_empty() {
             self.apply_frees(io)?;
         }
-        Ok(())
+        self.rc.punch_freed(io)
     }
 
     fn write_l1_entries(&mut self, io: &dyn Storage) -> Result<()> {
@@ -468,36 +477,18 @@ impl Meta {
         Ok(())
     }
 
-    /// Applies queued frees (refcount decreases); space of guest-discarded clusters is released.
+    /// Applies queued frees (refcount decreases); clusters whose refcount drops to zero are
+    /// queued for punching when their kind passes (the caller's [`Self::flush`] punches them).
     pub fn apply_frees(&mut self, io: &dyn Storage) -> Result<()> {
-        let external = self.external_data.clone();
-        let data = external.as_deref().unwrap_or(io);
         let cs = self.cluster_size();
-        // Space to release, adjacent ranges merged so the file system sees few large requests.
-        let mut releases: Vec<(u64, u64)> = Vec::new();
         for f in std::mem::take(&mut self.frees) {
-            let mut released = 0u64;
+            let punch = self.passes(f.kind);
             for c in 0..f.clusters {
                 let off = f.offset + c * cs;
-                if self.rc.update(io, off / cs, -1)? == 0 {
+                if self.rc.update_with(io, off / cs, -1, punch)? == 0 {
                     self.l2.remove(off);
-                    released += 1;
                 }
             }
-            if f.discard && released == f.clusters {
-                releases.push((f.offset, f.clusters * cs));
-            }
-        }
-        releases.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(releases.len());
-        for (off, len) in releases {
-            match merged.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += len,
-                _ => merged.push((off, len)),
-            }
-        }
-        for (off, len) in merged {
-            data.discard(off, len)?;
         }
         Ok(())
     }

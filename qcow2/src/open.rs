@@ -165,6 +165,7 @@ impl Qcow2 {
             snapshots: Vec::new(),
             snapshots_size: 0,
             bitmaps: Vec::new(),
+            discard: opts.discard,
         };
         if !opts.for_check {
             // (check reads the table itself, repairing what it can.)

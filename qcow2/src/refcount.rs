@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use blockdev::{read_exact_at, write_all_at, Error, ErrorKind, Result, Storage};
 
 use crate::cache::{get_u64, TableCache};
+use crate::discard::Punches;
 use crate::entry::OFFSET_MASK;
 use crate::limits::MAX_REFTABLE_SIZE;
 
@@ -42,6 +43,8 @@ pub struct Refcounts {
     pub retired: Vec<(u64, u64)>,
     /// Host offsets of all refcount blocks (for overlap checks).
     pub blocks: std::collections::HashSet<u64>,
+    /// Freed clusters whose space is to be given back to the file system (see `discard.rs`).
+    pub punches: Punches,
 }
 
 impl Refcounts {
@@ -91,6 +94,7 @@ impl Refcounts {
             dirty_entries: BTreeSet::new(),
             free_hint: 0,
             retired: Vec::new(),
+            punches: Punches::default(),
         })
     }
 
@@ -157,11 +161,22 @@ impl Refcounts {
         let order = self.order;
         let block = self.cache.get_mut(off).ok_or_else(|| Error::corrupt("refcount block vanished from the cache"))?;
         write_entry(block, order, (index % per) as usize, value);
+        if value > 0 && !self.punches.is_empty() {
+            // In use again before its punch: it must not be punched under new data.
+            self.punches.forget(index);
+        }
         Ok(())
     }
 
     /// Adds `delta` to the refcount of cluster `index`, allocating its block if needed.
     pub fn update(&mut self, io: &dyn Storage, index: u64, delta: i64) -> Result<u64> {
+        self.update_with(io, index, delta, false)
+    }
+
+    /// Like [`Self::update`]; with `punch`, a cluster whose refcount drops to zero is queued to
+    /// have its space given back to the file system (see [`Self::punch_freed`]). The caller
+    /// guarantees that no reference to the cluster remains on disk.
+    pub fn update_with(&mut self, io: &dyn Storage, index: u64, delta: i64, punch: bool) -> Result<u64> {
         self.ensure_block(io, index)?;
         let cur = self.get(io, index)?;
         let new = if delta >= 0 {
@@ -183,13 +198,55 @@ impl Refcounts {
         if new == 0 && index < self.free_hint {
             self.free_hint = index;
         }
+        if new == 0 && punch {
+            self.punches.add(index);
+            if self.punches.is_full() {
+                self.punch_freed(io)?;
+            }
+        }
         Ok(new)
     }
 
     /// Adds `delta` to the refcounts of clusters `[first, first + count)` (see [`Self::update`]).
     pub fn update_range(&mut self, io: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
+        self.update_range_with(io, first, count, delta, false)
+    }
+
+    /// [`Self::update_range`] with [`Self::update_with`]'s `punch`.
+    pub fn update_range_with(
+        &mut self,
+        io: &dyn Storage,
+        first: u64,
+        count: u64,
+        delta: i64,
+        punch: bool,
+    ) -> Result<()> {
         for c in first..first + count {
-            self.update(io, c, delta)?;
+            self.update_with(io, c, delta, punch)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every refcount change durable: blocks, then (after a sync) table entries, then a sync.
+    pub fn make_durable(&mut self, io: &dyn Storage) -> Result<()> {
+        self.flush_blocks(io)?;
+        if !self.dirty_entries.is_empty() {
+            io.flush()?;
+            self.flush_table_entries(io)?;
+        }
+        io.flush()
+    }
+
+    /// Gives the space of the queued freed clusters back to the file system, once their refcount
+    /// of zero is durable (this writes and syncs the refcount blocks first). A failed punch is
+    /// ignored, as qemu ignores it: deallocation is advisory, the clusters are free either way.
+    pub fn punch_freed(&mut self, io: &dyn Storage) -> Result<()> {
+        if self.punches.is_empty() {
+            return Ok(());
+        }
+        self.make_durable(io)?;
+        for (first, count) in self.punches.take_merged() {
+            let _ = io.discard(first << self.cluster_bits, count << self.cluster_bits);
         }
         Ok(())
     }
@@ -552,6 +609,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn freed_clusters_are_punched_unless_taken_again_first() {
+        let (io, mut r) = fresh(4, 9);
+        let a = r.alloc(&io, 2).unwrap();
+        write_all_at(&io, a, &[0xaa; 1024]).unwrap();
+        // Both freed for punching; the first is allocated again (and written) before the punch.
+        r.update_with(&io, a >> 9, -1, true).unwrap();
+        r.update_with(&io, (a >> 9) + 1, -1, true).unwrap();
+        assert_eq!(r.alloc(&io, 1).unwrap(), a);
+        write_all_at(&io, a, &[0xbb; 512]).unwrap();
+        r.punch_freed(&io).unwrap();
+        assert!(r.punches.is_empty());
+        let mut back = [0u8; 1024];
+        read_exact_at(&io, a, &mut back).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0xbb), "reallocated cluster punched");
+        assert!(back[512..].iter().all(|&b| b == 0), "freed cluster not punched");
+        // Its refcount of zero reached the file before the punch.
+        let r2 = Refcounts::load(&io, 512, 1, 4, 9, 8);
+        assert_eq!(r2.unwrap().get(&io, (a >> 9) + 1).unwrap(), 0);
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub fn grow_l1(m: &mut Meta, io: &dyn blockdev::Storage, entries: u64) -> Result
     // The header names the new table durably: the old one is free at once (as in qemu, so the
     // next allocation may take its clusters).
     if old.0 != 0 {
-        m.rc.update_range(io, old.0 / cs, old.1, -1)?;
+        let punch = m.passes(crate::discard::DiscardKind::Other);
+        m.rc.update_range_with(io, old.0 / cs, old.1, -1, punch)?;
     }
     Ok(())
 }
@@ -115,7 +116,7 @@ impl Qcow2 {
         // was applied): the grown disk must not show them.
         let cs = self.cluster_size();
         if new_size > old && self.maps_anything_from(old.div_ceil(cs))? {
-            self.discard_clusters(old.div_ceil(cs), new_size.div_ceil(cs))?;
+            self.discard_clusters(old.div_ceil(cs), new_size.div_ceil(cs), crate::discard::DiscardKind::Other)?;
         }
         // An external data file grows with the disk (clusters map 1:1 onto it).
         if self.geo.data_file && opts.prealloc == Prealloc::Off && self.data.len()? < new_size {
@@ -164,7 +165,7 @@ impl Qcow2 {
                 let (e, bitmap) = m.entry(io, gc)?;
                 if (e, bitmap) != (0, 0) {
                     m.set_entry(io, gc, 0, 0)?;
-                    crate::write::queue_entry_free(&mut m, e, cs, true);
+                    crate::write::queue_entry_free(&mut m, e, cs, crate::discard::DiscardKind::Always);
                 }
             }
             // L2 tables wholly past the end go too, with whatever they still map there (the
@@ -178,12 +179,12 @@ impl Qcow2 {
                     let table = m.l2.peek(t).map(<[u8]>::to_vec).unwrap_or_default();
                     for j in 0..m.geo.l2_entries() as usize {
                         let e = crate::cache::get_u64(&table, j * stride);
-                        crate::write::queue_entry_free(&mut m, e, cs, true);
+                        crate::write::queue_entry_free(&mut m, e, cs, crate::discard::DiscardKind::Always);
                     }
                     m.l1[i] = 0;
                     m.l1_dirty.insert(i);
                     m.l2_tables.remove(&t);
-                    m.queue_free(t, 1, false);
+                    m.queue_free(t, 1, crate::discard::DiscardKind::Always);
                 }
             }
             m.flush(io)?;
@@ -285,7 +286,7 @@ impl Qcow2 {
                 let (old, bitmap) = m.entry(io, gc + i)?;
                 m.set_entry(io, gc + i, (host + i * cs) | COPIED, bitmap)?;
                 if old & (OFFSET_MASK | COMPRESSED) != 0 {
-                    crate::write::queue_entry_free(&mut m, old, cs, false);
+                    crate::write::queue_entry_free(&mut m, old, cs, crate::discard::DiscardKind::Other);
                 }
             }
             drop(m);

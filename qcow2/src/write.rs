@@ -14,6 +14,7 @@ use std::io::IoSlice;
 
 use blockdev::{iov_len, Error, Result, ZeroFlags};
 
+use crate::discard::DiscardKind;
 use crate::driver::Qcow2;
 use crate::entry::{sub_mask, Sub, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::header::autoclear;
@@ -302,7 +303,7 @@ impl Qcow2 {
         let io = self.file.as_ref();
         if let Err(e) = result {
             if fresh && !m.geo.data_file {
-                m.queue_free(host, count, false);
+                m.queue_free(host, count, DiscardKind::Never);
             }
             return Err(e);
         }
@@ -330,7 +331,9 @@ impl Qcow2 {
             };
             m.set_entry(io, this, h | COPIED, new_bitmap)?;
             if fresh {
-                free_old(&mut m, e, cs);
+                // As qemu: the space of a cluster replaced by copy-on-write is never passed on
+                // (measured: pass-discard-other=on leaves it allocated too).
+                queue_entry_free(&mut m, e, cs, DiscardKind::Never);
             }
         }
         if fresh {
@@ -452,7 +455,7 @@ impl Qcow2 {
                 }
                 if flags.may_unmap {
                     m.set_entry(io, pos / cs, 0, 0)?;
-                    free_old(&mut m, e, cs);
+                    queue_entry_free(&mut m, e, cs, DiscardKind::Request);
                     self.flush_if_many_frees(&mut m)?;
                     pos = c_end;
                     continue;
@@ -508,13 +511,13 @@ impl Qcow2 {
                     // Shared or compressed: only whole clusters can drop their host cluster.
                     if count == 32 {
                         m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
-                        free_old(m, e, cs);
+                        queue_entry_free(m, e, cs, DiscardKind::Request);
                     } else {
                         as_data.push((pos, c_end));
                     }
                 } else if count == 32 && may_unmap && host != 0 {
                     m.set_entry(io, gc, 0, ALL_ZERO_BITS)?;
-                    free_old(m, e, cs);
+                    queue_entry_free(m, e, cs, DiscardKind::Request);
                 } else {
                     m.set_entry(io, gc, e, (b & !mask) | (mask << 32))?;
                 }
@@ -524,7 +527,7 @@ impl Qcow2 {
                 if new != e {
                     m.set_entry(io, gc, new, 0)?;
                     if !keep {
-                        free_old(m, e, cs);
+                        queue_entry_free(m, e, cs, DiscardKind::Request);
                     }
                 }
             }
@@ -544,12 +547,13 @@ impl Qcow2 {
         if end <= start {
             return Ok(());
         }
-        self.discard_clusters(start / cs, end / cs)
+        self.discard_clusters(start / cs, end / cs, DiscardKind::Request)
     }
 
     /// Discards guest clusters `[first, end)`, which may lie past the end of the disk (the VM
     /// state area): they read as zeros (or fall through to a missing backing file) afterwards.
-    pub(crate) fn discard_clusters(&self, first: u64, end: u64) -> Result<()> {
+    /// `kind` says what discards them (whether freed clusters go back to the file system).
+    pub(crate) fn discard_clusters(&self, first: u64, end: u64, kind: DiscardKind) -> Result<()> {
         let _g = self.writes.lock(first, end);
         let mut m = self.lock();
         let io = self.file.as_ref();
@@ -575,7 +579,7 @@ impl Qcow2 {
             if (ne, nb) != (e, b) {
                 m.set_entry(io, gc, ne, nb)?;
                 if allocated {
-                    free_old_discard(&mut m, e, cs);
+                    queue_entry_free(&mut m, e, cs, kind);
                 }
             }
         }
@@ -583,29 +587,33 @@ impl Qcow2 {
     }
 }
 
-/// Queues the host clusters an old entry referred to for freeing.
-fn free_old(m: &mut Meta, e: u64, cs: u64) {
-    queue_entry_free(m, e, cs, false);
-}
-
-fn free_old_discard(m: &mut Meta, e: u64, cs: u64) {
-    queue_entry_free(m, e, cs, true);
-}
-
-/// Queues the host clusters of L2 entry `e` for freeing (`discard`: also release the file space).
-pub(crate) fn queue_entry_free(m: &mut Meta, e: u64, cs: u64, discard: bool) {
+/// Queues the host clusters of L2 entry `e` for freeing (`kind`: what freed them, which decides
+/// whether their space goes back to the file system).
+pub(crate) fn queue_entry_free(m: &mut Meta, e: u64, cs: u64, kind: DiscardKind) {
     if m.geo.data_file {
-        return; // data file clusters are not refcounted
+        // Data file clusters are not refcounted (they map guest clusters 1:1): as in qemu, one
+        // that a guest request, an emptying or a shrink unmaps goes back to the file system at
+        // once. The caller holds the guest cluster in the range lock, and it reads as zeros (or
+        // as discarded) whether or not the L2 change reaches the disk.
+        let allocated = e & COMPRESSED == 0 && e & COPIED != 0;
+        let unmapping = matches!(kind, DiscardKind::Request | DiscardKind::Snapshot | DiscardKind::Always);
+        if allocated && unmapping && m.passes(kind) {
+            if let Some(data) = &m.external_data {
+                // Advisory, as in qemu: a failed punch only leaves the old bytes in the file.
+                let _ = data.discard(e & OFFSET_MASK, cs);
+            }
+        }
+        return;
     }
     if e & COMPRESSED != 0 {
         let (off, size) = m.geo.compressed(e);
         let first = off / cs * cs;
         let last = (off + size - 1) / cs * cs;
-        m.queue_free(first, (last - first) / cs + 1, false);
+        m.queue_free(first, (last - first) / cs + 1, kind);
         return;
     }
     let host = e & OFFSET_MASK;
     if host != 0 {
-        m.queue_free(host, 1, discard);
+        m.queue_free(host, 1, kind);
     }
 }

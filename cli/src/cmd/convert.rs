@@ -15,7 +15,7 @@ use blockdev::copy::{
     budget_buf_size, count_data, default_workers, Copy, CopyOptions, Progress as CopyProgress, DEFAULT_BUF_SIZE,
 };
 use blockdev::options::{wants_help, CreateOptions};
-use blockdev::{BlockDriver, CacheMode, Concat, OpenOptions};
+use blockdev::{BlockDriver, CacheMode, Concat, DiscardOptions, OpenOptions};
 
 use crate::args::{flag, opt, parse, Opt, Parsed};
 use crate::cmd::create::print_option_help;
@@ -258,7 +258,10 @@ fn convert_inner(a: &Args<'_>, src_cache: CacheMode, progress: &Progress) -> Cmd
         Ok(Some(s)) => Some(s),
         _ => create_opts.secret("encrypt.key-secret").ok().flatten(),
     };
-    let opts = OpenOptions { read_only: false, cache, key_secret, ..OpenOptions::default() };
+    // qemu-img lets zero writes unmap (and frees clusters' space) unless -S 0 asked for a fully
+    // allocated target.
+    let discard = if a.min_sparse > 0 { DiscardOptions::default() } else { DiscardOptions::ignore() };
+    let opts = OpenOptions { read_only: false, cache, key_secret, discard, ..OpenOptions::default() };
     let req = OpenRequest { name: a.out, fmt: a.out_fmt, image_opts: p.has("target-image-opts"), opts };
     let target = img_open(&reg, &req)?;
     if copy_bitmaps && !target.bitmaps().is_some_and(|b| b.supported()) {

@@ -38,7 +38,13 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     let name = &p.positional[0];
     let list = p.has("l");
-    let opts = OpenOptions { read_only: list, force_share: p.has("U"), ..OpenOptions::default() };
+    // qemu-img opens without discard=unmap here (snapshot frees are passed on regardless).
+    let opts = OpenOptions {
+        read_only: list,
+        force_share: p.has("U"),
+        discard: blockdev::DiscardOptions::ignore(),
+        ..OpenOptions::default()
+    };
     let req = OpenRequest { name, fmt: p.value("f"), image_opts: p.has("image-opts"), opts };
     let drv = img_open(&registry(), &req)?;
     let snaps = drv.snapshots();

@@ -318,7 +318,11 @@ impl Qcow2 {
                     // A table that cannot be read leaks its data clusters; the table still goes.
                     if m.free_bitmap_clusters(io, &gone).is_err() {
                         let cs = m.cluster_size();
-                        m.queue_free(gone.table_offset, (gone.table_size as u64 * 8).div_ceil(cs), false);
+                        m.queue_free(
+                            gone.table_offset,
+                            (gone.table_size as u64 * 8).div_ceil(cs),
+                            crate::discard::DiscardKind::Always,
+                        );
                     }
                     m.flush(io)?;
                 }

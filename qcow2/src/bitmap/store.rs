@@ -114,7 +114,7 @@ impl Meta {
         })();
         if r.is_err() {
             for (off, n) in written {
-                self.queue_free(off, n, false);
+                self.queue_free(off, n, crate::discard::DiscardKind::Always);
             }
         }
         r
@@ -127,10 +127,10 @@ impl Meta {
         for t in table {
             let off = table_entry_offset(t);
             if off != 0 {
-                self.queue_free(off, 1, false);
+                self.queue_free(off, 1, crate::discard::DiscardKind::Always);
             }
         }
-        self.queue_free(e.table_offset, (e.table_size as u64 * 8).div_ceil(cs), false);
+        self.queue_free(e.table_offset, (e.table_size as u64 * 8).div_ceil(cs), crate::discard::DiscardKind::Always);
         Ok(())
     }
 
@@ -154,7 +154,7 @@ impl Meta {
             io.flush()
         })();
         if let Err(e) = written {
-            self.queue_free(offset, clusters, false);
+            self.queue_free(offset, clusters, crate::discard::DiscardKind::Always);
             return Err(e.prefixed("Failed to update bitmap extension"));
         }
         let old_ext = self.exts.bitmaps;
@@ -173,12 +173,12 @@ impl Meta {
         if let Err(e) = self.write_header(io, true).and_then(|()| io.flush()) {
             self.exts.bitmaps = old_ext;
             self.h.autoclear = old_autoclear;
-            self.queue_free(offset, clusters, false);
+            self.queue_free(offset, clusters, crate::discard::DiscardKind::Always);
             return Err(e.prefixed("Failed to update bitmap extension"));
         }
         self.bitmaps = entries;
         if let Some(old) = old_ext {
-            self.queue_free(old.directory_offset, old.directory_size.div_ceil(cs), false);
+            self.queue_free(old.directory_offset, old.directory_size.div_ceil(cs), crate::discard::DiscardKind::Always);
         }
         Ok(())
     }

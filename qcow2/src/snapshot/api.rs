@@ -78,7 +78,11 @@ impl Snapshots for Qcow2 {
             // disk does not need it.
             let cs = self.cluster_size();
             let first = self.vm_state_offset() / cs;
-            let dropped = self.discard_clusters(first, first + (vm_state.len() as u64).div_ceil(cs));
+            let dropped = self.discard_clusters(
+                first,
+                first + (vm_state.len() as u64).div_ceil(cs),
+                crate::discard::DiscardKind::Never,
+            );
             created?;
             dropped?;
             return blockdev::BlockDriver::flush(self);

@@ -101,7 +101,7 @@ impl Meta {
         })();
         if let Err(e) = written {
             if clusters > 0 {
-                self.queue_free(offset, clusters, false);
+                self.queue_free(offset, clusters, crate::discard::DiscardKind::Never);
             }
             return Err(e);
         }
@@ -121,7 +121,11 @@ impl Meta {
         self.snapshots_size = size;
         if old_nb > 0 && old_size > 0 {
             let first = old_offset / cs * cs;
-            self.queue_free(first, (old_offset + old_size).div_ceil(cs) - first / cs, false);
+            self.queue_free(
+                first,
+                (old_offset + old_size).div_ceil(cs) - first / cs,
+                crate::discard::DiscardKind::Snapshot,
+            );
         }
         Ok(())
     }
@@ -286,7 +290,8 @@ impl Qcow2 {
         m.update_tree_refcounts(io, &mut l1, -1).map_err(|e| e.prefixed("Failed to free the cluster and L1 table"))?;
         let l1_clusters = (sn.l1_size as u64 * 8).div_ceil(cs);
         if l1_clusters > 0 {
-            m.rc.update_range(io, sn.l1_offset / cs, l1_clusters, -1)?;
+            let punch = m.passes(crate::discard::DiscardKind::Snapshot);
+            m.rc.update_range_with(io, sn.l1_offset / cs, l1_clusters, -1, punch)?;
         }
         m.follow_reftable_move(io)?;
         m.flush(io)?;

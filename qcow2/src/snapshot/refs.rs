@@ -85,7 +85,8 @@ impl Meta {
             return Err(Error::from_errno("snapshot", libc::EAGAIN));
         }
         // A refcount that cannot grow further is qemu's EINVAL.
-        self.rc.update(io, cluster, addend).map_err(|e| match (e.kind(), e.errno()) {
+        let punch = addend < 0 && self.passes(crate::discard::DiscardKind::Snapshot);
+        self.rc.update_with(io, cluster, addend, punch).map_err(|e| match (e.kind(), e.errno()) {
             (blockdev::ErrorKind::OutOfRange, None) => Error::from_errno("snapshot", libc::EINVAL),
             _ => e,
         })
