@@ -376,3 +376,19 @@ fn hostile_images_fail_cleanly() {
     let r = vdisk(&["info", "--image-opts", &format!("driver=vmdk,file.filename={}", s(&desc))]);
     assert_eq!(r.code, 0, "trusted input may name absolute paths: {}", r.stderr);
 }
+
+/// `info` of a split disk lists its extent files as qemu-img does (last extent first), in text
+/// and JSON.
+#[test]
+fn info_lists_split_extents_like_qemu() {
+    let d = tempdir();
+    for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+        let img = d.path().join(format!("{sub}.vmdk"));
+        qemu_img(&["create", "-q", "-f", "vmdk", "-o", &format!("subformat={sub}"), s(&img), "5G"]).ok();
+        for args in [vec!["info", s(&img)], vec!["info", "--output=json", s(&img)]] {
+            let (q, v) = (qemu_img(&args), vdisk(&args));
+            assert_eq!((q.code, &q.stdout, &q.stderr), (v.code, &v.stdout, &v.stderr), "{sub}: {args:?}");
+            assert!(q.stdout.contains("extents.2"), "{}", q.stdout);
+        }
+    }
+}
