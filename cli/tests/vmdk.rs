@@ -507,6 +507,30 @@ fn info_lists_split_extents_like_qemu() {
     }
 }
 
+/// Files that are not VMDK disks, opened with `-f vmdk`, fail with qemu-img's message and code.
+#[test]
+fn other_files_opened_as_vmdk_fail_like_qemu() {
+    let d = tempdir();
+    let p = |n: &str| d.path().join(n);
+    qemu_img(&["create", "-q", "-f", "raw", s(&p("big.raw")), "3M"]).ok();
+    qemu_io(&["-f", "raw", "-c", "write -P 0x41 0 3M", s(&p("big.raw"))]).ok();
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("c.qcow2")), "1M"]).ok();
+    std::fs::write(p("small.raw"), pseudo_random(3000, 3)).unwrap();
+    std::fs::write(p("tiny"), b"abc").unwrap();
+    std::fs::write(p("empty"), b"").unwrap();
+    std::fs::write(p("text.vmdk"), "# Disk DescriptorFile\nversion=1\nCID=1\n").unwrap();
+    std::fs::write(p("ms.vmdk"), "version=1\ncreateType=\"monolithicSparse\"\nRW 8 FLAT \"tiny\" 0\n").unwrap();
+    for n in ["big.raw", "c.qcow2", "small.raw", "tiny", "empty", "text.vmdk", "ms.vmdk"] {
+        let file = p(n);
+        for cmd in ["info", "check"] {
+            let args = [cmd, "-f", "vmdk", s(&file)];
+            let (q, v) = (qemu_img(&args), vdisk(&args));
+            assert_eq!((q.code, &q.stdout, &q.stderr), (v.code, &v.stdout, &v.stderr), "{args:?}");
+            assert_eq!(q.code, 1, "{args:?}");
+        }
+    }
+}
+
 /// A monolithicFlat disk larger than the file system's largest file fails as in qemu-img
 /// (`Could not resize file: File too large`, exit 1), leaving the same files behind (the
 /// descriptor and an empty data file).
