@@ -5,12 +5,12 @@
 //! streamOptimized in the layout of VMware's specification (see `stream.rs`).
 
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
-use blockdev::{Error, Opener, Prealloc, Result};
+use blockdev::{Error, ErrorKind, Opener, Prealloc, Result, Storage};
 
 use crate::descriptor::{NewDescriptor, NO_PARENT};
 use crate::header::{
     SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
-    GD_AT_END, SECTOR,
+    GD_AT_END, MAX_GD_ENTRIES, SECTOR,
 };
 
 /// qemu-img's `-o` options for vmdk, in its order.
@@ -133,34 +133,35 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
     match p.subformat.as_str() {
         "monolithicSparse" => {
             let text = describe("monolithicSparse", &[format!("RW {sectors} SPARSE \"{}\"", base_name(filename))]);
+            let layout = SparseLayout::new(sectors, p.zeroed_grain, text.as_bytes())?;
             let storage = opener.create_storage(filename, &CreateOptions::new())?;
             blockdev::delete_on_error(opener, filename, || {
-                let image = sparse_image(sectors, p.zeroed_grain, text.as_bytes())?;
-                blockdev::write_all_at(storage.as_ref(), 0, &image)?;
+                layout.write(storage.as_ref(), text.as_bytes())?;
                 storage.flush()
             })
         }
         "streamOptimized" => {
             let text = describe("streamOptimized", &[format!("RW {sectors} SPARSE \"{}\"", base_name(filename))]);
+            if text.len() as u64 > DESC_SECTORS * SECTOR {
+                return Err(Error::invalid_argument("VMDK descriptor too long"));
+            }
+            let header = SparseHeader {
+                version: 3,
+                flags: FLAG_NL_DETECT | FLAG_COMPRESSED | FLAG_MARKERS,
+                capacity: sectors,
+                grain_sectors: GRAIN_SECTORS,
+                desc_offset: 1,
+                desc_size: DESC_SECTORS,
+                gtes_per_gt: GTES as u32,
+                rgd_offset: 0,
+                gd_offset: GD_AT_END,
+                overhead: GRAIN_SECTORS,
+                unclean: false,
+                compression: COMPRESSION_DEFLATE,
+            };
+            header.validate("").map_err(|_| Error::invalid_argument("Image size too large"))?;
             let storage = opener.create_storage(filename, &CreateOptions::new())?;
             blockdev::delete_on_error(opener, filename, || {
-                if text.len() as u64 > DESC_SECTORS * SECTOR {
-                    return Err(Error::invalid_argument("VMDK descriptor too long"));
-                }
-                let header = SparseHeader {
-                    version: 3,
-                    flags: FLAG_NL_DETECT | FLAG_COMPRESSED | FLAG_MARKERS,
-                    capacity: sectors,
-                    grain_sectors: GRAIN_SECTORS,
-                    desc_offset: 1,
-                    desc_size: DESC_SECTORS,
-                    gtes_per_gt: GTES as u32,
-                    rgd_offset: 0,
-                    gd_offset: GD_AT_END,
-                    overhead: GRAIN_SECTORS,
-                    unclean: false,
-                    compression: COMPRESSION_DEFLATE,
-                };
                 let mut head = vec![0u8; (GRAIN_SECTORS * SECTOR) as usize];
                 head[..512].copy_from_slice(&header.encode());
                 head[512..512 + text.len()].copy_from_slice(text.as_bytes());
@@ -173,14 +174,12 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
         "monolithicFlat" => {
             let flat = flat_name(filename);
             let text = describe("monolithicFlat", &[format!("RW {sectors} FLAT \"{}\" 0", base_name(&flat))]);
-            let mut data_opts = CreateOptions::new();
-            data_opts.set("size", &(sectors * SECTOR).to_string());
-            let data = opener.create_storage(&flat, &data_opts)?;
-            data.flush()?;
+            // As qemu: the descriptor file first, then the data file; the descriptor is written
+            // even when the data file cannot take the size (qemu-img leaves both behind).
             let desc = opener.create_storage(filename, &CreateOptions::new())?;
-            blockdev::write_all_at(desc.as_ref(), 0, text.as_bytes())?;
-            desc.set_len(text.len() as u64, Prealloc::Off)?;
-            desc.flush()
+            let data = create_flat(opener, &flat, sectors);
+            write_descriptor_file(desc.as_ref(), &text)?;
+            data
         }
         "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat" => {
             let sparse = p.subformat == "twoGbMaxExtentSparse";
@@ -196,22 +195,22 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
                 })
                 .collect();
             let text = describe(&p.subformat, &lines);
-            for (n, name) in pieces.iter().zip(&names) {
-                if sparse {
-                    let extent = opener.create_storage(name, &CreateOptions::new())?;
-                    let image = sparse_image(*n, p.zeroed_grain, b"")?;
-                    blockdev::write_all_at(extent.as_ref(), 0, &image)?;
-                    extent.flush()?;
-                } else {
-                    let mut o = CreateOptions::new();
-                    o.set("size", &(n * SECTOR).to_string());
-                    opener.create_storage(name, &o)?.flush()?;
-                }
-            }
             let desc = opener.create_storage(filename, &CreateOptions::new())?;
-            blockdev::write_all_at(desc.as_ref(), 0, text.as_bytes())?;
-            desc.set_len(text.len() as u64, Prealloc::Off)?;
-            desc.flush()
+            let extents = (|| -> Result<()> {
+                for (n, name) in pieces.iter().zip(&names) {
+                    if sparse {
+                        let layout = SparseLayout::new(*n, p.zeroed_grain, b"")?;
+                        let extent = opener.create_storage(name, &CreateOptions::new())?;
+                        layout.write(extent.as_ref(), b"")?;
+                        extent.flush()?;
+                    } else {
+                        create_flat(opener, name, *n)?;
+                    }
+                }
+                Ok(())
+            })();
+            write_descriptor_file(desc.as_ref(), &text)?;
+            extents
         }
         other => Err(Error::unsupported(format!("vdisk cannot create VMDK subformat {other} yet"))),
     }
@@ -269,49 +268,114 @@ fn flat_name(filename: &str) -> String {
     }
 }
 
-/// The metadata of an empty monolithic sparse extent of `sectors` sectors with descriptor
-/// `desc`: header, descriptor, redundant directory and tables, directory and tables, padded to
-/// the first grain (qemu's layout).
-fn sparse_image(sectors: u64, zeroed_grain: bool, desc: &[u8]) -> Result<Vec<u8>> {
-    if desc.len() as u64 > DESC_SECTORS * SECTOR {
-        return Err(Error::invalid_argument("VMDK descriptor too long"));
+/// Writes descriptor `text` as the whole of the descriptor file `desc`.
+fn write_descriptor_file(desc: &dyn Storage, text: &str) -> Result<()> {
+    blockdev::write_all_at(desc, 0, text.as_bytes())?;
+    desc.set_len(text.len() as u64, Prealloc::Off)?;
+    desc.flush()
+}
+
+/// Creates the flat extent file `name` of `sectors` sectors (a hole: qemu's file driver sizes it
+/// and writes only its first block). A size past the file system's limit fails in qemu's words,
+/// `Could not resize file: File too large` (not the generic message for formats whose size limit
+/// is their own).
+fn create_flat(opener: &dyn Opener, name: &str, sectors: u64) -> Result<()> {
+    let mut o = CreateOptions::new();
+    o.set("size", &(sectors * SECTOR).to_string());
+    match opener.create_storage(name, &o) {
+        Ok(data) => data.flush(),
+        Err(e) if e.errno() == Some(libc::EFBIG) => {
+            Err(Error::new(ErrorKind::OutOfRange, format!("Could not resize file: {}", e.message())))
+        }
+        Err(e) => Err(e),
     }
-    let gt_sectors = (GTES * 4).div_ceil(SECTOR);
-    let gd_entries = (sectors).div_ceil(GRAIN_SECTORS * GTES).max(1);
-    let gd_sectors = (gd_entries * 4).div_ceil(SECTOR);
-    let rgd = 1 + DESC_SECTORS;
-    let rgt = rgd + gd_sectors;
-    let gd = rgt + gd_entries * gt_sectors;
-    let gt = gd + gd_sectors;
-    let end = gt + gd_entries * gt_sectors;
-    let overhead = end.next_multiple_of(GRAIN_SECTORS);
-    if overhead > u32::MAX as u64 / 2 {
-        return Err(Error::invalid_argument("Image size too large"));
-    }
-    let header = SparseHeader {
-        version: if zeroed_grain { 2 } else { 1 },
-        flags: FLAG_NL_DETECT | FLAG_RGD | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
-        capacity: sectors,
-        grain_sectors: GRAIN_SECTORS,
-        desc_offset: 1,
-        desc_size: DESC_SECTORS,
-        gtes_per_gt: GTES as u32,
-        rgd_offset: rgd,
-        gd_offset: gd,
-        overhead,
-        unclean: false,
-        compression: 0,
-    };
-    let mut image = vec![0u8; (overhead * SECTOR) as usize];
-    image[..512].copy_from_slice(&header.encode());
-    image[512..512 + desc.len()].copy_from_slice(desc);
-    for i in 0..gd_entries {
-        let put = |image: &mut Vec<u8>, dir: u64, table: u64| {
-            let at = (dir * SECTOR + i * 4) as usize;
-            image[at..at + 4].copy_from_slice(&((table + i * gt_sectors) as u32).to_le_bytes());
+}
+
+/// Grain directory entries written per request when a sparse extent is created (64 KiB).
+const GD_CHUNK_ENTRIES: u64 = 16 * 1024;
+
+/// qemu's layout of an empty hosted sparse extent: header, embedded descriptor, redundant grain
+/// directory and its tables, grain directory and its tables, padded to the first grain. Every
+/// table is preallocated in the file and empty.
+#[derive(Debug)]
+struct SparseLayout {
+    header: SparseHeader,
+    /// Entries in each grain directory.
+    gd_entries: u64,
+    /// Sectors of one grain table.
+    gt_sectors: u64,
+    /// First sector of the redundant grain tables and of the grain tables.
+    rgt: u64,
+    gt: u64,
+}
+
+impl SparseLayout {
+    /// The layout of an extent of `sectors` sectors embedding descriptor `desc`, checked against
+    /// the limits vdisk (and qemu) open sparse extents with, before anything is written.
+    fn new(sectors: u64, zeroed_grain: bool, desc: &[u8]) -> Result<SparseLayout> {
+        if desc.len() as u64 > DESC_SECTORS * SECTOR {
+            return Err(Error::invalid_argument("VMDK descriptor too long"));
+        }
+        let too_large = || Error::invalid_argument("Image size too large");
+        let gt_sectors = (GTES * 4).div_ceil(SECTOR);
+        let gd_entries = sectors.div_ceil(GRAIN_SECTORS * GTES).max(1);
+        if gd_entries > MAX_GD_ENTRIES {
+            return Err(too_large());
+        }
+        // With at most MAX_GD_ENTRIES entries none of this overflows, and every table offset
+        // fits the directory's 32-bit entries.
+        let gd_sectors = (gd_entries * 4).div_ceil(SECTOR);
+        let rgd = 1 + DESC_SECTORS;
+        let rgt = rgd + gd_sectors;
+        let gd = rgt + gd_entries * gt_sectors;
+        let gt = gd + gd_sectors;
+        let end = gt + gd_entries * gt_sectors;
+        let overhead = end.next_multiple_of(GRAIN_SECTORS);
+        if overhead > u32::MAX as u64 / 2 {
+            return Err(too_large());
+        }
+        let header = SparseHeader {
+            version: if zeroed_grain { 2 } else { 1 },
+            flags: FLAG_NL_DETECT | FLAG_RGD | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
+            capacity: sectors,
+            grain_sectors: GRAIN_SECTORS,
+            desc_offset: 1,
+            desc_size: DESC_SECTORS,
+            gtes_per_gt: GTES as u32,
+            rgd_offset: rgd,
+            gd_offset: gd,
+            overhead,
+            unclean: false,
+            compression: 0,
         };
-        put(&mut image, rgd, rgt);
-        put(&mut image, gd, gt);
+        header.validate("")?;
+        Ok(SparseLayout { header, gd_entries, gt_sectors, rgt, gt })
     }
-    Ok(image)
+
+    /// Writes the layout into the empty file `storage`: the file is extended to the first grain
+    /// (so the tables and the rest read as zeros without being written), then the header, the
+    /// descriptor and both directories' entries are written, a bounded chunk at a time.
+    fn write(&self, storage: &dyn Storage, desc: &[u8]) -> Result<()> {
+        let h = &self.header;
+        storage.set_len(h.overhead * SECTOR, Prealloc::Off)?;
+        blockdev::write_all_at(storage, 0, &h.encode())?;
+        if !desc.is_empty() {
+            blockdev::write_all_at(storage, h.desc_offset * SECTOR, desc)?;
+        }
+        let mut chunk = Vec::with_capacity((GD_CHUNK_ENTRIES * 4) as usize);
+        for (dir, tables) in [(h.rgd_offset, self.rgt), (h.gd_offset, self.gt)] {
+            let mut first = 0;
+            while first < self.gd_entries {
+                let n = GD_CHUNK_ENTRIES.min(self.gd_entries - first);
+                chunk.clear();
+                for i in first..first + n {
+                    // Below 2^31 (checked in `new`).
+                    chunk.extend_from_slice(&((tables + i * self.gt_sectors) as u32).to_le_bytes());
+                }
+                blockdev::write_all_at(storage, dir * SECTOR + first * 4, &chunk)?;
+                first += n;
+            }
+        }
+        Ok(())
+    }
 }

@@ -515,8 +515,9 @@ impl BlockDriver for Vmdk {
             ExtentData::Sparse(s) => Some(s.header().grain_bytes()),
             _ => None,
         });
-        // Extents in files of their own are child nodes `extents.N`, listed before `file`;
-        // the disk size counts every file.
+        // Extents in files of their own are child nodes `extents.N`, listed last one first and
+        // before `file` (qemu lists a node's children newest first); the disk size counts every
+        // file.
         let mut children = Vec::new();
         let mut actual = file.actual_size;
         for (i, e) in self.extents.iter().enumerate() {
@@ -535,6 +536,7 @@ impl BlockDriver for Vmdk {
             };
             children.push((format!("extents.{i}"), info));
         }
+        children.reverse();
         children.push(("file".to_string(), file));
         Ok(ImageInfo {
             filename: self.storage.name().to_string(),

@@ -5,8 +5,9 @@
 //! versions 1 to 3 with grain directories, grain tables and their redundant copies, zeroed grains
 //! and compressed grains (streamOptimized, qemu's layout and the spec's footer layout); delta
 //! disks read through to their parent, whose CID must match the child's parentCID. Writes go to
-//! flat and uncompressed sparse extents (grains appended at the end of the file). Creates
-//! monolithicSparse and monolithicFlat disks as qemu-img lays them out.
+//! flat and uncompressed sparse extents (grains appended at the end of the file). Creates every
+//! subformat qemu-img creates, in its layout (streamOptimized in the spec's), preallocated
+//! tables left as holes.
 //!
 //! # Hostile images
 //! Descriptors are bounded in size and extent count ([`descriptor`]); header fields are checked
@@ -118,15 +119,11 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
         let extent = DiskExtent { start: 0, len: capacity, access, line, data };
         (descriptor, place, vec![extent])
     } else {
-        if file_len > MAX_DESCRIPTOR_BYTES as u64 {
-            return Err(Error::invalid_image(format!("{name}: not a VMDK descriptor (file too large)")));
-        }
-        let mut text = vec![0u8; file_len as usize];
-        blockdev::read_exact_at(storage.as_ref(), 0, &mut text)?;
-        if !Descriptor::probe(&text) {
-            return Err(Error::invalid_image(format!("{name}: not a VMDK image")));
-        }
+        let text = descriptor_text(storage.as_ref(), file_len)?;
         let descriptor = Descriptor::parse(&text)?;
+        if !DESCRIPTOR_FILE_TYPES.contains(&descriptor.create_type.as_str()) {
+            return Err(Error::unsupported(format!("Unsupported image type '{}'", descriptor.create_type)));
+        }
         let extents = open_extents(&name, &descriptor, opts, opener)?;
         (descriptor, DescriptorPlace::File, extents)
     };
@@ -147,6 +144,32 @@ fn open(storage: Arc<dyn Storage>, opts: &OpenOptions, chain: &Chain, opener: &d
         stream,
         grain_locks: RangeLock::new(),
     })
+}
+
+/// The `createType`s qemu opens from a descriptor file (the others are embedded in their
+/// sparse file).
+const DESCRIPTOR_FILE_TYPES: &[&str] =
+    &["monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"];
+
+/// The text of a descriptor file of `file_len` bytes, with qemu's errors for files that are
+/// none: an empty file is "too small", and one whose text (up to its first NUL byte) has no
+/// `createType` is an "invalid VMDK image descriptor" — what qemu says of any file that is not
+/// a VMDK (raw, qcow2, ...) opened with `-f vmdk`. At most [`MAX_DESCRIPTOR_BYTES`] are read.
+fn descriptor_text(storage: &dyn Storage, file_len: u64) -> Result<Vec<u8>> {
+    if file_len == 0 {
+        return Err(Error::invalid_image("File is too small, not a valid image"));
+    }
+    let mut text = vec![0u8; file_len.min(MAX_DESCRIPTOR_BYTES as u64) as usize];
+    blockdev::read_exact_at(storage, 0, &mut text)?;
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    if !text[..end].windows(b"createType".len()).any(|w| w == b"createType") {
+        return Err(Error::invalid_image("invalid VMDK image descriptor"));
+    }
+    if file_len > MAX_DESCRIPTOR_BYTES as u64 {
+        return Err(Error::invalid_image(format!("{}: not a VMDK descriptor (file too large)", storage.name())));
+    }
+    text.truncate(end);
+    Ok(text)
 }
 
 /// The descriptor inside a sparse file (or one made up for a bare sparse extent).

@@ -11,6 +11,7 @@
 //! them and the footer. Until then the file has no valid footer: a crash mid-stream leaves a disk
 //! that does not open, never one that reads wrong data.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use blockdev::{Error, Prealloc, Result, Storage};
@@ -28,8 +29,9 @@ const MARKER_FOOTER: u32 = 3;
 struct State {
     /// Where the next record goes.
     pos: u64,
-    /// Grain tables by directory index (absent: no grain written under it).
-    tables: Vec<Option<Vec<u32>>>,
+    /// Grain tables by directory index (absent: no grain written under it), so memory grows
+    /// with the grains written, not with the disk's size.
+    tables: BTreeMap<u64, Vec<u32>>,
     /// A grain was written: the file must get its new tables and footer.
     written: bool,
     finished: bool,
@@ -65,9 +67,8 @@ impl StreamWriter {
         header.rgd_offset = 0;
         header.gd_offset = GD_AT_END;
         header.compression = COMPRESSION_DEFLATE;
-        let entries = header.gd_entries() as usize;
         let pos = header.overhead * SECTOR;
-        let state = State { pos, tables: vec![None; entries], written: false, finished: false };
+        let state = State { pos, tables: BTreeMap::new(), written: false, finished: false };
         StreamWriter { storage, header, state: Mutex::new(state) }
     }
 
@@ -122,10 +123,10 @@ impl StreamWriter {
             st.pos += record.len() as u64;
             st.written = true;
             let sector = u32::try_from(at / SECTOR).map_err(|_| Error::out_of_range("VMDK stream too large"))?;
-            let gd_index = (offset / self.header.gt_coverage()) as usize;
+            let gd_index = offset / self.header.gt_coverage();
             let gt_index = ((offset / grain) % self.header.gtes_per_gt as u64) as usize;
             let gtes = self.header.gtes_per_gt as usize;
-            st.tables[gd_index].get_or_insert_with(|| vec![0; gtes])[gt_index] = sector;
+            st.tables.entry(gd_index).or_insert_with(|| vec![0; gtes])[gt_index] = sector;
             at
         };
         blockdev::write_all_at(self.storage.as_ref(), at, &record)
@@ -143,37 +144,71 @@ impl StreamWriter {
         self.end(true)
     }
 
+    /// Writes the metadata after the last grain, in bounded pieces: the file is first cut at the
+    /// last grain (dropping what an earlier, empty stream had there) and extended to the end of
+    /// the new metadata, so the directory's runs of empty entries read as zeros unwritten.
     fn end(&self, always: bool) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.finished || !(always || st.written) {
             return Ok(());
         }
-        let gt_sectors = (self.header.gtes_per_gt as u64 * 4).div_ceil(SECTOR);
-        let mut out = Vec::new();
+        let storage = self.storage.as_ref();
+        let too_large = || Error::out_of_range("VMDK stream too large");
+        let gt_bytes = (self.header.gtes_per_gt as u64 * 4).next_multiple_of(SECTOR);
+        let gd_entries = self.header.gd_entries();
+        let gd_bytes = (gd_entries * 4).next_multiple_of(SECTOR);
         let base = st.pos;
-        let mut gd = vec![0u32; st.tables.len()];
-        for (i, t) in st.tables.iter().enumerate() {
-            let Some(t) = t else { continue };
-            out.extend_from_slice(&marker(gt_sectors, MARKER_GT));
-            gd[i] = u32::try_from((base + out.len() as u64) / SECTOR)
-                .map_err(|_| Error::out_of_range("VMDK stream too large"))?;
+        let tables_end = base + st.tables.len() as u64 * (SECTOR + gt_bytes);
+        let gd_at = tables_end + SECTOR;
+        let footer_at = gd_at + gd_bytes;
+        let file_end = footer_at + 3 * SECTOR;
+        u32::try_from(gd_at / SECTOR).map_err(|_| too_large())?;
+        storage.set_len(base, Prealloc::Off)?;
+        storage.set_len(file_end, Prealloc::Off)?;
+        // Grain tables, each behind its marker, written a batch at a time.
+        const BATCH: usize = 1 << 20;
+        let mut out = Vec::with_capacity(BATCH.min((tables_end - base) as usize));
+        let mut out_at = base;
+        let mut directory = Vec::with_capacity(st.tables.len());
+        for (i, t) in &st.tables {
+            if out.len() >= BATCH {
+                blockdev::write_all_at(storage, out_at, &out)?;
+                out_at += out.len() as u64;
+                out.clear();
+            }
+            out.extend_from_slice(&marker(gt_bytes / SECTOR, MARKER_GT));
+            // Below gd_at, checked above.
+            directory.push((*i, ((out_at + out.len() as u64) / SECTOR) as u32));
             let start = out.len();
             out.extend(t.iter().flat_map(|e| e.to_le_bytes()));
-            out.resize(start + (gt_sectors * SECTOR) as usize, 0);
+            out.resize(start + gt_bytes as usize, 0);
         }
-        let gd_sectors = (gd.len() as u64 * 4).div_ceil(SECTOR);
-        out.extend_from_slice(&marker(gd_sectors, MARKER_GD));
-        let gd_offset = (base + out.len() as u64) / SECTOR;
-        let start = out.len();
-        out.extend(gd.iter().flat_map(|e| e.to_le_bytes()));
-        out.resize(start + (gd_sectors * SECTOR) as usize, 0);
-        out.extend_from_slice(&marker(1, MARKER_FOOTER));
-        let footer = SparseHeader { gd_offset, ..self.header.clone() };
-        out.extend_from_slice(&footer.encode());
-        out.extend_from_slice(&marker(0, MARKER_EOS));
-        blockdev::write_all_at(self.storage.as_ref(), base, &out)?;
-        self.storage.set_len(base + out.len() as u64, Prealloc::Off)?;
-        blockdev::write_all_at(self.storage.as_ref(), 0, &self.header.encode())?;
+        out.extend_from_slice(&marker(gd_bytes / SECTOR, MARKER_GD));
+        blockdev::write_all_at(storage, out_at, &out)?;
+        // The directory: only the pieces holding an entry are written.
+        const PIECE_ENTRIES: u64 = 16 * 1024;
+        let mut piece: Vec<u8> = Vec::new();
+        let mut k = 0;
+        while k < directory.len() {
+            let first = directory[k].0 / PIECE_ENTRIES * PIECE_ENTRIES;
+            let n = PIECE_ENTRIES.min(gd_entries - first);
+            piece.clear();
+            piece.resize((n * 4) as usize, 0);
+            while k < directory.len() && directory[k].0 < first + n {
+                let (i, sector) = directory[k];
+                let at = ((i - first) * 4) as usize;
+                piece[at..at + 4].copy_from_slice(&sector.to_le_bytes());
+                k += 1;
+            }
+            blockdev::write_all_at(storage, gd_at + first * 4, &piece)?;
+        }
+        let mut tail = Vec::with_capacity(3 * SECTOR as usize);
+        tail.extend_from_slice(&marker(1, MARKER_FOOTER));
+        let footer = SparseHeader { gd_offset: gd_at / SECTOR, ..self.header.clone() };
+        tail.extend_from_slice(&footer.encode());
+        tail.extend_from_slice(&marker(0, MARKER_EOS));
+        blockdev::write_all_at(storage, footer_at, &tail)?;
+        blockdev::write_all_at(storage, 0, &self.header.encode())?;
         st.finished = true;
         Ok(())
     }
