@@ -190,6 +190,32 @@ fn formats_vdisk_lacks_are_refused_by_name_not_opened_as_raw() {
     }
 }
 
+/// Images of every format vdisk opens, made by qemu-img, probe as the format qemu-img probes them
+/// as (the `file format` line of `info`, same text).
+#[test]
+fn every_format_vdisk_has_probes_as_in_qemu_img() {
+    let d = tempdir();
+    for (fmt, extra) in [
+        ("raw", vec![]),
+        ("qcow2", vec![]),
+        ("vmdk", vec![]),
+        ("vmdk", vec!["-o", "subformat=streamOptimized"]),
+        ("vdi", vec![]),
+        ("vpc", vec![]),
+        ("luks", vec!["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10"]),
+    ] {
+        let img = d.path().join(format!("probe-{fmt}-{}", extra.len()));
+        let mut args = vec!["create", "-q", "-f", fmt];
+        args.extend(&extra);
+        args.extend([s(&img), "1M"]);
+        qemu_img(&args).ok();
+        let line = |out: String| out.lines().find(|l| l.starts_with("file format:")).map(str::to_string);
+        let q = line(qemu_img(&["info", s(&img)]).ok().stdout);
+        assert_eq!(q.as_deref(), Some(format!("file format: {fmt}").as_str()));
+        assert_eq!(line(vdisk(&["info", s(&img)]).ok().stdout), q, "{fmt} {extra:?}");
+    }
+}
+
 /// Probing follows qemu for files shorter than its 512-byte probe: an empty file is raw, and a
 /// shorter one is probed as if padded with zeros (so a file holding only the start of cloop's
 /// preamble is raw, and one holding only a magic is that format).
