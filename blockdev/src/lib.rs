@@ -23,6 +23,7 @@ mod driver;
 mod error;
 mod host_file;
 pub mod info;
+pub mod mapped;
 mod mem;
 mod open;
 pub mod options;

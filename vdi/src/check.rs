@@ -96,7 +96,7 @@ impl Vdi {
             let bs = self.header.block_size as u64;
             let mut data = vec![0u8; bs as usize];
             let n = bs.min(self.header.disk_size - b * bs) as usize;
-            self.read_into(b * bs, &mut data[..n])?;
+            blockdev::mapped::read(self, b * bs, &mut [std::io::IoSliceMut::new(&mut data[..n])])?;
             self.allocate_anywhere(b, &data)?;
             fixed += 1;
         }

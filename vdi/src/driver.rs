@@ -28,8 +28,9 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, RwLock};
 
 use blockdev::info::ImageInfo;
-use blockdev::range_lock::RangeLock;
-use blockdev::{check_request, BlockDriver, Error, Extent, ExtentKind, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::mapped::{self, DataWritten, Fill, FillSource, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::range_lock::{RangeGuard, RangeLock};
+use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::header::{Header, ENTRY_FREE, ENTRY_ZERO, OFF_BLOCKS_ALLOCATED};
 
@@ -123,106 +124,33 @@ impl Vdi {
         self.header.is_differencing()
     }
 
-    /// Reads the parent's bytes at guest offset `offset` (zeros past its end or without a parent).
-    fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        blockdev::read_backing(self.backing.as_ref(), offset, buf)
-    }
-
-    /// Reads stored bytes at file offset `at` (bytes past the end of the file read as zeros).
-    fn read_stored(&self, at: u64, buf: &mut [u8]) -> Result<()> {
-        let file_len = self.storage.len()?;
-        let have = (file_len.saturating_sub(at) as usize).min(buf.len());
-        blockdev::read_exact_at(self.storage.as_ref(), at, &mut buf[..have])?;
-        buf[have..].fill(0);
-        Ok(())
-    }
-
-    pub(crate) fn read_into(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<()> {
+    fn block_range(&self, b: u64) -> (u64, u64) {
         let bs = self.block_bytes();
-        while !buf.is_empty() {
-            let b = offset / bs;
-            let in_block = offset % bs;
-            let mut n = ((bs - in_block) as usize).min(buf.len());
-            let found = self.lookup(b);
-            if let Block::Data(at) = found {
-                // Blocks stored one after another are read in one request.
-                let mut next = at + in_block + n as u64;
-                let mut nb = b + 1;
-                while n < buf.len() && self.lookup(nb) == Block::Data(next) {
-                    let m = (bs as usize).min(buf.len() - n);
-                    n += m;
-                    next += m as u64;
-                    nb += 1;
-                }
-            }
-            let (now, rest) = buf.split_at_mut(n);
-            match found {
-                Block::Free if self.differencing() => self.read_parent(offset, now)?,
-                Block::Free | Block::Zero => now.fill(0),
-                Block::Data(at) => self.read_stored(at + in_block, now)?,
-                Block::Bad(e) => return Err(self.bad_entry(b, e)),
-            }
-            offset += n as u64;
-            buf = rest;
-        }
-        Ok(())
+        (b * bs, (b + 1) * bs)
     }
 
-    fn writable(&self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::read_only().with_path(self.storage.name()));
-        }
-        Ok(())
-    }
-
-    fn write_into(&self, mut offset: u64, mut data: &[u8]) -> Result<()> {
+    /// How long the run of blocks mapped like block `b` is, from byte `in_block` of it, up to
+    /// `max_len` bytes: data blocks while they follow each other in the file; in a differencing
+    /// image free and zero blocks apart (free ones read from the parent), otherwise together.
+    fn run_len(&self, b: u64, first: Block, in_block: u64, max_len: u64) -> u64 {
         let bs = self.block_bytes();
-        while !data.is_empty() {
-            let b = offset / bs;
-            let in_block = offset % bs;
-            // A run of whole unallocated blocks is appended in one request.
-            let whole = if in_block == 0 { data.len() as u64 / bs } else { 0 };
-            if whole > 1 {
-                let run = self.unallocated_run(b, whole.min(MAX_RUN_BLOCKS));
-                if run > 1 {
-                    let _g = self.block_locks.lock(b, b + run);
-                    if self.unallocated_run(b, run) == run {
-                        let bytes = (run * bs) as usize;
-                        self.allocate(b, &data[..bytes])?;
-                        offset += bytes as u64;
-                        data = &data[bytes..];
-                        continue;
-                    }
-                }
+        let mut len = (bs - in_block).min(max_len);
+        let mut next = b + 1;
+        while len < max_len {
+            let found = self.lookup(next);
+            let same = match (first, found) {
+                (Block::Data(at), Block::Data(here)) => here == at + (next - b) * bs,
+                _ if self.differencing() => first == found,
+                _ => first.unallocated() && found.unallocated(),
+            };
+            if !same {
+                break;
             }
-            let n = ((bs - in_block) as usize).min(data.len());
-            let (now, rest) = data.split_at(n);
-            let _g = self.block_locks.lock(b, b + 1);
-            match self.lookup(b) {
-                Block::Data(at) => blockdev::write_all_at(self.storage.as_ref(), at + in_block, now)?,
-                Block::Bad(e) => return Err(self.bad_entry(b, e)),
-                found @ (Block::Free | Block::Zero) => {
-                    let from_parent = found == Block::Free && self.differencing();
-                    if n as u64 == bs {
-                        self.allocate(b, now)?;
-                    } else if !from_parent && self.header.block_extra == 0 {
-                        self.allocate_part(b, in_block, now)?;
-                    } else {
-                        let mut full = vec![0u8; bs as usize];
-                        if from_parent {
-                            self.read_parent(b * bs, &mut full)?;
-                        }
-                        full[in_block as usize..in_block as usize + n].copy_from_slice(now);
-                        self.allocate(b, &full)?;
-                    }
-                }
-            }
-            offset += n as u64;
-            data = rest;
+            len = (len + bs).min(max_len);
+            next += 1;
         }
-        Ok(())
+        len
     }
-
     /// Sets the map entry of guest block `b` (free or zero) to `entry`, in the file, then in memory.
     pub(crate) fn set_entry(&self, b: u64, entry: u32) -> Result<()> {
         blockdev::write_all_at(self.storage.as_ref(), self.header.off_blocks as u64 + b * 4, &entry.to_le_bytes())?;
@@ -236,44 +164,27 @@ impl Vdi {
         (0..max).take_while(|i| matches!(map.get((b + i) as usize), Some(&ENTRY_FREE | &ENTRY_ZERO))).count() as u64
     }
 
-    /// Appends whole blocks `first..` holding `data` (a multiple of the block size) to the data
-    /// area and points their map entries at them, in the order of the module docs. The caller
-    /// holds the blocks' range lock and has seen them unallocated.
-    pub(crate) fn allocate(&self, first: u64, data: &[u8]) -> Result<()> {
-        let bs = self.block_bytes();
-        let n = data.len() as u64 / bs;
-        let index = self.take_indices(n)?;
-        // 1. The data (with zeroed extra areas, if the image has them).
-        let at = self.header.data_offset(index);
-        if self.header.block_extra == 0 {
-            blockdev::write_all_at(self.storage.as_ref(), at, data)?;
-        } else {
-            let extra = vec![0u8; self.header.block_extra as usize];
-            for (k, chunk) in data.chunks(bs as usize).enumerate() {
-                let base = self.header.data_offset(index + k as u32);
-                blockdev::write_all_at(self.storage.as_ref(), base - extra.len() as u64, &extra)?;
-                blockdev::write_all_at(self.storage.as_ref(), base, chunk)?;
-            }
-        }
-        self.publish(first, index, n)
+    /// Appends guest block `b` holding `data` (a whole block) to the data area and points its
+    /// map entry at it, in the order of the module docs (`check -r` copies shared blocks so).
+    /// The caller has the block to itself.
+    pub(crate) fn allocate(&self, b: u64, data: &[u8]) -> Result<()> {
+        let index = self.take_indices(1)?;
+        self.zero_extra(index, 1)?;
+        blockdev::write_all_at(self.storage.as_ref(), self.header.data_offset(index), data)?;
+        self.publish(b, index, 1)
     }
 
-    /// Allocates guest block `b` (of an image without extra block areas) for a write of `part` at
-    /// `in_block` that leaves the rest of the block zeros. Only `part` is written when the file
-    /// can zero the new block without writing it ([`blockdev::Storage::zero_without_writing`]);
-    /// otherwise the whole block is. Same order and locking as [`Vdi::allocate`].
-    fn allocate_part(&self, b: u64, in_block: u64, part: &[u8]) -> Result<()> {
-        let bs = self.block_bytes();
-        let index = self.take_indices(1)?;
-        let at = self.header.data_offset(index);
-        if self.storage.zero_without_writing(at, bs) {
-            blockdev::write_all_at(self.storage.as_ref(), at + in_block, part)?;
-        } else {
-            let mut full = vec![0u8; bs as usize];
-            full[in_block as usize..in_block as usize + part.len()].copy_from_slice(part);
-            blockdev::write_all_at(self.storage.as_ref(), at, &full)?;
+    /// Zeros the extra areas in front of blocks `index..index + n`, if the image has them.
+    fn zero_extra(&self, index: u32, n: u64) -> Result<()> {
+        let extra = self.header.block_extra as u64;
+        if extra == 0 {
+            return Ok(());
         }
-        self.publish(b, index, 1)
+        let zeros = vec![0u8; extra as usize];
+        for k in 0..n as u32 {
+            blockdev::write_all_at(self.storage.as_ref(), self.header.data_offset(index + k) - extra, &zeros)?;
+        }
+        Ok(())
     }
 
     /// Takes `n` block indices from the end of the data area.
@@ -316,6 +227,102 @@ impl Vdi {
     }
 }
 
+/// What a planned write of a [`Vdi`] publishes once its data is written.
+pub struct PendingWrite<'a>(Pending<'a>);
+
+/// Nothing (the block was allocated; its lock is held until the data is written), or fresh blocks.
+enum Pending<'a> {
+    /// Data goes into allocated blocks.
+    InPlace(#[allow(dead_code)] RangeGuard<'a>),
+    /// Blocks `first..first + n` get data-area indices `index..`.
+    Fresh { _guard: RangeGuard<'a>, first: u64, index: u32, n: u64 },
+}
+
+impl MappedImage for Vdi {
+    type Pending<'a> = PendingWrite<'a>;
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
+        let max_len = max_len.min(MAX_STATUS_BYTES);
+        let bs = self.block_bytes();
+        let (b, in_block) = (offset / bs, offset % bs);
+        let found = self.lookup(b);
+        let len = self.run_len(b, found, in_block, max_len);
+        let mapping = match found {
+            Block::Free if self.differencing() => Mapping::Unallocated,
+            Block::Free | Block::Zero => Mapping::Zero,
+            Block::Bad(e) => return Err(self.bad_entry(b, e)),
+            Block::Data(at) => {
+                Mapping::Data { storage: self.storage.clone(), offset: at + in_block, probe_holes: true }
+            }
+        };
+        Ok(Mapped::new(len, mapping))
+    }
+
+    /// A run of whole unallocated blocks gets consecutive indices (one write of the run); any
+    /// other write is planned block by block.
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan<PendingWrite<'_>>> {
+        let bs = self.block_bytes();
+        let (b, in_block) = (offset / bs, offset % bs);
+        let whole = if in_block == 0 && self.header.block_extra == 0 { (len / bs).min(MAX_RUN_BLOCKS) } else { 0 };
+        if whole > 1 && self.unallocated_run(b, whole) > 1 {
+            let run = self.unallocated_run(b, whole);
+            let guard = self.block_locks.lock(b, b + run);
+            if self.unallocated_run(b, run) == run {
+                let index = self.take_indices(run)?;
+                let host = self.header.data_offset(index);
+                let fill = Fill { guest_start: offset, host_start: host, len: run * bs, source: FillSource::Zeros };
+                let pending = PendingWrite(Pending::Fresh { _guard: guard, first: b, index, n: run });
+                return Ok(WritePlan { len: run * bs, storage: self.storage.clone(), host, fill: Some(fill), pending });
+            }
+        }
+        let n = (bs - in_block).min(len);
+        let (start, end) = self.block_range(b);
+        let guard = self.block_locks.lock(b, b + 1);
+        let found = self.lookup(b);
+        let (host, fill, pending) = match found {
+            Block::Data(at) => (at + in_block, None, PendingWrite(Pending::InPlace(guard))),
+            Block::Bad(e) => return Err(self.bad_entry(b, e)),
+            Block::Free | Block::Zero => {
+                let index = self.take_indices(1)?;
+                self.zero_extra(index, 1)?;
+                let at = self.header.data_offset(index);
+                let source =
+                    if found == Block::Free && self.differencing() { FillSource::Backing } else { FillSource::Zeros };
+                let fill = Fill { guest_start: start, host_start: at, len: end - start, source };
+                (at + in_block, Some(fill), PendingWrite(Pending::Fresh { _guard: guard, first: b, index, n: 1 }))
+            }
+        };
+        Ok(WritePlan { len: n, storage: self.storage.clone(), host, fill, pending })
+    }
+
+    fn commit_write(&self, pending: PendingWrite<'_>, _written: DataWritten) -> Result<()> {
+        match pending.0 {
+            Pending::InPlace(_) => Ok(()),
+            Pending::Fresh { first, index, n, .. } => self.publish(first, index, n),
+        }
+    }
+
+    /// In a differencing image a free block zeroed whole becomes a zero block; the core does the
+    /// rest (free and zero blocks already read as zeros elsewhere and are left alone; qemu
+    /// writes zero buffers and so allocates them).
+    fn zero_range(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<Zeroing> {
+        if !self.differencing() {
+            return Ok(Zeroing::Fallback(len));
+        }
+        let bs = self.block_bytes();
+        let (b, in_block) = (offset / bs, offset % bs);
+        let n = (bs - in_block).min(len);
+        if n == bs {
+            let _guard = self.block_locks.lock(b, b + 1);
+            if self.lookup(b) == Block::Free {
+                self.set_entry(b, ENTRY_ZERO)?;
+                return Ok(Zeroing::Done(n));
+            }
+        }
+        Ok(Zeroing::Fallback(n))
+    }
+}
+
 impl BlockDriver for Vdi {
     fn format(&self) -> &'static str {
         "vdi"
@@ -334,57 +341,15 @@ impl BlockDriver for Vdi {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_request(offset, len, self.size())?;
-        blockdev::with_contiguous_mut(bufs, |buf| self.read_into(offset, buf))
+        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_request(offset, len, self.size())?;
-        self.writable()?;
-        if bufs.len() == 1 {
-            return self.write_into(offset, &bufs[0]);
-        }
-        let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
-        self.write_into(offset, &data)
+        mapped::write(self, offset, bufs)
     }
 
-    /// Free and zero blocks already read as zeros and are left alone (qemu writes zero buffers
-    /// and so allocates them); allocated blocks get zeros written over the range. In a
-    /// differencing image a free block zeroed whole becomes a zero block, zeroed in part it is
-    /// allocated with the parent's data around the zeros.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        check_request(offset, len, self.size())?;
-        self.writable()?;
-        let bs = self.block_bytes();
-        let mut done = 0;
-        while done < len {
-            let at = offset + done;
-            let b = at / bs;
-            let n = (bs - at % bs).min(len - done);
-            let _g = self.block_locks.lock(b, b + 1);
-            match self.lookup(b) {
-                Block::Free if self.differencing() && n == bs => self.set_entry(b, ENTRY_ZERO)?,
-                Block::Free if self.differencing() => {
-                    let mut full = vec![0u8; bs as usize];
-                    self.read_parent(b * bs, &mut full)?;
-                    full[(at % bs) as usize..(at % bs + n) as usize].fill(0);
-                    self.allocate(b, &full)?;
-                }
-                Block::Free | Block::Zero => {}
-                Block::Bad(e) => return Err(self.bad_entry(b, e)),
-                Block::Data(host) => {
-                    if flags.no_fallback {
-                        return Err(Error::unsupported("VDI cannot zero an allocated block without writing data"));
-                    }
-                    let zeros = vec![0u8; n as usize];
-                    blockdev::write_all_at(self.storage.as_ref(), host + at % bs, &zeros)?;
-                }
-            }
-            done += n;
-        }
-        Ok(())
+        mapped::write_zeroes(self, offset, len, flags)
     }
 
     /// VDI has no way to give space back without moving blocks; as in qemu, discard does nothing.
@@ -400,55 +365,7 @@ impl BlockDriver for Vdi {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let max_len = max_len.min(self.size().saturating_sub(offset)).min(MAX_STATUS_BYTES);
-        if max_len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        let bs = self.block_bytes();
-        let b = offset / bs;
-        let first = self.lookup(b);
-        let mut len = (bs - offset % bs).min(max_len);
-        let mut nb = b + 1;
-        let mut expect = match first {
-            Block::Data(at) => Some(at + offset % bs + len),
-            _ => None,
-        };
-        while len < max_len {
-            let next = self.lookup(nb);
-            let same = match (first, next) {
-                (Block::Data(_), Block::Data(at)) => Some(at) == expect,
-                // In a differencing image free (the parent's) and zero blocks differ.
-                _ if self.differencing() => first == next,
-                _ => first.unallocated() && next.unallocated(),
-            };
-            if !same {
-                break;
-            }
-            let n = bs.min(max_len - len);
-            if let Some(e) = expect.as_mut() {
-                *e += n;
-            }
-            len += n;
-            nb += 1;
-        }
-        Ok(match first {
-            Block::Free if self.differencing() => Extent::new(len, ExtentKind::Unallocated),
-            Block::Free | Block::Zero => Extent::new(len, ExtentKind::Zero),
-            Block::Bad(e) => return Err(self.bad_entry(b, e)),
-            Block::Data(host) => {
-                // As qemu, the file's holes show as zeros (allocated, reading zeros).
-                let at = host + offset % bs;
-                let (data, len) = match self.storage.len()? {
-                    end if at >= end => (false, len),
-                    end => {
-                        let (data, l) = self.storage.data_status(at, len.min(end - at))?;
-                        (data, l.clamp(1, len))
-                    }
-                };
-                let kind = if data { ExtentKind::Data } else { ExtentKind::ZeroData };
-                Extent::mapped(len, kind, self.storage.name().into(), at)
-            }
-        })
+        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {

@@ -3,17 +3,22 @@
 //! plus data, footer).
 //!
 //! Invariants and update order for sparse disks:
+//! - reads, writes and block status run on the mapping core ([`blockdev::mapped`]): this module
+//!   says where a guest range lives ([`MappedImage::map`]) and makes a range writable
+//!   ([`MappedImage::prepare_write`]); writes are widened to whole sectors, the bitmap's unit;
 //! - a new block is placed where the trailing footer is; under the allocation lock the footer is
 //!   first written past the new block (the file never lacks a trailing footer), then the block's
-//!   bitmap over the old footer; the data follows, outside the lock;
+//!   bitmap over the old footer; the data follows, outside the allocation lock but under the
+//!   block's lock, and only then are its sectors marked in the bitmap;
 //! - the block allocation table, and the bitmaps of blocks already in the table, change in memory
 //!   only; [`Vpc::flush`] syncs the file (every block a changed entry points at, and every sector
 //!   a changed bitmap marks, is then durable) and only then writes the changed table sectors and
 //!   bitmaps, and syncs again. A crash leaves at worst a block no entry points at, or a sector
 //!   written but not yet marked (reading its old content);
 //! - bitmaps: blocks vdisk allocates in a dynamic disk have every bit set (the unwritten rest of
-//!   the block is a hole and reads as zeros), as qemu does; in a differencing disk only the
-//!   sectors written are marked, the rest reads from the parent. Reads of a dynamic disk ignore
+//!   the block is a hole and reads as zeros), as qemu does; in a differencing disk a new block
+//!   starts with no bit set and only the sectors written are marked (after their data), the
+//!   rest reads from the parent. Reads of a dynamic disk ignore
 //!   the bitmap, as qemu does; reads of a differencing disk follow it;
 //! - writes to a block whose table entry points into the header or the table are refused.
 
@@ -22,8 +27,9 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockdev::info::ImageInfo;
-use blockdev::range_lock::RangeLock;
-use blockdev::{check_request, BlockDriver, Error, Extent, ExtentKind, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::mapped::{self, DataWritten, Granularity, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::range_lock::{RangeGuard, RangeLock};
+use blockdev::{BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::footer::{DynamicHeader, Footer, SECTOR};
 
@@ -63,6 +69,8 @@ pub(crate) struct Sparse {
     /// Bitmaps changed since the last write-back, by block (what reads follow until then).
     pub pending_bitmaps: Mutex<HashMap<u64, Vec<u8>>>,
     pub locks: RangeLock,
+    /// Writes cover whole sectors (the bitmap's unit).
+    pub sectors: Granularity,
 }
 
 /// An open VHD.
@@ -109,10 +117,6 @@ fn bit_runs(bitmap: &[u8], first: u64, count: u64) -> Vec<(bool, u64)> {
 }
 
 impl Vpc {
-    fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        blockdev::read_backing(self.backing.as_ref(), offset, buf)
-    }
-
     /// The bitmap of `block` (at `at`): the pending copy if it changed since the last write-back.
     fn read_bitmap(&self, s: &Sparse, block: u64, at: u64) -> Result<Vec<u8>> {
         if let Some(b) = s.pending_bitmaps.lock().unwrap_or_else(|p| p.into_inner()).get(&block) {
@@ -121,80 +125,6 @@ impl Vpc {
         let mut bitmap = vec![0u8; s.bitmap_bytes as usize];
         blockdev::read_exact_at(self.storage.as_ref(), at, &mut bitmap)?;
         Ok(bitmap)
-    }
-
-    /// Reads guest bytes `[offset, offset + buf.len())`.
-    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(s) = &self.sparse else {
-            return blockdev::read_exact_at(self.storage.as_ref(), offset, buf);
-        };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let (block, within) = (at / s.block_size, at % s.block_size);
-            let n = ((s.block_size - within) as usize).min(buf.len() - done);
-            let piece = &mut buf[done..done + n];
-            match s.entry(block) {
-                None => self.read_parent(at, piece)?,
-                Some(bitmap_at) if s.differencing => {
-                    let data_at = bitmap_at + s.bitmap_bytes;
-                    let bitmap = self.read_bitmap(s, block, bitmap_at)?;
-                    // Sector-granular: a request that starts or ends inside a sector reads it whole.
-                    let first = within / SECTOR;
-                    let last = (within + n as u64).div_ceil(SECTOR);
-                    let mut sector_buf = vec![0u8; ((last - first) * SECTOR) as usize];
-                    let mut pos = 0u64;
-                    for (set, count) in bit_runs(&bitmap, first, last - first) {
-                        let part = &mut sector_buf[(pos * SECTOR) as usize..((pos + count) * SECTOR) as usize];
-                        let guest = block * s.block_size + (first + pos) * SECTOR;
-                        if set {
-                            let file_at = data_at + (first + pos) * SECTOR;
-                            blockdev::read_exact_at(self.storage.as_ref(), file_at, part)?;
-                        } else {
-                            self.read_parent(guest, part)?;
-                        }
-                        pos += count;
-                    }
-                    let skip = (within - first * SECTOR) as usize;
-                    piece.copy_from_slice(&sector_buf[skip..skip + n]);
-                }
-                Some(bitmap_at) => {
-                    blockdev::read_exact_at(self.storage.as_ref(), bitmap_at + s.bitmap_bytes + within, piece)?
-                }
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Writes sector-aligned `data` at sector-aligned guest `offset`.
-    fn write_sectors(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let Some(s) = &self.sparse else {
-            return blockdev::write_all_at(self.storage.as_ref(), offset, data);
-        };
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let (block, within) = (at / s.block_size, at % s.block_size);
-            let n = ((s.block_size - within) as usize).min(data.len() - done);
-            let block_start = block * s.block_size;
-            let _guard = s.locks.lock(block_start, block_start + s.block_size);
-            let bitmap_at = match s.entry(block) {
-                Some(b) => b,
-                None => self.allocate(s, block, within, n as u64)?,
-            };
-            if bitmap_at < s.metadata_end {
-                return Err(Error::corrupt(format!(
-                    "{}: block {block} points into the VHD metadata (byte {bitmap_at}); not writing",
-                    self.storage.name()
-                )));
-            }
-            let data_at = bitmap_at + s.bitmap_bytes;
-            blockdev::write_all_at(self.storage.as_ref(), data_at + within, &data[done..done + n])?;
-            self.mark_present(s, block, bitmap_at, within / SECTOR, n as u64 / SECTOR)?;
-            done += n;
-        }
-        Ok(())
     }
 
     /// Sets the bitmap bits of sectors `[first, first + count)` of an allocated block if they
@@ -223,9 +153,11 @@ impl Vpc {
     }
 
     /// Places a new block for `block` where the trailing footer is; returns its bitmap offset.
-    /// The write of `[within, within + len)` that follows sets the table entry's data; the entry
-    /// itself is set in memory here and written back at the next flush.
-    fn allocate(&self, s: &Sparse, block: u64, within: u64, len: u64) -> Result<u64> {
+    /// A dynamic disk's block gets every bitmap bit set (the unwritten rest is a hole and reads
+    /// as zeros); a differencing disk's block starts with none set, and the write that follows
+    /// marks its sectors ([`Vpc::mark_present`]), so sectors never written keep reading from the
+    /// parent. The table entry is set in memory here and written back at the next flush.
+    fn allocate(&self, s: &Sparse, block: u64) -> Result<u64> {
         let _alloc = s.alloc.lock().unwrap_or_else(|p| p.into_inner());
         let at = s.lock().end;
         let new_end = at + s.bitmap_bytes + s.block_size;
@@ -233,12 +165,7 @@ impl Vpc {
         let sector = sector.ok_or_else(|| Error::out_of_range("The VHD file is full"))?;
         blockdev::write_all_at(self.storage.as_ref(), new_end, &self.footer.encode())?;
         let mut bitmap = vec![0u8; s.bitmap_bytes as usize];
-        if s.differencing {
-            // Only the sectors about to be written; the rest of the block reads from the parent.
-            for sec in within / SECTOR..(within + len) / SECTOR {
-                bitmap[(sec / 8) as usize] |= 0x80 >> (sec % 8);
-            }
-        } else {
+        if !s.differencing {
             let sectors = s.block_size / SECTOR;
             for sec in 0..sectors {
                 bitmap[(sec / 8) as usize] |= 0x80 >> (sec % 8);
@@ -251,6 +178,23 @@ impl Vpc {
         st.bat[block as usize] = sector;
         st.dirty.insert(block / 128);
         Ok(at)
+    }
+
+    /// The mapping of a differencing disk's allocated block from byte `within`: a run of
+    /// sectors marked in the bitmap (data here) or not (the parent's), up to `max_len` bytes.
+    fn map_marked(&self, s: &Sparse, block: u64, bitmap_at: u64, within: u64, max_len: u64) -> Result<Mapped> {
+        let bitmap = self.read_bitmap(s, block, bitmap_at)?;
+        let first = within / SECTOR;
+        let last = (within + max_len).div_ceil(SECTOR).min(s.block_size / SECTOR);
+        let (set, count) = bit_runs(&bitmap, first, last - first)[0];
+        let len = ((first + count) * SECTOR - within).min(max_len);
+        let mapping = if set {
+            let offset = bitmap_at + s.bitmap_bytes + within;
+            Mapping::Data { storage: self.storage.clone(), offset, probe_holes: false }
+        } else {
+            Mapping::Unallocated
+        };
+        Ok(Mapped::new(len, mapping))
     }
 
     /// Writes the changed table sectors: sync (blocks first), then the table; the caller syncs.
@@ -291,6 +235,97 @@ impl Vpc {
     }
 }
 
+/// What a planned write of a [`Vpc`] does once its data is written: nothing for a fixed disk;
+/// for a sparse one, mark the written sectors in the block's bitmap (the block's lock is held
+/// until then).
+pub struct PendingWrite<'a>(Option<Marking<'a>>);
+
+struct Marking<'a> {
+    _guard: RangeGuard<'a>,
+    block: u64,
+    bitmap_at: u64,
+    first_sector: u64,
+    sectors: u64,
+}
+
+impl MappedImage for Vpc {
+    type Pending<'a> = PendingWrite<'a>;
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
+        let Some(s) = &self.sparse else {
+            return Ok(Mapped::new(
+                max_len,
+                Mapping::Data { storage: self.storage.clone(), offset, probe_holes: true },
+            ));
+        };
+        let (block, within) = (offset / s.block_size, offset % s.block_size);
+        let mut len = (s.block_size - within).min(max_len);
+        match s.entry(block) {
+            None => {
+                while len < max_len && s.entry((offset + len) / s.block_size).is_none() {
+                    len = (len + s.block_size).min(max_len);
+                }
+                Ok(Mapped::new(len, if s.differencing { Mapping::Unallocated } else { Mapping::Zero }))
+            }
+            Some(bitmap_at) if s.differencing => self.map_marked(s, block, bitmap_at, within, len),
+            Some(bitmap_at) => {
+                let offset = bitmap_at + s.bitmap_bytes + within;
+                Ok(Mapped::new(len, Mapping::Data { storage: self.storage.clone(), offset, probe_holes: false }))
+            }
+        }
+    }
+
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan<PendingWrite<'_>>> {
+        let Some(s) = &self.sparse else {
+            return Ok(WritePlan {
+                len,
+                storage: self.storage.clone(),
+                host: offset,
+                fill: None,
+                pending: PendingWrite(None),
+            });
+        };
+        let (block, within) = (offset / s.block_size, offset % s.block_size);
+        let n = (s.block_size - within).min(len);
+        let block_start = block * s.block_size;
+        let guard = s.locks.lock(block_start, block_start + s.block_size);
+        let bitmap_at = match s.entry(block) {
+            Some(b) => b,
+            None => self.allocate(s, block)?,
+        };
+        if bitmap_at < s.metadata_end {
+            return Err(Error::corrupt(format!(
+                "{}: block {block} points into the VHD metadata (byte {bitmap_at}); not writing",
+                self.storage.name()
+            )));
+        }
+        let host = bitmap_at + s.bitmap_bytes + within;
+        let marking = Marking { _guard: guard, block, bitmap_at, first_sector: within / SECTOR, sectors: n / SECTOR };
+        Ok(WritePlan { len: n, storage: self.storage.clone(), host, fill: None, pending: PendingWrite(Some(marking)) })
+    }
+
+    fn commit_write(&self, pending: PendingWrite<'_>, _written: DataWritten) -> Result<()> {
+        match (&self.sparse, pending.0) {
+            (Some(s), Some(m)) => self.mark_present(s, m.block, m.bitmap_at, m.first_sector, m.sectors),
+            _ => Ok(()),
+        }
+    }
+
+    fn granularity(&self) -> Option<&Granularity> {
+        self.sparse.as_ref().map(|s| &s.sectors)
+    }
+
+    /// A fixed disk zeroes its container range; a sparse one leaves it to the core (unallocated
+    /// blocks of a dynamic disk already read as zeros and stay unallocated).
+    fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<Zeroing> {
+        if self.sparse.is_some() {
+            return Ok(Zeroing::Fallback(len));
+        }
+        self.storage.write_zeroes(offset, len, flags.may_unmap)?;
+        Ok(Zeroing::Done(len))
+    }
+}
+
 impl BlockDriver for Vpc {
     fn format(&self) -> &'static str {
         "vpc"
@@ -309,65 +344,15 @@ impl BlockDriver for Vpc {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_request(offset, blockdev::iov_len_mut(bufs), self.size)?;
-        if self.sparse.is_none() {
-            return self.storage.read_at(offset, bufs);
-        }
-        blockdev::with_contiguous_mut(bufs, |buf| self.read_into(offset, buf))
+        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        let len = blockdev::iov_len(bufs);
-        check_request(offset, len, self.size)?;
-        if self.read_only {
-            return Err(Error::read_only().with_path(self.storage.name()));
-        }
-        if self.sparse.is_none() {
-            return self.storage.write_at(offset, bufs);
-        }
-        let aligned = offset % SECTOR == 0 && len % SECTOR == 0;
-        if aligned && bufs.len() == 1 {
-            return self.write_sectors(offset, &bufs[0]);
-        }
-        // Widen to whole sectors: read the partial first and last sectors, patch them.
-        let start = offset - offset % SECTOR;
-        let end = (offset + len).next_multiple_of(SECTOR).min(self.size.next_multiple_of(SECTOR));
-        let mut whole = vec![0u8; (end - start) as usize];
-        if !aligned {
-            let readable = self.size.min(end) - start;
-            self.read_into(start, &mut whole[..readable as usize])?;
-        }
-        let mut at = (offset - start) as usize;
-        for b in bufs {
-            whole[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
-        }
-        self.write_sectors(start, &whole)
+        mapped::write(self, offset, bufs)
     }
 
-    /// Unallocated blocks of a dynamic disk already read as zeros and stay unallocated; the rest
-    /// gets zeros written.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        check_request(offset, len, self.size)?;
-        if self.read_only {
-            return Err(Error::read_only().with_path(self.storage.name()));
-        }
-        let Some(s) = &self.sparse else {
-            return self.storage.write_zeroes(offset, len, flags.may_unmap);
-        };
-        let mut done = 0u64;
-        while done < len {
-            let at = offset + done;
-            let n = (s.block_size - at % s.block_size).min(len - done).min(1 << 20);
-            if s.entry(at / s.block_size).is_some() || s.differencing {
-                if flags.no_fallback {
-                    return Err(Error::unsupported("VHD cannot write zeroes here without writing data"));
-                }
-                self.write_at(at, &[IoSlice::new(&vec![0u8; n as usize])])?;
-            }
-            done += n;
-        }
-        Ok(())
+        mapped::write_zeroes(self, offset, len, flags)
     }
 
     /// The format cannot give space back; discarded data keeps its content.
@@ -384,32 +369,7 @@ impl BlockDriver for Vpc {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let max_len = max_len.min(self.size.saturating_sub(offset));
-        if max_len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        let Some(s) = &self.sparse else {
-            let (data, len) = self.storage.data_status(offset, max_len)?;
-            let kind = if data { ExtentKind::Data } else { ExtentKind::ZeroData };
-            return Ok(Extent::mapped(len.clamp(1, max_len), kind, self.storage.name().into(), offset));
-        };
-        // One allocated block (the next block's data is behind its bitmap), or a run of
-        // unallocated ones.
-        let first = s.entry(offset / s.block_size);
-        let mut len = (s.block_size - offset % s.block_size).min(max_len);
-        while first.is_none() && len < max_len && s.entry((offset + len) / s.block_size).is_none() {
-            len = (len + s.block_size).min(max_len);
-        }
-        Ok(match first {
-            None if s.differencing => Extent::new(len, ExtentKind::Unallocated),
-            None => Extent::new(len, ExtentKind::Zero),
-            Some(bitmap_at) => Extent::mapped(
-                len,
-                ExtentKind::Data,
-                self.storage.name().into(),
-                bitmap_at + s.bitmap_bytes + offset % s.block_size,
-            ),
-        })
+        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {

@@ -23,6 +23,7 @@ pub mod footer;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
+use blockdev::mapped::Granularity;
 use blockdev::options::{CreateOptions, OptionSpec};
 use blockdev::range_lock::RangeLock;
 use blockdev::{BlockDriver, Chain, Error, Format, OpenOptions, Opener, Result, Storage};
@@ -185,6 +186,7 @@ fn open_sparse(vpc: &Vpc, file_len: u64) -> Result<Sparse> {
         full: Mutex::new(HashSet::new()),
         pending_bitmaps: Mutex::new(std::collections::HashMap::new()),
         locks: RangeLock::new(),
+        sectors: Granularity::new(SECTOR),
     })
 }
 
