@@ -5,9 +5,12 @@
 //! as zeros, sparse extents through their grain tables; unallocated grains read from the parent
 //! disk, or as zeros without one.
 //!
-//! Writes to a sparse extent that hit an unallocated (or zeroed) grain build the whole grain
-//! (parent data or zeros, then the new bytes) and append it, holding that grain's range lock so
-//! that two writers never allocate the same grain twice. The first write of an open gives the
+//! Reads, writes and block status run on the mapping core ([`blockdev::mapped`]): this module
+//! says where a guest range lives ([`MappedImage::map`]) and makes a range writable
+//! ([`MappedImage::prepare_write`]). A write to a sparse extent that hits an unallocated (or
+//! zeroed) grain reserves a grain at the end of the file; the core writes the whole grain (parent
+//! data or zeros around the new bytes) and the grain table entry changes only after that, all
+//! under that grain's range lock so that two writers never allocate the same grain twice. The first write of an open gives the
 //! disk a new CID (written into the descriptor, as VMware and qemu do), so that delta disks made
 //! on the old content notice the change, and sets the unclean-shutdown flag of every writable
 //! sparse extent, durable before any data is written; `close` clears the flag after a final
@@ -18,9 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockdev::info::ImageInfo;
+use blockdev::mapped::{self, DataWritten, Fill, FillSource, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::qobject::{Dict, Value};
-use blockdev::range_lock::RangeLock;
-use blockdev::{check_request, BlockDriver, Error, Extent, ExtentKind, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::range_lock::{RangeGuard, RangeLock};
+use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::descriptor::{Access, Descriptor, ExtentLine};
 use crate::header::SECTOR;
@@ -97,74 +101,11 @@ impl Vmdk {
         (i < self.extents.len()).then_some(i)
     }
 
-    fn read_parent(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if self.backing.is_some() && !self.parent_cid_ok {
-            return Err(Error::from_errno("read", libc::EINVAL));
-        }
-        blockdev::read_backing(self.backing.as_ref(), offset, buf)
-    }
-
-    /// Reads `buf.len()` bytes at guest `offset` (within the disk).
-    fn read_into(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<()> {
-        while !buf.is_empty() {
-            let i = self.extent_at(offset).ok_or_else(|| Error::out_of_range("read past the end of the VMDK"))?;
-            let e = &self.extents[i];
-            let within = offset - e.start;
-            let n = ((e.len - within) as usize).min(buf.len());
-            let (now, rest) = buf.split_at_mut(n);
-            match (&e.data, e.access) {
-                (_, Access::NoAccess) | (ExtentData::Zero, _) => now.fill(0),
-                (ExtentData::Flat { storage, offset: base }, _) => {
-                    let at = base + within;
-                    let file_len = storage.len()?;
-                    let have = (file_len.saturating_sub(at) as usize).min(n);
-                    blockdev::read_exact_at(storage.as_ref(), at, &mut now[..have])?;
-                    now[have..].fill(0);
-                }
-                (ExtentData::Sparse(s), _) => self.read_sparse(s, e.start, within, now)?,
-            }
-            offset += n as u64;
-            buf = rest;
-        }
-        Ok(())
-    }
-
-    fn read_sparse(&self, s: &SparseExtent, ext_start: u64, mut within: u64, mut buf: &mut [u8]) -> Result<()> {
-        let grain = s.header().grain_bytes();
-        let mut scratch: Vec<u8> = Vec::new();
-        while !buf.is_empty() {
-            let in_grain = within % grain;
-            let mut n = ((grain - in_grain) as usize).min(buf.len());
-            let found = s.lookup(within)?;
-            if let Grain::Data(at) = found {
-                // Grains stored one after another in the file are read in one request.
-                let mut next = at + in_grain + n as u64;
-                while n < buf.len() {
-                    match s.lookup(within + n as u64)? {
-                        Grain::Data(a) if a == next => {
-                            let m = (grain as usize).min(buf.len() - n);
-                            n += m;
-                            next += m as u64;
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            let (now, rest) = buf.split_at_mut(n);
-            match found {
-                Grain::Unallocated => self.read_parent(ext_start + within, now)?,
-                Grain::Zero => now.fill(0),
-                Grain::Data(at) => s.read_grain(Grain::Data(at + in_grain), now)?,
-                g @ Grain::Compressed(_) => {
-                    scratch.resize(grain as usize, 0);
-                    s.read_grain(g, &mut scratch)?;
-                    now.copy_from_slice(&scratch[in_grain as usize..in_grain as usize + n]);
-                }
-            }
-            within += n as u64;
-            buf = rest;
-        }
-        Ok(())
+    /// The extent holding guest byte `offset` and the offset within it.
+    fn locate(&self, offset: u64) -> Result<(&DiskExtent, u64)> {
+        let i = self.extent_at(offset).ok_or_else(|| Error::out_of_range("request past the end of the VMDK"))?;
+        let e = &self.extents[i];
+        Ok((e, offset - e.start))
     }
 
     fn writable_extent(&self, e: &DiskExtent) -> Result<()> {
@@ -238,79 +179,63 @@ impl Vmdk {
         Ok(())
     }
 
-    /// Writes `data` at guest `offset` (within one extent).
-    fn write_into(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let i = self.extent_at(at).ok_or_else(|| Error::out_of_range("write past the end of the VMDK"))?;
-            let e = &self.extents[i];
-            self.writable_extent(e)?;
-            let within = at - e.start;
-            let n = ((e.len - within) as usize).min(data.len() - done);
-            let piece = &data[done..done + n];
-            match &e.data {
-                ExtentData::Flat { storage, offset: base } => {
-                    blockdev::write_all_at(storage.as_ref(), base + within, piece)?
-                }
-                ExtentData::Sparse(s) => self.write_sparse(s, e.start, within, piece)?,
-                ExtentData::Zero => unreachable!("checked by writable_extent"),
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_sparse(&self, s: &SparseExtent, ext_start: u64, mut within: u64, mut data: &[u8]) -> Result<()> {
+    /// Plans a write into sparse extent `s` (starting at guest `ext_start`) from byte `within`,
+    /// at most `len` bytes: a run of whole unallocated grains appended in one request, or the
+    /// part of one grain, allocated (copy-on-write from the parent) if it was not.
+    fn prepare_sparse<'a>(
+        &'a self,
+        s: &'a SparseExtent,
+        ext_start: u64,
+        within: u64,
+        len: u64,
+    ) -> Result<WritePlan<PendingWrite<'a>>> {
         if s.header().compressed() {
             return Err(Error::unsupported("Writing into a compressed (streamOptimized) VMDK is not supported"));
         }
         let grain = s.header().grain_bytes();
-        while !data.is_empty() {
-            let in_grain = within % grain;
-            // A run of whole unallocated grains is appended in one request.
-            let whole = if in_grain == 0 { data.len() as u64 / grain } else { 0 };
-            if whole > 1 {
-                let run = self.unallocated_run(s, within, whole.min(MAX_RUN_GRAINS))?;
-                if run > 1 {
-                    let bytes = run * grain;
-                    let _g = self.grain_locks.lock(ext_start + within, ext_start + within + bytes);
-                    if self.unallocated_run(s, within, run)? == run {
-                        s.allocate_grains(within, &data[..bytes as usize])?;
-                        within += bytes;
-                        data = &data[bytes as usize..];
-                        continue;
-                    }
+        let in_grain = within % grain;
+        let whole = if in_grain == 0 { len / grain } else { 0 };
+        if whole > 1 {
+            let run = self.unallocated_run(s, within, whole.min(MAX_RUN_GRAINS))?;
+            if run > 1 {
+                let bytes = run * grain;
+                let guard = self.grain_locks.lock(ext_start + within, ext_start + within + bytes);
+                if self.unallocated_run(s, within, run)? == run {
+                    let at = s.reserve(bytes);
+                    let fill =
+                        Fill { guest_start: ext_start + within, host_start: at, len: bytes, source: FillSource::Zeros };
+                    let pending = Pending::Fresh { _guard: guard, extent: s, within, at, grains: run };
+                    return Ok(WritePlan {
+                        len: bytes,
+                        storage: s.storage().clone(),
+                        host: at,
+                        fill: Some(fill),
+                        pending: PendingWrite(pending),
+                    });
                 }
             }
-            let n = ((grain - in_grain) as usize).min(data.len());
-            let (now, rest) = data.split_at(n);
-            let grain_start = within - in_grain;
-            let _g = self.grain_locks.lock(ext_start + grain_start, ext_start + grain_start + grain);
-            match s.lookup(within)? {
-                // A grain inside the header or tables would overwrite metadata: refuse, as qcow2 does.
-                Grain::Data(at) if at < s.header().overhead * SECTOR => {
-                    return Err(Error::corrupt(format!(
-                        "{}: grain for offset {within} points into the metadata (byte {at}); refusing to write",
-                        s.storage().name()
-                    )));
-                }
-                Grain::Data(at) => blockdev::write_all_at(s.storage().as_ref(), at + in_grain, now)?,
-                g => {
-                    let mut full = vec![0u8; grain as usize];
-                    let ext_len = s.header().capacity * SECTOR;
-                    if g == Grain::Unallocated && n as u64 != grain {
-                        let have = (ext_len - grain_start).min(grain) as usize;
-                        self.read_parent(ext_start + grain_start, &mut full[..have])?;
-                    }
-                    full[in_grain as usize..in_grain as usize + n].copy_from_slice(now);
-                    s.allocate_grains(grain_start, &full)?;
-                }
-            }
-            within += n as u64;
-            data = rest;
         }
-        Ok(())
+        let n = (grain - in_grain).min(len);
+        let grain_start = within - in_grain;
+        let guard = self.grain_locks.lock(ext_start + grain_start, ext_start + grain_start + grain);
+        let (host, fill, pending) = match s.lookup(within)? {
+            // A grain inside the header or tables would overwrite metadata: refuse, as qcow2 does.
+            Grain::Data(at) if at < s.header().overhead * SECTOR => {
+                return Err(Error::corrupt(format!(
+                    "{}: grain for offset {within} points into the metadata (byte {at}); refusing to write",
+                    s.storage().name()
+                )));
+            }
+            Grain::Data(at) => (at + in_grain, None, Pending::InPlace(guard)),
+            found => {
+                let at = s.reserve(grain);
+                let source = if found == Grain::Unallocated { FillSource::Backing } else { FillSource::Zeros };
+                let fill = Fill { guest_start: ext_start + grain_start, host_start: at, len: grain, source };
+                let pending = Pending::Fresh { _guard: guard, extent: s, within: grain_start, at, grains: 1 };
+                (at + in_grain, Some(fill), pending)
+            }
+        };
+        Ok(WritePlan { len: n, storage: s.storage().clone(), host, fill, pending: PendingWrite(pending) })
     }
 
     /// How many of the `max` grains from byte `within` of `s` are unallocated or zeroed (whole
@@ -345,6 +270,116 @@ impl Vmdk {
     }
 }
 
+/// What a planned write of a [`Vmdk`] publishes once its data is written.
+pub struct PendingWrite<'a>(Pending<'a>);
+
+/// Nothing (a flat extent, or an allocated grain whose lock is held until the data is
+/// written), or fresh grains of a sparse extent.
+enum Pending<'a> {
+    Nothing,
+    InPlace(#[allow(dead_code)] RangeGuard<'a>),
+    Fresh { _guard: RangeGuard<'a>, extent: &'a SparseExtent, within: u64, at: u64, grains: u64 },
+}
+
+impl MappedImage for Vmdk {
+    type Pending<'a> = PendingWrite<'a>;
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
+        let (e, within) = self.locate(offset)?;
+        let max_len = max_len.min(e.len - within);
+        Ok(match (&e.data, e.access) {
+            (_, Access::NoAccess) | (ExtentData::Zero, _) => Mapped::new(max_len, Mapping::Zero),
+            (ExtentData::Flat { storage, offset: base }, _) => Mapped::new(
+                max_len,
+                Mapping::Data { storage: storage.clone(), offset: base + within, probe_holes: true },
+            ),
+            (ExtentData::Sparse(s), _) => map_sparse(s, within, max_len)?,
+        })
+    }
+
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan<PendingWrite<'_>>> {
+        let (e, within) = self.locate(offset)?;
+        self.writable_extent(e)?;
+        let len = len.min(e.len - within);
+        match &e.data {
+            ExtentData::Flat { storage, offset: base } => Ok(WritePlan {
+                len,
+                storage: storage.clone(),
+                host: base + within,
+                fill: None,
+                pending: PendingWrite(Pending::Nothing),
+            }),
+            ExtentData::Sparse(s) => self.prepare_sparse(s, e.start, within, len),
+            ExtentData::Zero => Err(Error::read_only().with_message("a ZERO extent is not writable")),
+        }
+    }
+
+    fn commit_write(&self, pending: PendingWrite<'_>, _written: DataWritten) -> Result<()> {
+        match pending.0 {
+            Pending::Nothing | Pending::InPlace(_) => Ok(()),
+            Pending::Fresh { extent, within, at, grains, .. } => extent.publish_grains(within, at, grains),
+        }
+    }
+
+    /// Decompresses the grains of a run [`MappedImage::map`] reported as compressed.
+    fn read_compressed(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let (e, mut within) = self.locate(offset)?;
+        let ExtentData::Sparse(s) = &e.data else {
+            return Err(Error::corrupt("compressed data outside a sparse extent"));
+        };
+        let grain = s.header().grain_bytes();
+        let mut scratch = vec![0u8; grain as usize];
+        let mut loaded = None;
+        for buf in bufs.iter_mut() {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let in_grain = within % grain;
+                let n = ((grain - in_grain) as usize).min(buf.len() - filled);
+                if loaded != Some(within / grain) {
+                    s.read_grain(s.lookup(within)?, &mut scratch)?;
+                    loaded = Some(within / grain);
+                }
+                buf[filled..filled + n].copy_from_slice(&scratch[in_grain as usize..in_grain as usize + n]);
+                filled += n;
+                within += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn before_write(&self) -> Result<()> {
+        self.begin_changes()
+    }
+
+    fn check_backing_read(&self) -> Result<()> {
+        if self.backing.is_some() && !self.parent_cid_ok {
+            return Err(Error::from_errno("read", libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Whole grains of zeroed_grain extents become zeroed grains; the core does the rest
+    /// (unallocated grains without a parent already read as zeros and stay unallocated).
+    fn zero_range(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<Zeroing> {
+        let (e, within) = self.locate(offset)?;
+        let n = len.min(e.len - within);
+        let ExtentData::Sparse(s) = &e.data else { return Ok(Zeroing::Fallback(n)) };
+        let grain = s.header().grain_bytes();
+        if within % grain != 0 {
+            return Ok(Zeroing::Fallback(n.min(grain - within % grain)));
+        }
+        let whole = n / grain;
+        if whole == 0 || s.header().compressed() || !s.header().zeroed_grains() {
+            return Ok(Zeroing::Fallback(n));
+        }
+        self.writable_extent(e)?;
+        let _guard = self.grain_locks.lock(offset, offset + whole * grain);
+        self.begin_changes()?;
+        s.zero_grains(within, whole as usize)?;
+        Ok(Zeroing::Done(whole * grain))
+    }
+}
+
 impl BlockDriver for Vmdk {
     fn format(&self) -> &'static str {
         "vmdk"
@@ -363,80 +398,51 @@ impl BlockDriver for Vmdk {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_request(offset, blockdev::iov_len_mut(bufs), self.size)?;
-        blockdev::with_contiguous_mut(bufs, |buf| self.read_into(offset, buf))
+        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let Some(stream) = &self.stream else {
+            return mapped::write(self, offset, bufs);
+        };
         let len = blockdev::iov_len(bufs);
         check_request(offset, len, self.size)?;
         if self.read_only {
             return Err(Error::read_only().with_path(self.storage.name()));
         }
         self.begin_changes()?;
-        if let Some(stream) = &self.stream {
-            // Whole grains only, each compressed as it arrives.
-            let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
-            let grain = stream.grain_bytes();
-            let whole = offset % grain == 0 && (len % grain == 0 || offset + len == self.size);
-            if !whole {
-                return Err(Error::unsupported("streamOptimized VMDK disks are written in whole grains"));
-            }
-            for (i, chunk) in data.chunks(grain as usize).enumerate() {
-                let mut unit = chunk.to_vec();
-                unit.resize(grain as usize, 0);
-                let c = crate::stream::StreamWriter::compress(&unit)?;
-                stream.write_grain(offset + i as u64 * grain, &c)?;
-            }
-            return Ok(());
-        }
-        if bufs.len() == 1 {
-            return self.write_into(offset, &bufs[0]);
-        }
+        // Whole grains only, each compressed as it arrives.
         let data: Vec<u8> = bufs.iter().map(|b| &b[..]).collect::<Vec<&[u8]>>().concat();
-        self.write_into(offset, &data)
+        let grain = stream.grain_bytes();
+        let whole = offset % grain == 0 && (len % grain == 0 || offset + len == self.size);
+        if !whole {
+            return Err(Error::unsupported("streamOptimized VMDK disks are written in whole grains"));
+        }
+        for (i, chunk) in data.chunks(grain as usize).enumerate() {
+            let mut unit = chunk.to_vec();
+            unit.resize(grain as usize, 0);
+            let c = crate::stream::StreamWriter::compress(&unit)?;
+            stream.write_grain(offset + i as u64 * grain, &c)?;
+        }
+        Ok(())
     }
 
-    /// Whole grains of zeroed_grain extents become zeroed grains; unallocated grains without a
-    /// parent already read as zeros and stay unallocated; everything else gets zeros written.
+    /// A streamOptimized disk being written gets compressed zero grains (it has no other way to
+    /// say zeros); any other disk goes through the mapping core.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if self.stream.is_none() {
+            return mapped::write_zeroes(self, offset, len, flags);
+        }
         check_request(offset, len, self.size)?;
-        if self.read_only {
-            return Err(Error::read_only().with_path(self.storage.name()));
+        if flags.no_fallback {
+            return Err(Error::unsupported("VMDK cannot write zeroes here without writing data"));
         }
         const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; len.min(CHUNK) as usize];
         let mut done = 0;
         while done < len {
-            let at = offset + done;
-            let i = self.extent_at(at).ok_or_else(|| Error::out_of_range("write past the end of the VMDK"))?;
-            let e = &self.extents[i];
-            let within = at - e.start;
-            let mut n = (len - done).min(e.len - within).min(CHUNK);
-            if let ExtentData::Sparse(s) = &e.data {
-                let grain = s.header().grain_bytes();
-                let whole = if within % grain == 0 { n / grain } else { 0 };
-                if whole > 0 && !s.header().compressed() {
-                    self.writable_extent(e)?;
-                    let _g = self.grain_locks.lock(at, at + whole * grain);
-                    if s.header().zeroed_grains() {
-                        self.begin_changes()?;
-                        s.zero_grains(within, whole as usize)?;
-                        done += whole * grain;
-                        continue;
-                    }
-                    if self.backing.is_none() && self.unallocated_run(s, within, whole)? == whole {
-                        done += whole * grain;
-                        continue;
-                    }
-                } else if whole == 0 && within % grain != 0 {
-                    n = n.min(grain - within % grain);
-                }
-            }
-            if flags.no_fallback {
-                return Err(Error::unsupported("VMDK cannot write zeroes here without writing data"));
-            }
-            let zeros = vec![0u8; n as usize];
-            self.write_at(at, &[IoSlice::new(&zeros)])?;
+            let n = (len - done).min(CHUNK);
+            self.write_at(offset + done, &[IoSlice::new(&zeros[..n as usize])])?;
             done += n;
         }
         Ok(())
@@ -472,31 +478,7 @@ impl BlockDriver for Vmdk {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let max_len = max_len.min(self.size.saturating_sub(offset));
-        if max_len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        let i = self.extent_at(offset).ok_or_else(|| Error::out_of_range("block status past the end"))?;
-        let e = &self.extents[i];
-        let within = offset - e.start;
-        let max_len = max_len.min(e.len - within);
-        Ok(match (&e.data, e.access) {
-            (_, Access::NoAccess) | (ExtentData::Zero, _) => Extent::new(max_len, ExtentKind::Zero),
-            (ExtentData::Flat { storage, offset: base }, _) => {
-                // As qemu, the file's holes show as zeros (allocated, reading zeros).
-                let at = base + within;
-                let (data, len) = match storage.len()? {
-                    end if at >= end => (false, max_len),
-                    end => {
-                        let (data, len) = storage.data_status(at, max_len.min(end - at))?;
-                        (data, len.clamp(1, max_len))
-                    }
-                };
-                let kind = if data { ExtentKind::Data } else { ExtentKind::ZeroData };
-                Extent::mapped(len, kind, storage.name().into(), at)
-            }
-            (ExtentData::Sparse(s), _) => sparse_status(s, within, max_len)?,
-        })
+        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {
@@ -596,9 +578,9 @@ impl BlockDriver for Vmdk {
     }
 }
 
-/// Block status within a sparse extent: a run of grains of one kind (data runs only while
-/// their file offsets are contiguous).
-fn sparse_status(s: &SparseExtent, within: u64, max_len: u64) -> Result<Extent> {
+/// The mapping within a sparse extent from byte `within`: a run of grains of one kind (data
+/// runs only while their file offsets are contiguous), at most 256 MiB.
+fn map_sparse(s: &SparseExtent, within: u64, max_len: u64) -> Result<Mapped> {
     let grain = s.header().grain_bytes();
     let first = s.lookup(within)?;
     let mut len = (grain - within % grain).min(max_len);
@@ -610,7 +592,6 @@ fn sparse_status(s: &SparseExtent, within: u64, max_len: u64) -> Result<Extent> 
         let g = s.lookup(within + len)?;
         let same = match (first, g) {
             (Grain::Data(_), Grain::Data(at)) => Some(at) == expect_next,
-            (Grain::Compressed(_), Grain::Compressed(_)) => true,
             (a, b) => std::mem::discriminant(&a) == std::mem::discriminant(&b),
         };
         if !same {
@@ -622,14 +603,16 @@ fn sparse_status(s: &SparseExtent, within: u64, max_len: u64) -> Result<Extent> 
         }
         len += n;
     }
-    let file: Arc<str> = s.storage().name().into();
-    Ok(match first {
-        Grain::Unallocated => Extent::new(len, ExtentKind::Unallocated),
-        Grain::Zero => Extent::new(len, ExtentKind::Zero),
-        Grain::Data(at) => Extent::mapped(len, ExtentKind::Data, file, at + within % grain),
+    let mapping = match first {
+        Grain::Unallocated => Mapping::Unallocated,
+        Grain::Zero => Mapping::Zero,
+        Grain::Data(at) => {
+            Mapping::Data { storage: s.storage().clone(), offset: at + within % grain, probe_holes: false }
+        }
         // qemu reports no host offset for compressed grains.
-        Grain::Compressed(_) => Extent { len, kind: ExtentKind::Data, host: None, compressed: true },
-    })
+        Grain::Compressed(_) => Mapping::Compressed { host: None },
+    };
+    Ok(Mapped::new(len, mapping))
 }
 
 impl blockdev::CompressedWrite for Vmdk {

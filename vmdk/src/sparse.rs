@@ -372,22 +372,20 @@ impl SparseExtent {
         result
     }
 
-    /// Reserves `len` bytes at the end of the file; returns where they start.
-    fn reserve(&self, len: u64) -> u64 {
+    /// Reserves `len` bytes at the end of the file for new grains; returns where they start.
+    /// Nothing points at them until [`SparseExtent::publish_grains`].
+    pub fn reserve(&self, len: u64) -> u64 {
         let mut st = self.lock();
         let at = st.end;
         st.end += len.next_multiple_of(SECTOR);
         at
     }
 
-    /// Writes new grains for the extent from byte `offset` (a grain boundary; `data` is whole
-    /// grains) at the end of the file in one request, then points the grain tables at them.
-    pub fn allocate_grains(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let grain = self.header.grain_bytes();
-        let at = self.reserve(data.len() as u64);
-        blockdev::write_all_at(self.storage.as_ref(), at, data)?;
+    /// Points `count` consecutive grains, from the one holding byte `offset` (a grain boundary),
+    /// at the grains written from byte `at` of the file (reserved, then written, by the caller).
+    pub fn publish_grains(&self, offset: u64, at: u64, count: u64) -> Result<()> {
         let first = at / SECTOR;
-        let sectors = (0..data.len() as u64 / grain)
+        let sectors = (0..count)
             .map(|i| u32::try_from(first + i * self.header.grain_sectors))
             .collect::<std::result::Result<Vec<u32>, _>>()
             .map_err(|_| Error::out_of_range("VMDK sparse extent is full"))?;
