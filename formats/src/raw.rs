@@ -1,6 +1,7 @@
 //! The raw format: the virtual disk is the container, byte for byte.
 //!
-//! Block status comes from the container (`SEEK_DATA`/`SEEK_HOLE` on files), so holes stay holes
+//! Raw is the identity mapping on the mapping core ([`blockdev::mapped`]). Block status comes
+//! from the container (`SEEK_DATA`/`SEEK_HOLE` on files), so holes stay holes
 //! through convert and map. A raw image whose format was *probed* rather than named refuses writes
 //! to its first sector that would make it look like another format (the classic attack where a
 //! guest writes a qcow2 header into its raw disk and the next probe follows a backing file of the
@@ -11,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockdev::info::ImageInfo;
+use blockdev::mapped::{self, DataWritten, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{
-    check_request, Chain, Error, Extent, ExtentKind, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions,
-    Result, Storage, ZeroFlags,
+    check_request, Chain, Error, Extent, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions, Result,
+    Storage, ZeroFlags,
 };
 
 use crate::file::file_prealloc;
@@ -141,6 +143,34 @@ impl RawDriver {
     }
 }
 
+/// The identity mapping: guest byte `x` is byte `x` of the container.
+impl MappedImage for RawDriver {
+    type Pending<'a> = ();
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
+        Ok(Mapped::new(max_len, Mapping::Data { storage: self.storage.clone(), offset, holes: Holes::Container }))
+    }
+
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan<()>> {
+        Ok(WritePlan { len, storage: self.storage.clone(), host: offset, fill: None, pending: () })
+    }
+
+    fn commit_write(&self, _pending: (), _written: DataWritten) -> Result<()> {
+        Ok(())
+    }
+
+    /// The container zeroes the range (deallocating it under `may_unmap`), after the probe guard
+    /// has seen the zeros that land in the first sector.
+    fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<Zeroing> {
+        if offset < PROBE_GUARD && self.probe_guard.is_some() {
+            let zeros = vec![0u8; len.min(PROBE_GUARD - offset) as usize];
+            self.guard_first_sector(offset, &[IoSlice::new(&zeros)])?;
+        }
+        self.storage.write_zeroes(offset, len, flags.may_unmap)?;
+        Ok(Zeroing::Done(len))
+    }
+}
+
 impl blockdev::BlockDriver for RawDriver {
     fn format(&self) -> &'static str {
         "raw"
@@ -159,25 +189,19 @@ impl blockdev::BlockDriver for RawDriver {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_request(offset, blockdev::iov_len_mut(bufs), self.size())?;
-        self.storage.read_at(offset, bufs)
+        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         self.writable()?;
         check_request(offset, blockdev::iov_len(bufs), self.size())?;
         self.guard_first_sector(offset, bufs)?;
-        self.storage.write_at(offset, bufs)
+        mapped::write(self, offset, bufs)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
-        check_request(offset, len, self.size())?;
-        if offset < PROBE_GUARD && self.probe_guard.is_some() {
-            let zeros = vec![0u8; len.min(PROBE_GUARD - offset) as usize];
-            self.guard_first_sector(offset, &[IoSlice::new(&zeros)])?;
-        }
-        self.storage.write_zeroes(offset, len, flags.may_unmap)
+        mapped::write_zeroes(self, offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -191,26 +215,7 @@ impl blockdev::BlockDriver for RawDriver {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let size = self.size();
-        let max_len = max_len.min(size.saturating_sub(offset));
-        if max_len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        let (data, mut len) = self.storage.data_status(offset, max_len)?;
-        // Data that ends with an unaligned end of file covers the rest of the last aligned block
-        // when the file needs aligned requests (O_DIRECT), as qemu rounds block status to its
-        // request alignment; with byte-granular access the tail reads as a hole.
-        let align = self.storage.alignment().request as u64;
-        if data && align > 1 {
-            let file_len = self.storage.len()?;
-            if file_len % align != 0 && offset + len == file_len {
-                len = (file_len.div_ceil(align) * align).min(size) - offset;
-                len = len.min(max_len);
-            }
-        }
-        let kind = if data { ExtentKind::Data } else { ExtentKind::Zero };
-        let len = len.clamp(1, max_len);
-        Ok(Extent::mapped(len, kind, Arc::from(self.storage.name()), offset))
+        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

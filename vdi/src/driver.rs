@@ -28,7 +28,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, RwLock};
 
 use blockdev::info::ImageInfo;
-use blockdev::mapped::{self, DataWritten, Fill, FillSource, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::mapped::{self, DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::range_lock::{RangeGuard, RangeLock};
 use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
@@ -252,7 +252,7 @@ impl MappedImage for Vdi {
             Block::Free | Block::Zero => Mapping::Zero,
             Block::Bad(e) => return Err(self.bad_entry(b, e)),
             Block::Data(at) => {
-                Mapping::Data { storage: self.storage.clone(), offset: at + in_block, probe_holes: true }
+                Mapping::Data { storage: self.storage.clone(), offset: at + in_block, holes: Holes::AllocatedZeros }
             }
         };
         Ok(Mapped::new(len, mapping))

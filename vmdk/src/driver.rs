@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockdev::info::ImageInfo;
-use blockdev::mapped::{self, DataWritten, Fill, FillSource, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::mapped::{self, DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::qobject::{Dict, Value};
 use blockdev::range_lock::{RangeGuard, RangeLock};
 use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
@@ -291,7 +291,7 @@ impl MappedImage for Vmdk {
             (_, Access::NoAccess) | (ExtentData::Zero, _) => Mapped::new(max_len, Mapping::Zero),
             (ExtentData::Flat { storage, offset: base }, _) => Mapped::new(
                 max_len,
-                Mapping::Data { storage: storage.clone(), offset: base + within, probe_holes: true },
+                Mapping::Data { storage: storage.clone(), offset: base + within, holes: Holes::AllocatedZeros },
             ),
             (ExtentData::Sparse(s), _) => map_sparse(s, within, max_len)?,
         })
@@ -607,7 +607,7 @@ fn map_sparse(s: &SparseExtent, within: u64, max_len: u64) -> Result<Mapped> {
         Grain::Unallocated => Mapping::Unallocated,
         Grain::Zero => Mapping::Zero,
         Grain::Data(at) => {
-            Mapping::Data { storage: s.storage().clone(), offset: at + within % grain, probe_holes: false }
+            Mapping::Data { storage: s.storage().clone(), offset: at + within % grain, holes: Holes::Ignored }
         }
         // qemu reports no host offset for compressed grains.
         Grain::Compressed(_) => Mapping::Compressed { host: None },

@@ -27,7 +27,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockdev::info::ImageInfo;
-use blockdev::mapped::{self, DataWritten, Granularity, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::mapped::{self, DataWritten, Granularity, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::range_lock::{RangeGuard, RangeLock};
 use blockdev::{BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
@@ -190,7 +190,7 @@ impl Vpc {
         let len = ((first + count) * SECTOR - within).min(max_len);
         let mapping = if set {
             let offset = bitmap_at + s.bitmap_bytes + within;
-            Mapping::Data { storage: self.storage.clone(), offset, probe_holes: false }
+            Mapping::Data { storage: self.storage.clone(), offset, holes: Holes::Ignored }
         } else {
             Mapping::Unallocated
         };
@@ -255,7 +255,7 @@ impl MappedImage for Vpc {
         let Some(s) = &self.sparse else {
             return Ok(Mapped::new(
                 max_len,
-                Mapping::Data { storage: self.storage.clone(), offset, probe_holes: true },
+                Mapping::Data { storage: self.storage.clone(), offset, holes: Holes::AllocatedZeros },
             ));
         };
         let (block, within) = (offset / s.block_size, offset % s.block_size);
@@ -270,7 +270,7 @@ impl MappedImage for Vpc {
             Some(bitmap_at) if s.differencing => self.map_marked(s, block, bitmap_at, within, len),
             Some(bitmap_at) => {
                 let offset = bitmap_at + s.bitmap_bytes + within;
-                Ok(Mapped::new(len, Mapping::Data { storage: self.storage.clone(), offset, probe_holes: false }))
+                Ok(Mapped::new(len, Mapping::Data { storage: self.storage.clone(), offset, holes: Holes::Ignored }))
             }
         }
     }

@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use super::iov::{push_range, push_zeros, with_range_mut, zero};
-use super::{DataWritten, Fill, FillSource, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use super::{DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use crate::driver::{check_request, Extent, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::storage::{iov_len, iov_len_mut, Storage};
@@ -72,22 +72,36 @@ pub fn block_status<F: MappedImage>(f: &F, offset: u64, max_len: u64) -> Result<
             host: host.map(|(storage, at)| (storage.name().into(), at)),
             compressed: true,
         },
-        Mapping::Data { storage, offset: at, probe_holes: false } => {
-            Extent::mapped(len, ExtentKind::Data, storage.name().into(), at)
-        }
-        Mapping::Data { storage, offset: at, probe_holes: true } => {
-            // As qemu, the container's holes show as zeros (allocated, reading zeros).
-            let (data, len) = match storage.len()? {
-                end if at >= end => (false, len),
-                end => {
-                    let (data, n) = storage.data_status(at, len.min(end - at))?;
-                    (data, n.clamp(1, len))
-                }
-            };
-            let kind = if data { ExtentKind::Data } else { ExtentKind::ZeroData };
-            Extent::mapped(len, kind, storage.name().into(), at)
-        }
+        Mapping::Data { storage, offset: at, holes } => data_status(storage.as_ref(), at, len, holes)?,
     })
+}
+
+/// The status of a data run of `len` bytes at `at` in `storage`, holes reported as `holes` says.
+fn data_status(storage: &dyn Storage, at: u64, len: u64, holes: Holes) -> Result<Extent> {
+    let (data, n, hole_kind) = match holes {
+        Holes::Ignored => (true, len, ExtentKind::Data),
+        Holes::AllocatedZeros => {
+            let end = storage.len()?;
+            let (data, n) = if at >= end { (false, len) } else { storage.data_status(at, len.min(end - at))? };
+            (data, n, ExtentKind::ZeroData)
+        }
+        Holes::Container => {
+            let (data, mut n) = storage.data_status(at, len)?;
+            // Data that ends with an unaligned end of file covers the rest of the last aligned
+            // block when the file needs aligned requests (O_DIRECT), as qemu rounds block status
+            // to its request alignment; with byte-granular access the tail reads as a hole.
+            let align = storage.alignment().request as u64;
+            if data && align > 1 {
+                let end = storage.len()?;
+                if end % align != 0 && at + n == end {
+                    n = (end.next_multiple_of(align) - at).min(len);
+                }
+            }
+            (data, n, ExtentKind::Zero)
+        }
+    };
+    let kind = if data { ExtentKind::Data } else { hole_kind };
+    Ok(Extent::mapped(n.clamp(1, len), kind, storage.name().into(), at))
 }
 
 fn writable<F: MappedImage>(f: &F) -> Result<()> {
@@ -113,18 +127,27 @@ fn read_inside<F: MappedImage>(f: &F, offset: u64, len: u64, bufs: &mut [IoSlice
     while done < len {
         let at = offset + done;
         let run = next_run(f, at, len - done)?;
-        with_range_mut(bufs, done, run.len, |part| match &run.mapping {
-            Mapping::Data { storage, offset: host, .. } => storage.read_at(*host, part),
-            Mapping::Zero => {
-                zero(part);
-                Ok(())
-            }
-            Mapping::Unallocated => read_backing(f, at, part),
-            Mapping::Compressed { .. } => f.read_compressed(at, part),
-        })?;
+        if run.len == len {
+            // One run covers the request: the caller's list goes down as it is.
+            return read_run(f, at, &run.mapping, bufs);
+        }
+        with_range_mut(bufs, done, run.len, |part| read_run(f, at, &run.mapping, part))?;
         done += run.len;
     }
     Ok(())
+}
+
+/// Reads guest bytes at `at`, mapped as `mapping`, into `bufs`.
+fn read_run<F: MappedImage>(f: &F, at: u64, mapping: &Mapping, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+    match mapping {
+        Mapping::Data { storage, offset: host, .. } => storage.read_at(*host, bufs),
+        Mapping::Zero => {
+            zero(bufs);
+            Ok(())
+        }
+        Mapping::Unallocated => read_backing(f, at, bufs),
+        Mapping::Compressed { .. } => f.read_compressed(at, bufs),
+    }
 }
 
 /// Reads guest bytes at `at` from the backing image: zeros past its end or without one.
@@ -229,10 +252,18 @@ fn write_data<F: MappedImage>(
         }
         None => (0, 0),
     };
+    let fill = match fill {
+        Some(fill) if head + tail > 0 => Some(fill),
+        _ => None,
+    };
+    if fill.is_none() && from == 0 && n == iov_len(bufs) {
+        // The plan covers the request: the caller's list goes down as it is.
+        return storage.write_at(host, bufs);
+    }
     let mut list: Vec<IoSlice<'_>> = Vec::with_capacity(bufs.len() + 2);
     let fill = match fill {
-        Some(fill) if head + tail > 0 => fill,
-        _ => {
+        Some(fill) => fill,
+        None => {
             push_range(bufs, from, n, &mut list);
             return storage.write_at(host, &list);
         }

@@ -59,10 +59,8 @@ pub enum Mapping {
         storage: Arc<dyn Storage>,
         /// Host offset of the run's first byte.
         offset: u64,
-        /// Block status asks the container whether the run is a hole there and reports holes as
-        /// allocated zeros (qemu does this for raw, vdi and flat extents, not for vpc blocks or
-        /// vmdk grains).
-        probe_holes: bool,
+        /// What block status makes of holes in the container under the run.
+        holes: Holes,
     },
     /// Reads as zeros, decided by this image.
     Zero,
@@ -73,6 +71,20 @@ pub enum Mapping {
         /// Where the first compressed unit is, when block status should report it.
         host: Option<(Arc<dyn Storage>, u64)>,
     },
+}
+
+/// What block status reports for a [`Mapping::Data`] run where the container has a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holes {
+    /// The container is not asked: the run is reported as data (qemu does so for vpc blocks and
+    /// vmdk grains).
+    Ignored,
+    /// Holes are allocated ranges reading as zeros (vdi blocks, vmdk flat extents).
+    AllocatedZeros,
+    /// The run is the container itself (raw): holes read as zeros and are reported as zeros,
+    /// and a data run ending at an unaligned end of file covers the rest of the last block of
+    /// the container's request alignment, as qemu rounds it.
+    Container,
 }
 
 /// A mapping of a prefix of the range asked about.

@@ -74,7 +74,7 @@ impl MappedImage for Toy {
                 Entry::Unallocated => Mapping::Unallocated,
                 Entry::Zero => Mapping::Zero,
                 Entry::At(host) => {
-                    Mapping::Data { storage: self.dyn_storage(), offset: host + offset % UNIT, probe_holes: false }
+                    Mapping::Data { storage: self.dyn_storage(), offset: host + offset % UNIT, holes: Holes::Ignored }
                 }
             },
         ))
