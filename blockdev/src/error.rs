@@ -30,6 +30,9 @@ pub enum ErrorKind {
     ReadOnly,
     /// Another process holds a conflicting lock on the image.
     Locked,
+    /// Another open of the same image in this process holds a conflicting lock (the message is
+    /// qemu's, which does not tell the two cases apart; the alternate display does).
+    LockedInProcess,
     /// The image is encrypted and no key was given.
     NeedsKey,
     /// The key given does not unlock the image.
@@ -203,6 +206,9 @@ impl fmt::Display for Error {
                     write!(f, ", offset: {o}")?;
                 }
                 f.write_str("]")?;
+            }
+            if self.kind == ErrorKind::LockedInProcess {
+                f.write_str(" [the conflicting lock is held by another open of the image in this process]")?;
             }
         }
         Ok(())

@@ -307,3 +307,18 @@ fn commit_lock_conflicts_are_reported_as_by_qemu_img() {
     // qemu-img's failed attempts may rewrite the top's header; the data stays in the top.
     qemu_io(&["-f", "qcow2", "-c", "read -P 3 1M 64k", s(&top)]).ok();
 }
+
+/// `convert -n` of an image onto itself: the target's open conflicts with the source's lock in
+/// the same process (the library says so in the error's kind), and the message is qemu-img's.
+#[test]
+fn converting_an_image_onto_itself_fails_as_in_qemu_img() {
+    let d = tempdir();
+    let img = d.path().join("same.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    let args = ["convert", "-n", "-f", "qcow2", "-O", "qcow2", s(&img), s(&img)];
+    let q = qemu_img(&args);
+    let v = vdisk(&args);
+    assert_eq!((v.code, &v.stdout, &v.stderr), (q.code, &q.stdout, &q.stderr));
+    assert_eq!(q.code, 1);
+    assert!(v.stderr.contains("Failed to get \"write\" lock"), "{}", v.stderr);
+}

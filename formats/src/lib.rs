@@ -475,6 +475,24 @@ mod tests {
     }
 
     #[test]
+    fn a_second_writable_open_in_the_same_process_says_the_conflict_is_here() {
+        let reg = Registry::new();
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("x.qcow2").to_str().unwrap().to_string();
+        reg.create("qcow2", &img, &options(&[("size", "1M")])).unwrap();
+        let rw = OpenOptions { read_only: false, ..OpenOptions::default() };
+        let first = reg.open(&img, Some("qcow2"), &rw).unwrap();
+        let e = reg.open(&img, Some("qcow2"), &rw).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::LockedInProcess, "{e:#}");
+        assert!(format!("{e:#}").contains("in this process"), "{e:#}");
+        // A read-only open that shares writes does not conflict; closing the first frees the image.
+        let shared = OpenOptions { force_share: true, ..OpenOptions::default() };
+        reg.open(&img, Some("qcow2"), &shared).unwrap();
+        drop(first);
+        reg.open(&img, Some("qcow2"), &rw).unwrap();
+    }
+
+    #[test]
     fn named_formats_vdisk_lacks_are_refused_by_name() {
         let reg = Registry::new();
         let unknown = || Error::invalid_argument("unknown");

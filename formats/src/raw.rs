@@ -7,7 +7,7 @@
 //! guest writes a qcow2 header into its raw disk and the next probe follows a backing file of the
 //! guest's choosing), as qemu does.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,8 +15,8 @@ use blockdev::info::ImageInfo;
 use blockdev::mapped::{self, DataWritten, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
 use blockdev::{
-    check_request, Chain, Error, Extent, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions, Result,
-    Storage, ZeroFlags,
+    check_request, Chain, Error, Format, Measure, OpenOptions, Opener, Prealloc, ResizeOptions, Result, Storage,
+    ZeroFlags,
 };
 
 use crate::file::file_prealloc;
@@ -172,6 +172,8 @@ impl MappedImage for RawDriver {
 }
 
 impl blockdev::BlockDriver for RawDriver {
+    blockdev::mapped_io!(read_at, block_status);
+
     fn format(&self) -> &'static str {
         "raw"
     }
@@ -186,10 +188,6 @@ impl blockdev::BlockDriver for RawDriver {
 
     fn is_read_only(&self) -> bool {
         self.read_only
-    }
-
-    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
@@ -212,10 +210,6 @@ impl blockdev::BlockDriver for RawDriver {
 
     fn flush(&self) -> Result<()> {
         self.storage.flush()
-    }
-
-    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

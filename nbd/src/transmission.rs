@@ -60,7 +60,9 @@ fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
 /// The protocol's error number for an image error.
 fn errno_of(e: &blockdev::Error) -> u32 {
     match e.kind() {
-        ErrorKind::ReadOnly | ErrorKind::PermissionDenied | ErrorKind::Locked => errno::EPERM,
+        ErrorKind::ReadOnly | ErrorKind::PermissionDenied | ErrorKind::Locked | ErrorKind::LockedInProcess => {
+            errno::EPERM
+        }
         ErrorKind::OutOfRange | ErrorKind::InvalidArgument => errno::EINVAL,
         ErrorKind::NoSpace => errno::ENOSPC,
         ErrorKind::Unsupported => errno::ENOTSUP,

@@ -24,13 +24,12 @@
 //! points an entry at unwritten data; a header count that lags the map is corrected on the next
 //! allocation (the count comes from the map, not from the header).
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, RwLock};
 
 use blockdev::info::ImageInfo;
-use blockdev::mapped::{self, DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::mapped::{DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::range_lock::{RangeGuard, RangeLock};
-use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::{check_request, BlockDriver, Error, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::header::{Header, ENTRY_FREE, ENTRY_ZERO, OFF_BLOCKS_ALLOCATED};
 
@@ -324,6 +323,8 @@ impl MappedImage for Vdi {
 }
 
 impl BlockDriver for Vdi {
+    blockdev::mapped_io!(read_at, write_at, write_zeroes, block_status);
+
     fn format(&self) -> &'static str {
         "vdi"
     }
@@ -340,18 +341,6 @@ impl BlockDriver for Vdi {
         self.read_only
     }
 
-    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        mapped::read(self, offset, bufs)
-    }
-
-    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        mapped::write(self, offset, bufs)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        mapped::write_zeroes(self, offset, len, flags)
-    }
-
     /// VDI has no way to give space back without moving blocks; as in qemu, discard does nothing.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(offset, len, self.size())
@@ -362,10 +351,6 @@ impl BlockDriver for Vdi {
             return Ok(());
         }
         self.storage.flush()
-    }
-
-    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {

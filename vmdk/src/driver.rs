@@ -24,7 +24,7 @@ use blockdev::info::ImageInfo;
 use blockdev::mapped::{self, DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::qobject::{Dict, Value};
 use blockdev::range_lock::{RangeGuard, RangeLock};
-use blockdev::{check_request, BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::{check_request, BlockDriver, Error, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::descriptor::{Access, Descriptor, ExtentLine};
 use crate::header::SECTOR;
@@ -381,6 +381,8 @@ impl MappedImage for Vmdk {
 }
 
 impl BlockDriver for Vmdk {
+    blockdev::mapped_io!(read_at, block_status);
+
     fn format(&self) -> &'static str {
         "vmdk"
     }
@@ -395,10 +397,6 @@ impl BlockDriver for Vmdk {
 
     fn is_read_only(&self) -> bool {
         self.read_only
-    }
-
-    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
@@ -475,10 +473,6 @@ impl BlockDriver for Vmdk {
             }
         }
         self.storage.flush()
-    }
-
-    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {

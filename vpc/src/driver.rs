@@ -23,13 +23,12 @@
 //! - writes to a block whose table entry points into the header or the table are refused.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockdev::info::ImageInfo;
-use blockdev::mapped::{self, DataWritten, Granularity, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use blockdev::mapped::{DataWritten, Granularity, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
 use blockdev::range_lock::{RangeGuard, RangeLock};
-use blockdev::{BlockDriver, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags};
+use blockdev::{BlockDriver, Error, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::footer::{DynamicHeader, Footer, SECTOR};
 
@@ -327,6 +326,8 @@ impl MappedImage for Vpc {
 }
 
 impl BlockDriver for Vpc {
+    blockdev::mapped_io!(read_at, write_at, write_zeroes, block_status);
+
     fn format(&self) -> &'static str {
         "vpc"
     }
@@ -343,18 +344,6 @@ impl BlockDriver for Vpc {
         self.read_only
     }
 
-    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        mapped::read(self, offset, bufs)
-    }
-
-    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        mapped::write(self, offset, bufs)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        mapped::write_zeroes(self, offset, len, flags)
-    }
-
     /// The format cannot give space back; discarded data keeps its content.
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
@@ -366,10 +355,6 @@ impl BlockDriver for Vpc {
         }
         self.write_back()?;
         self.storage.flush()
-    }
-
-    fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        mapped::block_status(self, offset, max_len)
     }
 
     fn resize(&self, _new_size: u64, _opts: &ResizeOptions) -> Result<()> {

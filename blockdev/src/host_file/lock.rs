@@ -11,9 +11,18 @@
 //! second, as QEMU does, so two processes racing both see each other. OFD locks belong to the open
 //! file description, so vdisk's own locks never conflict with themselves and vanish when the file is
 //! closed, even if the process dies.
+//!
+//! Two opens of one image in the same process are two open file descriptions, so their locks
+//! conflict as another process's would, but the kernel does not say who holds a lock. Every open
+//! file of the process records what it holds in a process-wide table (by device and inode), so a
+//! conflict with an open of this process is reported as such ([`ErrorKind::LockedInProcess`],
+//! also named in the error's alternate display), one with another process as
+//! [`ErrorKind::Locked`].
 
 use std::fmt;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::sys;
 use crate::error::{Error, ErrorKind, Result};
@@ -68,11 +77,48 @@ fn perm_name(bit: u32) -> &'static str {
     }
 }
 
+/// What one open file of this process holds on an image file.
+struct HeldHere {
+    /// Device and inode of the file.
+    file: (u64, u64),
+    /// The [`LockState`] holding them.
+    owner: u64,
+    perm: Perms,
+    unshared: Perms,
+}
+
+/// The locks every open file of this process holds (see the module docs).
+static HELD_HERE: Mutex<Vec<HeldHere>> = Mutex::new(Vec::new());
+
+/// Numbers the lock states of this process.
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
 /// The locks one open file currently holds.
-#[derive(Default)]
 pub(crate) struct LockState {
     held_perm: Perms,
     held_unshared: Perms,
+    /// This state's entry in [`HELD_HERE`].
+    owner: u64,
+}
+
+impl Default for LockState {
+    fn default() -> LockState {
+        LockState {
+            held_perm: Perms::NONE,
+            held_unshared: Perms::NONE,
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+fn held_here() -> std::sync::MutexGuard<'static, Vec<HeldHere>> {
+    HELD_HERE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Device and inode of the file open as `fd`.
+fn file_id(fd: RawFd) -> Result<(u64, u64)> {
+    let st = sys::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 impl fmt::Debug for LockState {
@@ -86,13 +132,19 @@ impl LockState {
     /// On a conflict the previous locks are restored and the error names the permission as QEMU does.
     pub(crate) fn apply(&mut self, fd: RawFd, path: &str, perm: Perms, shared: Perms) -> Result<()> {
         let unshared = Perms::ALL.minus(shared);
+        let file = file_id(fd)?;
         let old = (self.held_perm, self.held_unshared);
-        let result = self.set_bytes(fd, perm, unshared).and_then(|()| check(fd, path, perm, unshared));
+        let result =
+            self.set_bytes(fd, perm, unshared).and_then(|()| check(fd, path, perm, unshared, file, self.owner));
         if result.is_err() {
             // Best effort: put back what we had; the original error is what the user needs to see.
             let _ = self.set_bytes(fd, old.0, old.1);
+            return result;
         }
-        result
+        let mut here = held_here();
+        here.retain(|h| h.owner != self.owner);
+        here.push(HeldHere { file, owner: self.owner, perm, unshared });
+        Ok(())
     }
 
     /// Drops every lock this file holds. Called before the descriptor is closed: a child process
@@ -101,6 +153,7 @@ impl LockState {
     /// image looking locked after vdisk is done with it.
     pub(crate) fn release(&mut self, fd: RawFd) {
         let _ = self.set_bytes(fd, Perms::NONE, Perms::NONE);
+        held_here().retain(|h| h.owner != self.owner);
     }
 
     fn set_bytes(&mut self, fd: RawFd, perm: Perms, unshared: Perms) -> Result<()> {
@@ -132,15 +185,24 @@ fn set_one(fd: RawFd, byte: u64, want: bool, have: bool) -> Result<()> {
     })
 }
 
-fn check(fd: RawFd, path: &str, perm: Perms, unshared: Perms) -> Result<()> {
+fn check(fd: RawFd, path: &str, perm: Perms, unshared: Perms, file: (u64, u64), owner: u64) -> Result<()> {
+    // Whether another open of this process holds what conflicts: `unshared` bit `bit` when
+    // `theirs_unshared`, else permission bit `bit`.
+    let here = |bit: u32, theirs_unshared: bool| {
+        held_here().iter().any(|h| {
+            h.file == file
+                && h.owner != owner
+                && if theirs_unshared { h.unshared.has_bit(bit) } else { h.perm.has_bit(bit) }
+        })
+    };
     for bit in 0..4 {
         if perm.has_bit(bit) && held_by_other(fd, SHARED_BASE + bit as u64)? {
-            return Err(conflict(path, format!("Failed to get \"{}\" lock", perm_name(bit))));
+            return Err(conflict(path, format!("Failed to get \"{}\" lock", perm_name(bit)), here(bit, true)));
         }
     }
     for bit in 0..4 {
         if unshared.has_bit(bit) && held_by_other(fd, PERM_BASE + bit as u64)? {
-            return Err(conflict(path, format!("Failed to get shared \"{}\" lock", perm_name(bit))));
+            return Err(conflict(path, format!("Failed to get shared \"{}\" lock", perm_name(bit)), here(bit, false)));
         }
     }
     Ok(())
@@ -153,6 +215,11 @@ fn held_by_other(fd: RawFd, byte: u64) -> Result<bool> {
     }
 }
 
-fn conflict(path: &str, what: String) -> Error {
-    Error::new(ErrorKind::Locked, format!("{what}\nIs another process using the image [{path}]?")).with_path(path)
+/// The error for a lock `what` that a holder refuses: another open of this process
+/// (`in_process`, [`ErrorKind::LockedInProcess`]) or another process ([`ErrorKind::Locked`]). The
+/// message is qemu's in both cases (qemu-img words its own double opens so too); the kind tells
+/// them apart.
+fn conflict(path: &str, what: String, in_process: bool) -> Error {
+    let kind = if in_process { ErrorKind::LockedInProcess } else { ErrorKind::Locked };
+    Error::new(kind, format!("{what}\nIs another process using the image [{path}]?")).with_path(path)
 }

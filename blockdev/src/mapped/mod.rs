@@ -1,14 +1,16 @@
 //! The mapping-based format core: a format says where guest data lives and how to make a guest
 //! range writable; this module does the I/O once, for every format.
 //!
-//! A format implements [`MappedImage`] (two questions, see its docs) and forwards four
-//! [`crate::BlockDriver`] methods to the functions here:
+//! A format implements [`MappedImage`] (two questions, see its docs) and forwards the
+//! [`crate::BlockDriver`] I/O methods to the functions here ([`read`], [`write`],
+//! [`write_zeroes`], [`block_status`]), usually with [`crate::mapped_io!`] inside its
+//! `impl BlockDriver`:
 //!
 //! ```ignore
-//! fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> { mapped::read(self, offset, bufs) }
-//! fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> { mapped::write(self, offset, bufs) }
-//! fn write_zeroes(&self, o: u64, l: u64, f: ZeroFlags) -> Result<()> { mapped::write_zeroes(self, o, l, f) }
-//! fn block_status(&self, o: u64, l: u64) -> Result<Extent> { mapped::block_status(self, o, l) }
+//! impl BlockDriver for MyFormat {
+//!     blockdev::mapped_io!(read_at, write_at, write_zeroes, block_status);
+//!     // format, size, flush, info, ...
+//! }
 //! ```
 //!
 //! What the core does, so that no format repeats it: range checks against the disk size and the
@@ -49,6 +51,35 @@ use crate::range_lock::RangeLock;
 use crate::storage::Storage;
 
 pub use io::{block_status, read, write, write_zeroes};
+
+/// Implements the listed [`crate::BlockDriver`] I/O methods (`read_at`, `write_at`,
+/// `write_zeroes`, `block_status`) of a [`MappedImage`] by the mapping core; for use inside
+/// `impl BlockDriver for ...`. A format that does something of its own first (a write guard, a
+/// streaming writer) writes that method itself and calls the core function.
+#[macro_export]
+macro_rules! mapped_io {
+    ($($method:ident),* $(,)?) => { $( $crate::mapped_io!(@one $method); )* };
+    (@one read_at) => {
+        fn read_at(&self, offset: u64, bufs: &mut [::std::io::IoSliceMut<'_>]) -> $crate::Result<()> {
+            $crate::mapped::read(self, offset, bufs)
+        }
+    };
+    (@one write_at) => {
+        fn write_at(&self, offset: u64, bufs: &[::std::io::IoSlice<'_>]) -> $crate::Result<()> {
+            $crate::mapped::write(self, offset, bufs)
+        }
+    };
+    (@one write_zeroes) => {
+        fn write_zeroes(&self, offset: u64, len: u64, flags: $crate::ZeroFlags) -> $crate::Result<()> {
+            $crate::mapped::write_zeroes(self, offset, len, flags)
+        }
+    };
+    (@one block_status) => {
+        fn block_status(&self, offset: u64, max_len: u64) -> $crate::Result<$crate::Extent> {
+            $crate::mapped::block_status(self, offset, max_len)
+        }
+    };
+}
 
 /// Where a run of the guest disk lives.
 #[derive(Debug, Clone)]

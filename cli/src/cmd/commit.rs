@@ -133,7 +133,7 @@ fn commit(
         .map_err(|e| match e.kind() {
             // qemu reopens the base read-write inside the commit job: a lock conflict is reported
             // as is, not as a failed open.
-            blockdev::ErrorKind::Locked => CliError::new(e.message()),
+            blockdev::ErrorKind::Locked | blockdev::ErrorKind::LockedInProcess => CliError::new(e.message()),
             _ => CliError::new(format!("Could not open '{}': {}", base.filename(), e.message())),
         })?
         .driver;
