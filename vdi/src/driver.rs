@@ -263,8 +263,8 @@ impl MappedImage for Vdi {
         let bs = self.block_bytes();
         let (b, in_block) = (offset / bs, offset % bs);
         let whole = if in_block == 0 && self.header.block_extra == 0 { (len / bs).min(MAX_RUN_BLOCKS) } else { 0 };
-        if whole > 1 && self.unallocated_run(b, whole) > 1 {
-            let run = self.unallocated_run(b, whole);
+        let run = if whole > 1 { self.unallocated_run(b, whole) } else { 0 };
+        if run > 1 {
             let guard = self.block_locks.lock(b, b + run);
             if self.unallocated_run(b, run) == run {
                 let index = self.take_indices(run)?;

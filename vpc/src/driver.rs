@@ -102,9 +102,14 @@ impl Sparse {
     }
 }
 
+/// Whether `sector`'s bit is set in a block's bitmap (most significant bit first).
+fn sector_marked(bitmap: &[u8], sector: u64) -> bool {
+    bitmap[(sector / 8) as usize] & (0x80 >> (sector % 8)) != 0
+}
+
 /// Runs of set and clear bits of `bitmap` over sectors `[first, first + count)`: (set, sectors).
 fn bit_runs(bitmap: &[u8], first: u64, count: u64) -> Vec<(bool, u64)> {
-    let bit = |s: u64| bitmap[(s / 8) as usize] & (0x80 >> (s % 8)) != 0;
+    let bit = |s: u64| sector_marked(bitmap, s);
     let mut runs: Vec<(bool, u64)> = Vec::new();
     for s in first..first + count {
         match runs.last_mut() {
@@ -185,7 +190,8 @@ impl Vpc {
         let bitmap = self.read_bitmap(s, block, bitmap_at)?;
         let first = within / SECTOR;
         let last = (within + max_len).div_ceil(SECTOR).min(s.block_size / SECTOR);
-        let (set, count) = bit_runs(&bitmap, first, last - first)[0];
+        let set = sector_marked(&bitmap, first);
+        let count = (first..last).take_while(|&sector| sector_marked(&bitmap, sector) == set).count() as u64;
         let len = ((first + count) * SECTOR - within).min(max_len);
         let mapping = if set {
             let offset = bitmap_at + s.bitmap_bytes + within;
