@@ -169,6 +169,20 @@ def cmd_report(args):
                  f"{fmt_mib(v['peak_rss_kib'])} | {fmt_mib(q['peak_rss_kib'])} | {fmt_verified(c)} |")
     L.append("")
 
+    rows = []
+    for c in cases:
+        t = c["tools"]
+        v, b, q = case_time(t.get("vdisk")), case_time(t.get("vdisk-baseline")), case_time(t.get("qemu-img"))
+        if v and b and q:
+            change = (v / q) / (b / q) - 1
+            rows.append([c["title"], fmt_s(v), fmt_s(b), fmt_s(q), f"{v / q:.2f}", f"{b / q:.2f}",
+                         f"{change * 100:+.1f}%", fmt_mib(t["vdisk"]["peak_rss_kib"]),
+                         fmt_mib(t["vdisk-baseline"]["peak_rss_kib"])])
+    md_table(L, "Same-run baseline (`VDISK_BASELINE`: an older vdisk binary run as a third tool in the same "
+             "runs, so both ratios see the same machine load):",
+             ["case", "vdisk s", "baseline s", "qemu-img s", "ratio", "baseline ratio", "ratio change",
+              "vdisk peak RSS MiB", "baseline peak RSS MiB"], rows)
+
     io_cases = [c for c in cases if c.get("requests") and c.get("ratio_vdisk_qemu")]
     rows = []
     for c in io_cases:

@@ -11,6 +11,8 @@
 #   BENCH_SPARSE_CLUSTERS  allocated clusters in the 1 TiB sparse qcow2 (default 100000)
 #   BENCH_LOAD_NOTE        free text added to the report next to the load average
 #   VDISK, QEMU_IMG, QEMU_IO  binaries (default: target/release/vdisk, built first; qemu-img, qemu-io)
+#   VDISK_BASELINE         an older vdisk binary run in the same cases as a third tool ("vdisk-baseline"):
+#                          the report then compares both against qemu-img from the same runs
 #   BENCH_OUT_MD, BENCH_OUT_JSON, BENCH_OUT_SVG  report paths (default BENCHMARKS.md,
 #                          bench/results.json, bench/ratios.svg)
 #   GUEST_IO_RUNS          runs of bench/guest-io.sh (case guest_io; default 3)
@@ -66,6 +68,7 @@ mkdir -p "$WORK"
 VDISK_ORIG=$VDISK
 VDISK=$WORK/vdisk
 cp "$VDISK_ORIG" "$VDISK"
+if [[ -n ${VDISK_BASELINE:-} ]]; then cp "$VDISK_BASELINE" "$WORK/vdisk-baseline"; fi
 
 # ---------------------------------------------------------------------------
 # inputs (cached in $BENCH_DIR, reused when present)
@@ -255,7 +258,7 @@ case_() {
     log "case $id: $template"
     local inputs=()
     for i in "$@"; do inputs+=(--input "$i"); done
-    local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG")
+    local tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" $(baseline_tool))
     if [[ $kind == none ]]; then tools=(--tool "${FLOOR_TOOL:-cp}=$(command -v "${FLOOR_TOOL:-cp}")"); fi
     # SERVERS=1: the cases compare servers; qemu-nbd stands in the qemu-img column.
     if [[ -n ${SERVERS:-} ]]; then tools=(--tool "vdisk=$VDISK" --tool "qemu-img=$(command -v qemu-nbd)"); fi
@@ -265,6 +268,10 @@ case_() {
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind "$kind" --out-ext "$ext" --out-fmt "$fmt" \
         --template "$template" "${tools[@]}" "${inputs[@]}" "${verify[@]}" $(case_extras)
+}
+# The baseline vdisk as a third tool, when VDISK_BASELINE names one (copied like VDISK).
+baseline_tool() {
+    if [[ -n ${VDISK_BASELINE:-} ]]; then printf -- '--tool vdisk-baseline=%s ' "$WORK/vdisk-baseline"; fi
 }
 # Options every case may take from the environment: FLOOR_FOR=PATH (a reference case: the floor of
 # the cases reading PATH) and IO_REQUESTS=N (a `bench` case: the tools print their own run time).
@@ -363,7 +370,8 @@ case_inplace() {
     "${MEASURE[@]}" case --results "$RESULTS" --workdir "$WORK" --runs "$RUNS" --drop-caches "$DROP" \
         --id "$id" --title "$title" --kind image --out-ext .qcow2 --out-fmt qcow2 \
         --setup "$setup" --expect "$expect" --expect-backing "$expect_backing" \
-        --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" "${inputs[@]}" $(case_extras)
+        --template "$template" --tool "vdisk=$VDISK" --tool "qemu-img=$QEMU_IMG" $(baseline_tool) "${inputs[@]}" \
+        $(case_extras)
 }
 
 case_inplace commit_chain "commit (4 GiB chain, 1 GiB in the top)" \

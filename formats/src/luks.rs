@@ -5,24 +5,25 @@
 //! counted from the payload start. Without a passphrase the image opens for metadata only (`info`,
 //! with [`OpenOptions::no_io`]); opening for data needs `key_secret`.
 //!
-//! Data never leaves in the clear and the caller's buffers are never encrypted in place: writes
-//! encrypt a copy. A request that does not cover whole sectors reads, decrypts, patches and
-//! re-encrypts the sectors it touches, under a range lock so that two such writes into one
-//! sector cannot lose each other's bytes.
+//! The driver runs on the mapping core (`blockdev::mapped`): the payload is one identity mapping
+//! seen through [`EncryptedRun`], which decrypts and encrypts private copies (data never leaves
+//! in the clear and the caller's buffers are never encrypted in place). The core widens a request
+//! that does not cover whole sectors to them (reading, patching and re-encrypting the sectors it
+//! touches) under its sector lock, so two such writes into one sector cannot lose each other's
+//! bytes.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use blockdev::crypto::keyslots::SlotEditor;
 use blockdev::crypto::luks::{LuksHeader, HEADER_LEN};
 use blockdev::crypto::volume::{header_area_len, luks_create_options, luks_info, read_header, unlock};
-use blockdev::crypto::{Secret, SectorCipher, SECTOR_SIZE};
+use blockdev::crypto::{EncryptedRun, Secret, SECTOR_SIZE};
 use blockdev::info::ImageInfo;
+use blockdev::mapped::{DataWritten, Granularity, Holes, Mapped, MappedImage, Mapping, WritePlan};
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
-use blockdev::range_lock::RangeLock;
 use blockdev::{
-    check_request, delete_on_error, Amend, Chain, Error, ErrorKind, Extent, ExtentKind, Format, Measure, OpenOptions,
-    Opener, Prealloc, ResizeOptions, Result, Storage, ZeroFlags,
+    check_request, delete_on_error, Amend, Chain, Error, ErrorKind, Extent, Format, Measure, OpenOptions, Opener,
+    Prealloc, ResizeOptions, Result, Storage,
 };
 
 use crate::storage_info;
@@ -52,9 +53,6 @@ const AMEND_OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("new-secret", OptionKind::Str, "New secret to set in the matching keyslots. Empty string to erase"),
     OptionSpec::new("iter-time", OptionKind::Number, "Time to spend in PBKDF in milliseconds"),
 ];
-
-/// Largest request encrypted or decrypted through one bounce buffer.
-const CHUNK: usize = 1 << 20;
 
 impl Format for LuksFormat {
     fn name(&self) -> &'static str {
@@ -98,9 +96,7 @@ impl Format for LuksFormat {
         file_opts.set("size", "0");
         let storage = opener.create_storage(filename, &file_opts)?;
         delete_on_error(opener, filename, || {
-            let secret = opts
-                .secret("key-secret")?
-                .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))?;
+            let secret = opts.secret("key-secret")?.ok_or_else(key_required)?;
             let volume = luks_create_options(opts, "")?.create(secret.bytes())?;
             blockdev::write_all_at(storage.as_ref(), 0, &volume.area)?;
             let total = (volume.area.len() as u64)
@@ -114,7 +110,7 @@ impl Format for LuksFormat {
     fn measure(&self, size: u64, source: Option<&dyn blockdev::BlockDriver>, opts: &CreateOptions) -> Result<Measure> {
         // qemu measures with the volume it would create, which needs the passphrase.
         if opts.secret("key-secret")?.is_none() {
-            return Err(Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"));
+            return Err(key_required());
         }
         let spec = luks_create_options(opts, "")?.spec;
         let size = source.map(|s| s.size()).unwrap_or(size).next_multiple_of(SECTOR_SIZE as u64);
@@ -123,19 +119,27 @@ impl Format for LuksFormat {
     }
 }
 
+/// qemu's error for data access without the passphrase.
+fn key_required() -> Error {
+    Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher")
+}
+
 /// An open `luks` image.
 pub struct LuksDriver {
     storage: Arc<dyn Storage>,
     /// The header as on disk (`amend` changes its key slots).
     header: std::sync::Mutex<LuksHeader>,
-    /// `None` when opened without a key (metadata only).
-    cipher: Option<SectorCipher>,
+    /// The payload as plain bytes (reads and writes fail without a key: metadata only).
+    payload_run: Arc<dyn Storage>,
+    /// Whether a key unlocked the volume.
+    unlocked: bool,
     /// The passphrase that unlocked the volume (adding a key slot needs the volume key again).
     opened_with: Option<Secret>,
     payload: u64,
     size: std::sync::atomic::AtomicU64,
     read_only: bool,
-    rmw: RangeLock,
+    /// Writes cover whole sectors (the core's read-modify-write and sector lock).
+    sectors: Granularity,
 }
 
 impl std::fmt::Debug for LuksDriver {
@@ -164,18 +168,22 @@ impl LuksDriver {
         let cipher = match &opts.key_secret {
             Some(secret) => Some(unlock(storage.as_ref(), 0, &header, secret.bytes())?),
             None if opts.no_io => None,
-            None => return Err(Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher")),
+            None => return Err(key_required()),
         };
         let size = (file_len - payload) / SECTOR_SIZE as u64 * SECTOR_SIZE as u64;
+        let unlocked = cipher.is_some();
+        // Sectors are encrypted under their number counted from the payload start.
+        let payload_run = Arc::new(EncryptedRun::new(storage.clone(), cipher.map(Arc::new), "key-secret", payload, 0));
         Ok(LuksDriver {
             read_only: opts.read_only || storage.is_read_only(),
             storage,
             header: std::sync::Mutex::new(header),
-            cipher,
+            payload_run,
+            unlocked,
             opened_with: opts.key_secret.clone(),
             payload,
             size: std::sync::atomic::AtomicU64::new(size),
-            rmw: RangeLock::new(),
+            sectors: Granularity::new(SECTOR_SIZE as u64),
         })
     }
 
@@ -184,64 +192,40 @@ impl LuksDriver {
         self.header.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn cipher(&self) -> Result<&SectorCipher> {
-        self.cipher
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::NeedsKey, "Parameter 'key-secret' is required for cipher"))
-    }
-
     fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::read_only().with_path(self.storage.name()));
         }
         Ok(())
     }
-
-    /// Reads and decrypts the whole sectors `[start, start + buf.len())` of the payload.
-    fn read_sectors(&self, start: u64, buf: &mut [u8]) -> Result<()> {
-        blockdev::read_exact_at(self.storage.as_ref(), self.payload + start, buf)?;
-        self.cipher()?.decrypt(start / SECTOR_SIZE as u64, buf)
-    }
-
-    /// Encrypts `plain` (whole sectors at payload offset `start`, a private buffer) in place and
-    /// writes it.
-    fn write_sectors(&self, start: u64, plain: &mut [u8]) -> Result<()> {
-        self.cipher()?.encrypt(start / SECTOR_SIZE as u64, plain)?;
-        blockdev::write_all_at(self.storage.as_ref(), self.payload + start, plain)
-    }
-
-    /// Writes `data` (a private buffer, encrypted in place) at payload offset `offset` (any
-    /// alignment).
-    fn write_bytes(&self, offset: u64, data: &mut [u8]) -> Result<()> {
-        let ss = SECTOR_SIZE as u64;
-        let end = offset + data.len() as u64;
-        let (wstart, wend) = (offset / ss * ss, end.div_ceil(ss) * ss);
-        if wstart == offset && wend == end {
-            return self.write_sectors(offset, data);
-        }
-        let _g = self.rmw.lock(wstart, wend);
-        let mut window = vec![0u8; (wend - wstart) as usize];
-        self.read_sectors(wstart, &mut window)?;
-        window[(offset - wstart) as usize..(end - wstart) as usize].copy_from_slice(data);
-        self.write_sectors(wstart, &mut window)
-    }
 }
 
-/// Copies the bytes of `bufs` from byte `start` on into `out` (which they fill).
-fn gather_from(bufs: &[IoSlice<'_>], mut start: usize, out: &mut [u8]) {
-    let mut pos = 0;
-    for b in bufs {
-        if start >= b.len() {
-            start -= b.len();
-            continue;
+impl MappedImage for LuksDriver {
+    type Pending<'a> = ();
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
+        let storage = self.payload_run.clone();
+        Ok(Mapped::new(max_len, Mapping::Data { storage, offset: self.payload + offset, holes: Holes::Ignored }))
+    }
+
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan<()>> {
+        let storage = self.payload_run.clone();
+        Ok(WritePlan { len, storage, host: self.payload + offset, fill: None, pending: () })
+    }
+
+    fn commit_write(&self, _pending: (), _written: DataWritten) -> Result<()> {
+        Ok(())
+    }
+
+    fn before_write(&self) -> Result<()> {
+        if !self.unlocked {
+            return Err(key_required());
         }
-        let n = (b.len() - start).min(out.len() - pos);
-        out[pos..pos + n].copy_from_slice(&b[start..start + n]);
-        pos += n;
-        start = 0;
-        if pos == out.len() {
-            break;
-        }
+        Ok(())
+    }
+
+    fn granularity(&self) -> Option<&Granularity> {
+        Some(&self.sectors)
     }
 }
 
@@ -262,72 +246,8 @@ impl blockdev::BlockDriver for LuksDriver {
         self.read_only
     }
 
-    fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let len = blockdev::iov_len_mut(bufs);
-        check_request(offset, len, self.size())?;
-        let ss = SECTOR_SIZE as u64;
-        let mut pos = offset;
-        let mut chunk = Vec::new();
-        let mut filled = 0usize;
-        let (mut bi, mut bo) = (0usize, 0usize);
-        while pos < offset + len {
-            let start = pos / ss * ss;
-            let end = (offset + len).div_ceil(ss).saturating_mul(ss).min(start + CHUNK as u64);
-            chunk.resize((end - start) as usize, 0);
-            self.read_sectors(start, &mut chunk)?;
-            let mut from = (pos - start) as usize;
-            let upto = ((offset + len).min(end) - start) as usize;
-            while from < upto {
-                let b = &mut bufs[bi];
-                let n = (b.len() - bo).min(upto - from);
-                b[bo..bo + n].copy_from_slice(&chunk[from..from + n]);
-                from += n;
-                bo += n;
-                filled += n;
-                if bo == b.len() {
-                    bi += 1;
-                    bo = 0;
-                }
-            }
-            pos = start + upto as u64;
-        }
-        debug_assert_eq!(filled as u64, len);
-        Ok(())
-    }
-
-    fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        self.writable()?;
-        let len = blockdev::iov_len(bufs);
-        check_request(offset, len, self.size())?;
-        // Encrypted a chunk at a time in one private buffer: the caller's memory is never touched.
-        let mut buf = vec![0u8; len.min(CHUNK as u64) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            gather_from(bufs, done as usize, &mut buf[..n]);
-            self.write_bytes(offset + done, &mut buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        // Zeros must be stored encrypted: a hole would read back as garbage.
-        self.writable()?;
-        check_request(offset, len, self.size())?;
-        if flags.no_fallback {
-            return Err(Error::unsupported("an encrypted image cannot write zeros without writing them"));
-        }
-        let mut zeros = vec![0u8; len.min(CHUNK as u64) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(CHUNK as u64) as usize;
-            zeros[..n].fill(0); // the previous chunk was encrypted in place
-            self.write_bytes(at, &mut zeros[..n])?;
-            at += n as u64;
-        }
-        Ok(())
-    }
+    // Zeros are written encrypted (a hole would read back as garbage): the core's fallback.
+    blockdev::mapped_io!(read_at, write_at, write_zeroes);
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
@@ -340,11 +260,9 @@ impl blockdev::BlockDriver for LuksDriver {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let len = max_len.min(self.size().saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        Ok(Extent::new(len, ExtentKind::Data))
+        // All data; ciphertext has no plain bytes in the file to point at (qemu gives no offsets).
+        let extent = blockdev::mapped::block_status(self, offset, max_len)?;
+        Ok(Extent { host: None, ..extent })
     }
 
     fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

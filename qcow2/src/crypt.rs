@@ -10,16 +10,17 @@
 //! (qemu refuses to write them into encrypted images and reads them as stored). Decryption and
 //! encryption work on whole 512-byte sectors in private buffers: the caller's memory never holds
 //! ciphertext. A guest write that does not cover whole sectors is widened to them, reading the
-//! rest of each sector first, while the write holds its clusters' lock (see `write.rs`).
+//! rest of each sector first, under the mapping core's sector lock; the core reads and writes
+//! the data file through [`blockdev::crypto::EncryptedRun`], plain bytes one run at a time.
 //!
 //! Without a key an encrypted image opens only with `no_io` (for `info`); opening it for data
 //! fails with qemu's "Parameter 'encrypt.key-secret' is required for cipher".
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockdev::crypto::keyslots::SlotEditor;
 use blockdev::crypto::luks::LuksHeader;
-use blockdev::crypto::{legacy_aes_cipher, volume, Secret, SectorCipher, SECTOR_SIZE};
+use blockdev::crypto::{legacy_aes_cipher, volume, EncryptedRun, Secret, SectorCipher, SECTOR_SIZE};
 use blockdev::options::CreateOptions;
 use blockdev::qobject::{Dict, Value};
 use blockdev::{Error, ErrorKind, OpenOptions, Result, Storage};
@@ -67,7 +68,7 @@ impl LuksArea {
 
 /// The key to an open image's data.
 pub(crate) struct DataCipher {
-    cipher: SectorCipher,
+    cipher: Arc<SectorCipher>,
     /// IVs from host offsets (LUKS) rather than guest offsets (legacy AES).
     physical: bool,
 }
@@ -77,15 +78,21 @@ impl DataCipher {
         (if self.physical { host } else { guest }) / SECTOR_SIZE as u64
     }
 
-    /// Decrypts `buf` (whole sectors) read from host offset `host`, guest offset `guest`.
-    pub(crate) fn decrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
-        self.cipher.decrypt(self.sector(host, guest), buf)
-    }
-
     /// Encrypts `buf` (whole sectors) to be written at host offset `host`, guest offset `guest`.
     pub(crate) fn encrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
         self.cipher.encrypt(self.sector(host, guest), buf)
     }
+}
+
+/// The data file seen as plain bytes around host offset `host`, which holds guest offset `guest`
+/// (sectors encrypted under the host or the guest offset, as the scheme says; without a key,
+/// reads and writes fail with [`key_required`]'s message).
+pub(crate) fn data_run(cipher: Option<&DataCipher>, data: Arc<dyn Storage>, host: u64, guest: u64) -> EncryptedRun {
+    let iv = match cipher {
+        Some(c) if !c.physical => guest,
+        _ => host,
+    };
+    EncryptedRun::new(data, cipher.map(|c| c.cipher.clone()), "encrypt.key-secret", host, iv)
 }
 
 /// The message qemu gives when an encrypted image is opened for data without a key.
@@ -106,7 +113,7 @@ pub(crate) fn open(
         CRYPT_NONE => Ok((None, None)),
         CRYPT_AES => {
             let cipher = match secret {
-                Some(s) => Some(DataCipher { cipher: legacy_aes_cipher(s.bytes())?, physical: false }),
+                Some(s) => Some(DataCipher { cipher: Arc::new(legacy_aes_cipher(s.bytes())?), physical: false }),
                 None if opts.no_io => None,
                 None => return Err(key_required()),
             };
@@ -122,9 +129,10 @@ pub(crate) fn open(
             }
             let header = volume::read_header(file, offset, length)?;
             let cipher = match secret {
-                Some(s) => {
-                    Some(DataCipher { cipher: volume::unlock(file, offset, &header, s.bytes())?, physical: true })
-                }
+                Some(s) => Some(DataCipher {
+                    cipher: Arc::new(volume::unlock(file, offset, &header, s.bytes())?),
+                    physical: true,
+                }),
                 None if opts.no_io => None,
                 None => return Err(key_required()),
             };

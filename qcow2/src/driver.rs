@@ -14,14 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockdev::info::ImageInfo;
 use blockdev::qobject::{Dict, Value};
 use blockdev::range_lock::RangeLock;
-use blockdev::{
-    check_request, iov_len_mut, BlockDriver, Check, Error, Extent, ResizeOptions, Result, Storage, ZeroFlags,
-};
+use blockdev::{check_request, BlockDriver, Check, Extent, ResizeOptions, Result, Storage, ZeroFlags};
 
 use crate::compress::decompress;
-use crate::entry::{Geometry, Sub};
+use crate::entry::Geometry;
 use crate::header::{autoclear, compat, incompat, CompressionType};
-use crate::iov;
 use crate::limits::MAX_COMPRESSED_SLACK;
 use crate::meta::Meta;
 
@@ -61,6 +58,8 @@ pub struct Qcow2 {
     pub(crate) crypt_scheme: Option<crate::crypt::Scheme>,
     /// The key to the data of an encrypted image opened for data (see `crypt.rs`).
     pub(crate) cipher: Option<crate::crypt::DataCipher>,
+    /// The sector lock of an encrypted image's writes (see `mapping.rs`).
+    pub(crate) crypt_sectors: Option<blockdev::mapped::Granularity>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -69,7 +68,8 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
-struct ReadGuard<'a>(&'a AtomicUsize);
+/// A read in flight, counted until it drops.
+pub(crate) struct ReadGuard<'a>(&'a AtomicUsize);
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
@@ -90,84 +90,21 @@ impl Qcow2 {
         self.size.load(Ordering::Acquire)
     }
 
-    /// Reads guest bytes `[offset, offset+len)` into `bufs` (already checked against the size).
-    pub(crate) fn read_range(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+    /// Counts a read in flight until the guard drops (frees wait for reads, see the module docs).
+    pub(crate) fn reading(&self) -> ReadGuard<'_> {
         self.reads_in_flight.fetch_add(1, Ordering::AcqRel);
-        let _g = ReadGuard(&self.reads_in_flight);
-        let len = iov_len_mut(bufs);
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let (sub, run) = {
-                let mut m = self.lock();
-                m.map(self.file.as_ref(), pos, len - done)?
-            };
-            let run = run.max(1).min(len - done);
-            match sub {
-                Sub::Data { host, .. } => {
-                    let at = host + pos % self.cluster_size();
-                    match &self.cipher {
-                        None if self.crypt_scheme.is_some() => return Err(crate::crypt::key_required()),
-                        None => self.data.read_at(at, &mut iov::slice_mut(bufs, done, run))?,
-                        Some(c) => self.read_encrypted(c, at, pos, run, bufs, done)?,
-                    }
-                }
-                Sub::Zero { .. } => iov::zero(bufs, done, run),
-                Sub::Unallocated { .. } => self.read_backing(pos, &mut iov::slice_mut(bufs, done, run))?,
-                Sub::Compressed { offset: coff, size } => {
-                    let cs = self.cluster_size();
-                    let mut cluster = vec![0u8; cs as usize];
-                    self.read_compressed(coff, size, &mut cluster)?;
-                    let within = (pos % cs) as usize;
-                    iov::scatter(bufs, done, &cluster[within..within + run as usize]);
-                }
-                Sub::Invalid(why) => return Err(Error::corrupt(why)),
-            }
-            done += run;
-        }
-        Ok(())
+        ReadGuard(&self.reads_in_flight)
     }
 
-    /// Reads `run` bytes of guest data at `pos` (host `at`) into `bufs` from `done` on, decrypting
-    /// the whole sectors around them in a private buffer (sectors never straddle clusters).
-    fn read_encrypted(
-        &self,
-        c: &crate::crypt::DataCipher,
-        at: u64,
-        pos: u64,
-        run: u64,
-        bufs: &mut [IoSliceMut<'_>],
-        done: u64,
-    ) -> Result<()> {
-        let ss = blockdev::crypto::SECTOR_SIZE as u64;
-        let skip = at % ss;
-        let mut buf = vec![0u8; (skip + run).div_ceil(ss) as usize * ss as usize];
-        blockdev::read_exact_at(self.data.as_ref(), at - skip, &mut buf)?;
-        c.decrypt(at - skip, pos - skip, &mut buf)?;
-        iov::scatter(bufs, done, &buf[skip as usize..(skip + run) as usize]);
-        Ok(())
-    }
-
-    /// Reads the backing file's view of `[pos, pos + len(bufs))`: zeros past its end.
-    pub(crate) fn read_backing(&self, pos: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let len = iov_len_mut(bufs);
-        let Some(b) = &self.backing else {
-            iov::zero(bufs, 0, len);
-            return Ok(());
-        };
-        let bsize = b.size();
-        let from_backing = bsize.saturating_sub(pos).min(len);
-        if from_backing > 0 {
-            b.read_at(pos, &mut iov::slice_mut(bufs, 0, from_backing))?;
-        }
-        if from_backing < len {
-            iov::zero(bufs, from_backing, len - from_backing);
-        }
-        Ok(())
+    /// Reads guest bytes `[offset, offset+len)` into `bufs`; the range may lie past the disk's
+    /// size (the VM state area), callers check it.
+    pub(crate) fn read_range(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let _reading = self.reading();
+        blockdev::mapped::read_mapped(self, offset, bufs)
     }
 
     /// Decompresses the cluster whose compressed bytes start at host byte `coff`.
-    pub(crate) fn read_compressed(&self, coff: u64, size: u64, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn decompress_cluster(&self, coff: u64, size: u64, out: &mut [u8]) -> Result<()> {
         let cs = self.cluster_size();
         // A larger count in a hostile entry is clamped rather than trusted.
         let size = size.min(cs + MAX_COMPRESSED_SLACK);
@@ -251,14 +188,14 @@ impl BlockDriver for Qcow2 {
     }
 
     fn read_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_request(offset, iov_len_mut(bufs), self.size())?;
-        self.read_range(offset, bufs)
+        let _reading = self.reading();
+        blockdev::mapped::read(self, offset, bufs)
     }
 
     fn write_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         check_request(offset, blockdev::iov_len(bufs), self.size())?;
         self.note_change(offset, blockdev::iov_len(bufs))?;
-        self.write_range(offset, bufs)
+        blockdev::mapped::write(self, offset, bufs)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
@@ -293,12 +230,11 @@ impl BlockDriver for Qcow2 {
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let size = self.size();
-        let max_len = max_len.min(size.saturating_sub(offset));
-        if max_len == 0 {
-            return Err(Error::out_of_range(format!("block status at offset {offset} is past the end of the disk")));
-        }
-        self.status_at(offset, max_len)
+        // Decided before the mapping is asked, which then reports holes accordingly.
+        self.metadata_preallocated()?;
+        let extent = blockdev::mapped::block_status(self, offset, max_len)?;
+        // Encrypted data has no plain bytes in the file to point at (qemu reports no offsets).
+        Ok(if self.crypt_scheme.is_some() { Extent { host: None, ..extent } } else { extent })
     }
 
     fn resize(&self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

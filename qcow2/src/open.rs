@@ -217,6 +217,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
             recording: Mutex::new(None),
             watch_bitmaps: AtomicBool::new(false),
+            crypt_sectors: Qcow2::crypt_granularity(crypt_scheme.is_some()),
             crypt_scheme,
             cipher,
         });

@@ -223,7 +223,7 @@ impl Qcow2 {
     /// without one), as qemu's copy-on-write leaves it.
     fn copy_tail_past_end(&self, target: &dyn blockdev::Storage, host: u64, to: u64, unit: u64) -> Result<()> {
         let mut buf = vec![0u8; (unit - to % unit) as usize];
-        self.read_backing(to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
+        blockdev::mapped::read_backing(self, to, &mut [std::io::IoSliceMut::new(&mut buf)])?;
         blockdev::write_all_at(target, host + to % self.cluster_size(), &buf)
     }
 

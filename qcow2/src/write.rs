@@ -1,31 +1,32 @@
-//! The write side: guest writes with allocation and copy-on-write, zeroing and discard.
+//! The write side: write plans with allocation and copy-on-write, zeroing and discard.
 //!
-//! A write holds the guest clusters it touches in the driver's range lock for its whole duration.
-//! Clusters that are already this image's own (COPIED) are written in place. Others get freshly
-//! allocated host clusters (contiguous for a run of clusters): the parts of the first and last
-//! cluster that the request does not cover are filled from the old content (the old cluster, a
-//! compressed cluster, the backing file or zeros), the whole run is written with one vectored
-//! write, and only then are the L2 entries pointed at the new clusters. When those parts are zeros
-//! and the run is fresh, the file zeroes the run instead (`Storage::zero_without_writing`) and only
-//! the guest's bytes are written: a 4 KiB write into a new 64 KiB cluster writes 4 KiB, not 64. Old clusters are queued
-//! for freeing, which happens after the next flush (see `meta.rs`).
+//! Guest writes run on the mapping core (`mapping.rs`), which asks [`Qcow2::plan`] how to write
+//! each piece while the piece's guest clusters are held in the driver's range lock. Clusters that
+//! are already this image's own (COPIED) are written in place. Others get freshly allocated host
+//! clusters (contiguous for a run of clusters): the core fills the parts of the first and last
+//! cluster that the request does not cover from the old content (the old cluster, a compressed
+//! cluster, the backing file or zeros), writes the whole run with one vectored write, and only
+//! then are the L2 entries pointed at the new clusters ([`Qcow2::point_at_new`]). When those parts
+//! are zeros and the run is fresh, the file zeroes the run instead
+//! (`Storage::zero_without_writing`) and only the guest's bytes are written: a 4 KiB write into a
+//! new 64 KiB cluster writes 4 KiB, not 64. Old clusters are queued for freeing, which happens
+//! after the next flush (see `meta.rs`).
 
 use std::io::IoSlice;
 
-use blockdev::{iov_len, Error, Result, ZeroFlags};
+use blockdev::{Error, Result, ZeroFlags};
 
 use crate::discard::DiscardKind;
 use crate::driver::Qcow2;
 use crate::entry::{sub_mask, Sub, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::header::autoclear;
-use crate::iov;
 use crate::meta::Meta;
 
 /// All subclusters read as zeros (extended L2 bitmap).
 pub(crate) const ALL_ZERO_BITS: u64 = 0xffff_ffff << 32;
 
 /// What a planned write step does.
-enum Step {
+pub(crate) enum Step {
     /// Write `len` bytes at host `host` in place; then apply `update` (extended L2 bitmap changes).
     InPlace { host: u64, len: u64, update: Option<(u64, u64, u64)> },
     /// New (or reused) host clusters for guest clusters `[gc, gc + count)` starting at `host`.
@@ -40,86 +41,14 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes `bufs` at guest `offset` (range already validated).
+    /// Writes `bufs` at guest `offset`; the range may lie past the disk's size (the VM state
+    /// area), callers check it. Bitmaps are not told (see `Qcow2::note_change`).
     pub(crate) fn write_range(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        self.check_writable()?;
-        let len = iov_len(bufs);
-        if len == 0 {
-            return Ok(());
-        }
-        let cs = self.cluster_size();
-        let _g = self.writes.lock(offset / cs, (offset + len - 1) / cs + 1);
-        if self.crypt_scheme.is_some() {
-            if self.cipher.is_none() {
-                return Err(crate::crypt::key_required());
-            }
-            // Encryption works on whole sectors (which never straddle clusters, so the lock
-            // taken above covers the widened range too).
-            let ss = blockdev::crypto::SECTOR_SIZE as u64;
-            let (start, end) = (offset / ss * ss, (offset + len).div_ceil(ss) * ss);
-            if (start, end) != (offset, offset + len) {
-                // Only the first and last sectors hold bytes the write does not bring.
-                let mut whole = vec![0u8; (end - start) as usize];
-                let disk = self.disk_size();
-                for sector in [start, end - ss] {
-                    let readable = disk.min(sector + ss).saturating_sub(sector) as usize;
-                    let at = (sector - start) as usize;
-                    self.read_range(sector, &mut [std::io::IoSliceMut::new(&mut whole[at..at + readable])])?;
-                }
-                iov::gather(bufs, &mut whole[(offset - start) as usize..(offset - start + len) as usize]);
-                return self.write_pieces(start, &[IoSlice::new(&whole)], end - start);
-            }
-        }
-        self.write_pieces(offset, bufs, len)
-    }
-
-    /// Writes `len` bytes of `bufs` at `offset`, one planned step after the other (the clusters
-    /// are locked by the caller).
-    fn write_pieces(&self, offset: u64, bufs: &[IoSlice<'_>], len: u64) -> Result<()> {
-        let mut done = 0;
-        while done < len {
-            done += self.write_step(offset + done, &iov::slice(bufs, done, len - done), len - done)?;
-        }
-        Ok(())
-    }
-
-    /// Writes guest data `parts` (guest offset `guest`) at host offset `host`, encrypted (from a
-    /// private copy) when the image is.
-    fn write_data(&self, host: u64, guest: u64, parts: &[IoSlice<'_>]) -> Result<()> {
-        let Some(c) = &self.cipher else {
-            return self.data.write_at(host, parts);
-        };
-        let mut buf = Vec::with_capacity(iov_len(parts) as usize);
-        for p in parts {
-            buf.extend_from_slice(p);
-        }
-        c.encrypt(host, guest, &mut buf)?;
-        self.data.write_at(host, &[IoSlice::new(&buf)])
-    }
-
-    /// Performs the first piece of a write at `pos`; returns how many bytes it wrote.
-    fn write_step(&self, pos: u64, bufs: &[IoSlice<'_>], len: u64) -> Result<u64> {
-        let step = {
-            let mut m = self.lock();
-            self.plan(&mut m, pos, len)?
-        };
-        match step {
-            Step::InPlace { host, len: n, update } => {
-                self.write_data(host, pos, &iov::slice(bufs, 0, n))?;
-                if let Some((gc, entry, bitmap)) = update {
-                    let mut m = self.lock();
-                    m.set_entry(self.file.as_ref(), gc, entry, bitmap)?;
-                }
-                Ok(n)
-            }
-            Step::Allocate { gc, count, host, fresh, old } => {
-                self.write_allocated(pos, bufs, len, gc, count, host, fresh, old)
-            }
-        }
+        blockdev::mapped::write_mapped(self, offset, bufs)
     }
 
     /// Decides how to write the piece starting at `pos` (under the metadata lock).
-    fn plan(&self, m: &mut Meta, pos: u64, len: u64) -> Result<Step> {
+    pub(crate) fn plan(&self, m: &mut Meta, pos: u64, len: u64) -> Result<Step> {
         let io = self.file.as_ref();
         let cs = self.cluster_size();
         let gc = pos / cs;
@@ -204,77 +133,10 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes guest clusters `[gc, gc+count)` into host clusters at `host` with copy-on-write of the
-    /// parts the request does not cover, then points the L2 entries at them.
-    #[allow(clippy::too_many_arguments)]
-    fn write_allocated(
-        &self,
-        pos: u64,
-        bufs: &[IoSlice<'_>],
-        len: u64,
-        gc: u64,
-        count: u64,
-        host: u64,
-        fresh: bool,
-        old: Vec<(u64, u64)>,
-    ) -> Result<u64> {
-        let cs = self.cluster_size();
-        let n = ((gc + count) * cs - pos).min(len);
-        // What is written: the whole run, or with extended entries only the subclusters the
-        // write touches when no old subcluster data has to move along.
-        let geo = self.geo;
-        let keeps_data = || {
-            fresh
-                && old.iter().any(|&(e, b)| {
-                    e & COMPRESSED != 0 || (0..32).any(|s| matches!(geo.subcluster(e, b, s), Sub::Data { .. }))
-                })
-        };
-        let (run_start, run_end) = if geo.extended && !keeps_data() {
-            let sc = geo.subcluster_size();
-            (pos / sc * sc, (pos + n).div_ceil(sc) * sc)
-        } else {
-            (gc * cs, (gc + count) * cs)
-        };
-        let head_len = pos - run_start;
-        let tail_start = pos + n;
-        let tail_len = run_end - tail_start;
-        let run_host = host + (run_start - gc * cs);
-        if fresh
-            && head_len + tail_len > 0
-            && self.old_reads_as_zeros(&old)
-            && self.data.zero_without_writing(run_host, run_end - run_start)
-        {
-            // Nothing to carry over and the run already reads as zeros: only the guest's bytes
-            // are written, and no head or tail is read or held.
-            let result = self.write_data(run_host + head_len, pos, &iov::slice(bufs, 0, n));
-            return self.point_at_new(pos, n, gc, count, host, fresh, &old, result);
-        }
-        let mut head = vec![0u8; head_len as usize];
-        let mut tail = vec![0u8; tail_len as usize];
-        if head_len > 0 {
-            self.read_range(run_start, &mut [std::io::IoSliceMut::new(&mut head)])?;
-        }
-        // Past the end of the disk the cluster's tail is zeros.
-        let readable = self.disk_size().saturating_sub(tail_start).min(tail_len) as usize;
-        if readable > 0 {
-            self.read_range(tail_start, &mut [std::io::IoSliceMut::new(&mut tail[..readable])])?;
-        }
-        let mut parts = Vec::with_capacity(bufs.len() + 2);
-        parts.push(IoSlice::new(&head));
-        parts.extend(iov::slice(bufs, 0, n));
-        parts.push(IoSlice::new(&tail));
-        let result = if fresh && !geo.data_file {
-            self.write_fresh(run_host, run_start, run_end, &parts, (head_len, n), &tail[..readable])
-        } else {
-            self.write_data(run_host, run_start, &parts)
-        };
-        self.point_at_new(pos, n, gc, count, host, fresh, &old, result)
-    }
-
     /// Whether guest clusters whose old entries are `old` read as zeros, so that a fresh run
     /// for them needs nothing carried over: unencrypted, standard entries that are zero
     /// clusters, or unallocated with no backing file.
-    fn old_reads_as_zeros(&self, old: &[(u64, u64)]) -> bool {
+    pub(crate) fn old_reads_as_zeros(&self, old: &[(u64, u64)]) -> bool {
         !self.geo.extended
             && !self.geo.data_file
             && self.cipher.is_none()
@@ -283,30 +145,21 @@ impl Qcow2 {
             })
     }
 
-    /// After the data write of [`Qcow2::write_allocated`] (`result`): points the L2 entries of
-    /// guest clusters `[gc, gc+count)` at the host clusters from `host` and queues the old ones
-    /// for freeing; on a failed write, gives fresh clusters back instead. Returns `n`.
-    #[allow(clippy::too_many_arguments)]
-    fn point_at_new(
+    /// After the data write of a planned allocation: points the L2 entries of guest clusters
+    /// from `gc` (one per entry of `old`, their previous entries) at the host clusters from
+    /// `host` (the write covered guest `[pos, pos+n)`) and queues the old ones for freeing.
+    pub(crate) fn point_at_new(
         &self,
         pos: u64,
         n: u64,
         gc: u64,
-        count: u64,
         host: u64,
         fresh: bool,
         old: &[(u64, u64)],
-        result: Result<()>,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let mut m = self.lock();
         let io = self.file.as_ref();
-        if let Err(e) = result {
-            if fresh && !m.geo.data_file {
-                m.queue_free(host, count, DiscardKind::Never);
-            }
-            return Err(e);
-        }
         let sc = m.geo.subcluster_size();
         for (i, (e, b)) in old.iter().copied().enumerate() {
             let this = gc + i as u64;
@@ -339,36 +192,7 @@ impl Qcow2 {
         if fresh {
             self.flush_if_many_frees(&mut m)?;
         }
-        Ok(n)
-    }
-
-    /// Writes `parts` (head, guest data, tail) into fresh host clusters at `run_host` (guest
-    /// `[run_start, run_end)`). When the head and the tail are zeros and the file can zero the run
-    /// without writing it (unencrypted images only: encrypted zeros are not zero bytes), only the
-    /// guest data is written, as `data_len` bytes `head_len` into the run; otherwise the run is
-    /// reserved and written whole.
-    fn write_fresh(
-        &self,
-        run_host: u64,
-        run_start: u64,
-        run_end: u64,
-        parts: &[IoSlice<'_>],
-        (head_len, data_len): (u64, u64),
-        tail_read: &[u8],
-    ) -> Result<()> {
-        let run_len = run_end - run_start;
-        let partial = head_len + data_len < run_len;
-        let head = &parts[0];
-        if partial
-            && self.cipher.is_none()
-            && blockdev::buffer::is_zero(head)
-            && blockdev::buffer::is_zero(tail_read)
-            && self.data.zero_without_writing(run_host, run_len)
-        {
-            return self.write_data(run_host + head_len, run_start + head_len, &parts[1..parts.len() - 1]);
-        }
-        self.data.reserve(run_host, run_len);
-        self.write_data(run_host, run_start, parts)
+        Ok(())
     }
 
     /// Makes `[offset, offset+len)` read as zeros.

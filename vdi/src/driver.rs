@@ -269,7 +269,7 @@ impl MappedImage for Vdi {
             if self.unallocated_run(b, run) == run {
                 let index = self.take_indices(run)?;
                 let host = self.header.data_offset(index);
-                let fill = Fill { guest_start: offset, host_start: host, len: run * bs, source: FillSource::Zeros };
+                let fill = Fill::new(offset, host, run * bs, FillSource::Zeros);
                 let pending = PendingWrite(Pending::Fresh { _guard: guard, first: b, index, n: run });
                 return Ok(WritePlan { len: run * bs, storage: self.storage.clone(), host, fill: Some(fill), pending });
             }
@@ -287,7 +287,7 @@ impl MappedImage for Vdi {
                 let at = self.header.data_offset(index);
                 let source =
                     if found == Block::Free && self.differencing() { FillSource::Backing } else { FillSource::Zeros };
-                let fill = Fill { guest_start: start, host_start: at, len: end - start, source };
+                let fill = Fill::new(start, at, end - start, source);
                 (at + in_block, Some(fill), PendingWrite(Pending::Fresh { _guard: guard, first: b, index, n: 1 }))
             }
         };

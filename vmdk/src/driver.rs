@@ -202,8 +202,7 @@ impl Vmdk {
                 let guard = self.grain_locks.lock(ext_start + within, ext_start + within + bytes);
                 if self.unallocated_run(s, within, run)? == run {
                     let at = s.reserve(bytes);
-                    let fill =
-                        Fill { guest_start: ext_start + within, host_start: at, len: bytes, source: FillSource::Zeros };
+                    let fill = Fill::new(ext_start + within, at, bytes, FillSource::Zeros);
                     let pending = Pending::Fresh { _guard: guard, extent: s, within, at, grains: run };
                     return Ok(WritePlan {
                         len: bytes,
@@ -230,7 +229,7 @@ impl Vmdk {
             found => {
                 let at = s.reserve(grain);
                 let source = if found == Grain::Unallocated { FillSource::Backing } else { FillSource::Zeros };
-                let fill = Fill { guest_start: ext_start + grain_start, host_start: at, len: grain, source };
+                let fill = Fill::new(ext_start + grain_start, at, grain, source);
                 let pending = Pending::Fresh { _guard: guard, extent: s, within: grain_start, at, grains: 1 };
                 (at + in_grain, Some(fill), pending)
             }

@@ -18,11 +18,13 @@ mod hash;
 pub mod keyslots;
 pub mod luks;
 mod random;
+mod run;
 pub mod volume;
 
 pub use cipher::{CipherAlg, CipherMode, IvGen, SectorCipher, SECTOR_SIZE};
 pub use hash::HashAlg;
 pub use random::fill as fill_random;
+pub use run::EncryptedRun;
 
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use super::iov::{push_range, push_zeros, with_range_mut, zero};
-use super::{DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, WritePlan, Zeroing};
+use super::{DataWritten, Fill, FillSource, Holes, Mapped, MappedImage, Mapping, Unwritten, WritePlan, Zeroing};
 use crate::driver::{check_request, Extent, ExtentKind, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::storage::{iov_len, iov_len_mut, Storage};
@@ -23,6 +23,29 @@ pub fn read<F: MappedImage>(f: &F, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> 
 pub fn write<F: MappedImage>(f: &F, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
     let len = iov_len(bufs);
     check_request(offset, len, f.size())?;
+    writable(f)?;
+    if len == 0 {
+        return Ok(());
+    }
+    f.before_write()?;
+    write_inside(f, offset, len, bufs)
+}
+
+/// Reads `[offset, offset + len(bufs))` of what the format maps, without checking the range
+/// against the disk size: for areas a format keeps past the guest disk (qcow2's VM state) and
+/// for callers that checked the range themselves.
+pub fn read_mapped<F: MappedImage>(f: &F, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+    let len = iov_len_mut(bufs);
+    crate::storage::checked_end(offset, len)?;
+    read_inside(f, offset, len, bufs)
+}
+
+/// Writes `bufs` at `offset` of what the format maps, without checking the range against the
+/// disk size (see [`read_mapped`]); the image must be writable. Copy-on-write fills read zeros
+/// past the disk size.
+pub fn write_mapped<F: MappedImage>(f: &F, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    let len = iov_len(bufs);
+    crate::storage::checked_end(offset, len)?;
     writable(f)?;
     if len == 0 {
         return Ok(());
@@ -66,6 +89,13 @@ pub fn block_status<F: MappedImage>(f: &F, offset: u64, max_len: u64) -> Result<
     Ok(match run.mapping {
         Mapping::Zero => Extent::new(len, ExtentKind::Zero),
         Mapping::Unallocated => Extent::new(len, ExtentKind::Unallocated),
+        Mapping::Reserved { storage, offset: at, reads } => {
+            let kind = match reads {
+                Unwritten::Zeros => ExtentKind::Zero,
+                Unwritten::Backing => ExtentKind::Unallocated,
+            };
+            Extent::mapped(len, kind, storage.name().into(), at)
+        }
         Mapping::Compressed { host } => Extent {
             len,
             kind: ExtentKind::Data,
@@ -141,17 +171,17 @@ fn read_inside<F: MappedImage>(f: &F, offset: u64, len: u64, bufs: &mut [IoSlice
 fn read_run<F: MappedImage>(f: &F, at: u64, mapping: &Mapping, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
     match mapping {
         Mapping::Data { storage, offset: host, .. } => storage.read_at(*host, bufs),
-        Mapping::Zero => {
+        Mapping::Zero | Mapping::Reserved { reads: Unwritten::Zeros, .. } => {
             zero(bufs);
             Ok(())
         }
-        Mapping::Unallocated => read_backing(f, at, bufs),
+        Mapping::Unallocated | Mapping::Reserved { reads: Unwritten::Backing, .. } => read_backing(f, at, bufs),
         Mapping::Compressed { .. } => f.read_compressed(at, bufs),
     }
 }
 
 /// Reads guest bytes at `at` from the backing image: zeros past its end or without one.
-fn read_backing<F: MappedImage>(f: &F, at: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+pub fn read_backing<F: MappedImage>(f: &F, at: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
     let Some(backing) = f.backing() else {
         zero(bufs);
         return Ok(());
@@ -269,26 +299,39 @@ fn write_data<F: MappedImage>(
         }
     };
     let source = match fill.source {
-        FillSource::Backing if f.backing().is_some() => FillSource::Backing,
-        _ => FillSource::Zeros,
+        FillSource::Backing if f.backing().is_none() => FillSource::Zeros,
+        source => source,
     };
     if source == FillSource::Zeros && storage.zero_without_writing(fill.host_start, fill.len) {
         push_range(bufs, from, n, &mut list);
         return storage.write_at(host, &list);
     }
     let (mut head_bytes, mut tail_bytes) = (Vec::new(), Vec::new());
-    if source == FillSource::Backing {
-        head_bytes.resize(head as usize, 0);
-        read_clamped(f, fill.guest_start, &mut head_bytes, true)?;
-        tail_bytes.resize(tail as usize, 0);
-        read_clamped(f, at + n, &mut tail_bytes, true)?;
-        list.push(IoSlice::new(&head_bytes));
-        push_range(bufs, from, n, &mut list);
-        list.push(IoSlice::new(&tail_bytes));
-    } else {
+    if source == FillSource::Zeros {
         push_zeros(head, &mut list);
         push_range(bufs, from, n, &mut list);
         push_zeros(tail, &mut list);
+    } else {
+        let from_backing = source == FillSource::Backing;
+        head_bytes.resize(head as usize, 0);
+        read_clamped(f, fill.guest_start, &mut head_bytes, from_backing)?;
+        tail_bytes.resize(tail as usize, 0);
+        read_clamped(f, at + n, &mut tail_bytes, from_backing)?;
+        if fill.fresh_space
+            && crate::buffer::is_zero(&head_bytes)
+            && crate::buffer::is_zero(&tail_bytes)
+            && storage.zero_without_writing(fill.host_start, fill.len)
+        {
+            // Nothing to carry over after all: only the request is written.
+            push_range(bufs, from, n, &mut list);
+            return storage.write_at(host, &list);
+        }
+        list.push(IoSlice::new(&head_bytes));
+        push_range(bufs, from, n, &mut list);
+        list.push(IoSlice::new(&tail_bytes));
+    }
+    if fill.fresh_space {
+        storage.reserve(fill.host_start, fill.len);
     }
     storage.write_at(fill.host_start, &list)
 }
@@ -300,8 +343,8 @@ fn zero_by_writing<F: MappedImage>(f: &F, offset: u64, len: u64, flags: ZeroFlag
         let at = offset + done;
         let run = next_run(f, at, len - done)?;
         let reads_zeros = match run.mapping {
-            Mapping::Zero => true,
-            Mapping::Unallocated => f.backing().is_none(),
+            Mapping::Zero | Mapping::Reserved { reads: Unwritten::Zeros, .. } => true,
+            Mapping::Unallocated | Mapping::Reserved { reads: Unwritten::Backing, .. } => f.backing().is_none(),
             _ => false,
         };
         if !reads_zeros {

@@ -1,4 +1,5 @@
-//! Sub-ranges of scatter-gather lists, taken in place (no copy of the bytes).
+//! Sub-ranges of scatter-gather lists, taken in place (no copy of the bytes), and the copies a
+//! format needs between a list and a private buffer (decompressed or decrypted bytes).
 
 use std::io::{IoSlice, IoSliceMut};
 
@@ -20,7 +21,7 @@ fn pieces(lens: impl Iterator<Item = usize>, from: u64, len: u64) -> impl Iterat
 
 /// Runs `f` on the buffers covering bytes `[from, from + len)` of `bufs` (slices of the caller's
 /// buffers, not copies). `from + len` must not exceed the list's length.
-pub(super) fn with_range_mut<R>(
+pub fn with_range_mut<R>(
     bufs: &mut [IoSliceMut<'_>],
     from: u64,
     len: u64,
@@ -41,12 +42,12 @@ pub(super) fn with_range_mut<R>(
 }
 
 /// Appends the buffers covering bytes `[from, from + len)` of `bufs` to `out`.
-pub(super) fn push_range<'a>(bufs: &'a [IoSlice<'a>], from: u64, len: u64, out: &mut Vec<IoSlice<'a>>) {
+pub fn push_range<'a>(bufs: &'a [IoSlice<'a>], from: u64, len: u64, out: &mut Vec<IoSlice<'a>>) {
     out.extend(pieces(bufs.iter().map(|b| b.len()), from, len).map(|(i, lo, hi)| IoSlice::new(&bufs[i][lo..hi])));
 }
 
 /// Fills every buffer with zeros.
-pub(super) fn zero(bufs: &mut [IoSliceMut<'_>]) {
+pub fn zero(bufs: &mut [IoSliceMut<'_>]) {
     for b in bufs.iter_mut() {
         b.fill(0);
     }
@@ -56,12 +57,31 @@ pub(super) fn zero(bufs: &mut [IoSliceMut<'_>]) {
 pub(super) static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Appends list entries for `len` zero bytes to `out`.
-pub(super) fn push_zeros(len: u64, out: &mut Vec<IoSlice<'_>>) {
+pub fn push_zeros(len: u64, out: &mut Vec<IoSlice<'_>>) {
     let mut left = len;
     while left > 0 {
         let n = left.min(ZEROS.len() as u64) as usize;
         out.push(IoSlice::new(&ZEROS[..n]));
         left -= n as u64;
+    }
+}
+
+/// Copies `data` into bytes `[from, from + data.len())` of `bufs` (which must be that long).
+pub fn copy_into(bufs: &mut [IoSliceMut<'_>], from: u64, data: &[u8]) {
+    let mut at = 0;
+    for (i, lo, hi) in pieces(bufs.iter().map(|b| b.len()), from, data.len() as u64).collect::<Vec<_>>() {
+        bufs[i][lo..hi].copy_from_slice(&data[at..at + hi - lo]);
+        at += hi - lo;
+    }
+}
+
+/// Copies the bytes of `bufs`, in order, into `out`, as many as fit.
+pub fn gather(bufs: &[IoSlice<'_>], out: &mut [u8]) {
+    let mut at = 0;
+    for b in bufs {
+        let n = b.len().min(out.len() - at);
+        out[at..at + n].copy_from_slice(&b[..n]);
+        at += n;
     }
 }
 
@@ -94,5 +114,18 @@ mod tests {
         let mut zeros = Vec::new();
         push_zeros((64 << 10) + 5, &mut zeros);
         assert_eq!(zeros.iter().map(|s| s.len()).sum::<usize>(), (64 << 10) + 5);
+    }
+
+    #[test]
+    fn copies_in_and_out_span_buffers() {
+        let (mut a, mut b) = ([0u8; 3], [0u8; 5]);
+        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        copy_into(&mut bufs, 2, &[7, 8, 9]);
+        assert_eq!(a, [0, 0, 7]);
+        assert_eq!(b, [8, 9, 0, 0, 0]);
+        let (x, y) = ([1u8, 2, 3], [4u8, 5]);
+        let mut out = [0u8; 4];
+        gather(&[IoSlice::new(&x), IoSlice::new(&y)], &mut out);
+        assert_eq!(out, [1, 2, 3, 4]);
     }
 }

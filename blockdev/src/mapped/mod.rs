@@ -37,7 +37,7 @@
 //!   [`Granularity`], held for the whole of a write to a format that tracks sectors.
 
 mod io;
-mod iov;
+pub mod iov;
 #[cfg(test)]
 mod tests;
 
@@ -50,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::range_lock::RangeLock;
 use crate::storage::Storage;
 
-pub use io::{block_status, read, write, write_zeroes};
+pub use io::{block_status, read, read_backing, read_mapped, write, write_mapped, write_zeroes};
 
 /// Implements the listed [`crate::BlockDriver`] I/O methods (`read_at`, `write_at`,
 /// `write_zeroes`, `block_status`) of a [`MappedImage`] by the mapping core; for use inside
@@ -97,11 +97,31 @@ pub enum Mapping {
     Zero,
     /// Nothing in this image: reads come from the backing image, or are zeros without one.
     Unallocated,
+    /// Host space is set aside for the run but holds none of its data: it reads as `reads` says
+    /// (qcow2's preallocated zero clusters, and the unallocated subclusters of an allocated
+    /// cluster). Block status reports the host offset with the run's kind.
+    Reserved {
+        /// The container.
+        storage: Arc<dyn Storage>,
+        /// Host offset of the run's first byte.
+        offset: u64,
+        /// What the run reads as.
+        reads: Unwritten,
+    },
     /// Stored compressed; [`MappedImage::read_compressed`] reads it.
     Compressed {
         /// Where the first compressed unit is, when block status should report it.
         host: Option<(Arc<dyn Storage>, u64)>,
     },
+}
+
+/// What a [`Mapping::Reserved`] run reads as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unwritten {
+    /// Zeros, decided by this image.
+    Zeros,
+    /// The backing image's bytes (zeros without one), as [`Mapping::Unallocated`].
+    Backing,
 }
 
 /// What block status reports for a [`Mapping::Data`] run where the container has a hole.
@@ -141,6 +161,11 @@ pub enum FillSource {
     Zeros,
     /// The backing image's bytes at the same guest offsets (copy-on-write).
     Backing,
+    /// The bytes the image itself reads there now (its old unit, a compressed unit, the backing
+    /// image or zeros): for formats that move a unit that already holds data (qcow2's
+    /// copy-on-write of a shared or compressed cluster). The plan's range stays mapped as before
+    /// until the commit, so the core reads the old bytes through [`MappedImage::map`].
+    Current,
 }
 
 /// A fresh allocation unit that a write lands in: the core fills the part the write does not
@@ -155,6 +180,20 @@ pub struct Fill {
     pub len: u64,
     /// Where the uncovered bytes come from.
     pub source: FillSource,
+    /// The unit's host space is new, at the container's end or freed, and nothing else reads
+    /// it: when a read fill turns out to be zeros the core zeroes the unit without writing it
+    /// ([`Storage::zero_without_writing`]) and writes only the request; otherwise it reserves
+    /// the unit ([`Storage::reserve`]) before writing it whole. Fills from [`FillSource::Zeros`]
+    /// try the first either way.
+    pub fresh_space: bool,
+}
+
+impl Fill {
+    /// A unit of `len` bytes at guest `guest_start` and host `host_start`, its uncovered bytes
+    /// from `source`, in space that is not [`Fill::fresh_space`].
+    pub fn new(guest_start: u64, host_start: u64, len: u64, source: FillSource) -> Fill {
+        Fill { guest_start, host_start, len, source, fresh_space: false }
+    }
 }
 
 /// Where a write goes, from [`MappedImage::prepare_write`].

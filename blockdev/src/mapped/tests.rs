@@ -32,6 +32,9 @@ struct Toy {
     backing: Option<Arc<dyn BlockDriver>>,
     granularity: Option<Granularity>,
     commits: Mutex<u64>,
+    /// Every write moves its unit to fresh space, filled with what the unit reads now (as qcow2
+    /// moves shared and compressed clusters), and zero units keep a reserved host offset.
+    moves: bool,
 }
 
 enum ToyPending<'a> {
@@ -50,6 +53,7 @@ impl Toy {
             backing,
             granularity: sector.map(Granularity::new),
             commits: Mutex::new(0),
+            moves: false,
         }
     }
 
@@ -72,6 +76,9 @@ impl MappedImage for Toy {
             len,
             match self.entry(unit) {
                 Entry::Unallocated => Mapping::Unallocated,
+                Entry::Zero if self.moves => {
+                    Mapping::Reserved { storage: self.dyn_storage(), offset: offset % UNIT, reads: Unwritten::Zeros }
+                }
                 Entry::Zero => Mapping::Zero,
                 Entry::At(host) => {
                     Mapping::Data { storage: self.dyn_storage(), offset: host + offset % UNIT, holes: Holes::Ignored }
@@ -85,15 +92,19 @@ impl MappedImage for Toy {
         let n = (UNIT - offset % UNIT).min(len);
         let guard = self.locks.lock(unit, unit + 1);
         let (host, fill, pending) = match self.entry(unit) {
-            Entry::At(host) => (host + offset % UNIT, None, ToyPending::Held(guard)),
+            Entry::At(host) if !self.moves => (host + offset % UNIT, None, ToyPending::Held(guard)),
             found => {
                 let at = {
                     let mut end = self.end.lock().unwrap();
                     *end += UNIT;
                     *end - UNIT
                 };
-                let source = if found == Entry::Zero { FillSource::Zeros } else { FillSource::Backing };
-                let fill = Fill { guest_start: unit * UNIT, host_start: at, len: UNIT, source };
+                let source = match found {
+                    _ if self.moves => FillSource::Current,
+                    Entry::Zero => FillSource::Zeros,
+                    _ => FillSource::Backing,
+                };
+                let fill = Fill { fresh_space: self.moves, ..Fill::new(unit * UNIT, at, UNIT, source) };
                 (at + offset % UNIT, Some(fill), ToyPending::Fresh(guard, unit, at))
             }
         };
@@ -265,6 +276,26 @@ fn block_status_follows_the_mapping_reads_use() {
     assert_eq!(top.block_status(0, 10).unwrap().len, 10);
 }
 
+#[test]
+fn a_moved_unit_carries_its_old_bytes_and_reserved_runs_report_their_host() {
+    let (backing, mut model) = patterned_backing(2 * UNIT);
+    let mut top = Toy::new(2 * UNIT, Some(backing), None);
+    top.moves = true;
+    top.write_at(100, &[IoSlice::new(&[1u8; 10])]).unwrap();
+    let Entry::At(first) = top.entry(0) else { panic!("unit 0 not allocated") };
+    top.write_at(2000, &[IoSlice::new(&[2u8; 10])]).unwrap();
+    let Entry::At(second) = top.entry(0) else { panic!("unit 0 not allocated") };
+    assert_ne!(first, second, "the unit moved");
+    model[100..110].fill(1);
+    model[2000..2010].fill(2);
+    assert_same(&read_all(&top), &model);
+    top.write_zeroes(UNIT, UNIT, ZeroFlags::default()).unwrap();
+    let status = top.block_status(UNIT + 8, UNIT).unwrap();
+    assert_eq!((status.kind, status.host.map(|(_, at)| at)), (ExtentKind::Zero, Some(8)));
+    model[UNIT as usize..].fill(0);
+    assert_same(&read_all(&top), &model);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write { at: u64, len: u64, seed: u8, pieces: u64 },
@@ -283,12 +314,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     /// Any mix of writes (scatter-gather, unaligned) and zeroing over a backing image, with and
-    /// without sector granularity, reads back as the model says.
+    /// without sector granularity, with units written in place or moved on every write (the fill
+    /// then read from the image itself), reads back as the model says.
     #[test]
-    fn the_core_keeps_the_model(ops in proptest::collection::vec(op(5 * UNIT), 1..25), sector in prop_oneof![Just(None), Just(Some(512u64))]) {
+    fn the_core_keeps_the_model(
+        ops in proptest::collection::vec(op(5 * UNIT), 1..25),
+        sector in prop_oneof![Just(None), Just(Some(512u64))],
+        moves in any::<bool>(),
+    ) {
         let (backing, mut model) = patterned_backing(4 * UNIT);
         model.resize(5 * UNIT as usize, 0);
-        let top = Toy::new(5 * UNIT, Some(backing), sector);
+        let mut top = Toy::new(5 * UNIT, Some(backing), sector);
+        top.moves = moves;
         for op in ops {
             match op {
                 Op::Write { at, len, seed, pieces } => {
