@@ -27,6 +27,7 @@ pub mod mapped;
 mod mem;
 mod open;
 pub mod options;
+pub mod protocol;
 pub mod qobject;
 pub mod range_lock;
 pub mod size;
@@ -45,6 +46,7 @@ pub use open::{
     check_reference, delete_on_error, resolve_reference, Chain, Diagnostics, DiscardOptions, Format,
     MetadataCacheSizes, OpenOptions, Opener, ReferencePolicy, DEFAULT_MAX_CHAIN_DEPTH,
 };
+pub use protocol::{has_protocol_prefix, Protocol};
 pub use storage::{
     checked_end, iov_len, iov_len_mut, read_exact_at, with_contiguous_mut, write_all_at, Alignment, Prealloc, Storage,
 };

@@ -304,7 +304,7 @@ impl Chain {
 /// Resolves `name` (as stored in `referrer`) to the path to open, as qemu does: absolute names and
 /// protocol URLs stay as they are, relative names are relative to the referrer's directory.
 pub fn resolve_reference(referrer: &str, name: &str) -> String {
-    if name.starts_with('/') || name.contains("://") || name.starts_with("json:") || name.starts_with("nbd:") {
+    if name.starts_with('/') || crate::protocol::has_protocol_prefix(name) {
         return name.to_string();
     }
     match referrer.rfind('/') {
@@ -326,7 +326,7 @@ pub fn check_reference(policy: ReferencePolicy, referrer: &str, name: &str) -> R
         ReferencePolicy::Deny => refuse("references to other files are not allowed"),
         ReferencePolicy::Confine => {
             let p = Path::new(name);
-            if name.contains("://") || name.starts_with("json:") || name.starts_with("nbd:") {
+            if crate::protocol::has_protocol_prefix(name) {
                 return refuse("only local files inside the image's directory may be referenced");
             }
             if p.is_absolute() {
@@ -450,6 +450,10 @@ mod tests {
         // A relative name in an image on a web server is relative to its URL, as in qemu.
         assert_eq!(resolve_reference("https://h/img/top.qcow2", "base.qcow2"), "https://h/img/base.qcow2");
         assert_eq!(resolve_reference("/a/top", "http://h/b"), "http://h/b");
+        // qemu's rule, not a list of known protocols: any prefix before a colon is one.
+        assert_eq!(resolve_reference("/a/top", "rbd:pool/image"), "rbd:pool/image");
+        assert_eq!(resolve_reference("/a/top", "json:{}"), "json:{}");
+        assert_eq!(resolve_reference("/a/top", "sub/a:b"), "/a/sub/a:b");
     }
 
     #[test]
@@ -457,7 +461,9 @@ mod tests {
         let p = ReferencePolicy::Confine;
         assert!(check_reference(p, "/tmp/x/top", "base").is_ok());
         assert!(check_reference(p, "/tmp/x/top", "sub/base").is_ok());
-        for bad in ["/etc/passwd", "../base", "a/../../b", "nbd://h/e", "http://h/b", "https://h/b", "nbd:h:1"] {
+        for bad in
+            ["/etc/passwd", "../base", "a/../../b", "nbd://h/e", "http://h/b", "https://h/b", "nbd:h:1", "rbd:p/i"]
+        {
             let e = check_reference(p, "/tmp/x/top", bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{bad}");
         }

@@ -170,6 +170,12 @@ pub trait Storage: Send + Sync + Debug {
     fn is_remote(&self) -> bool {
         false
     }
+
+    /// Takes qemu's permission locks for holding `perm` while sharing `shared` with other
+    /// processes, where the container has such locks (local files); others accept any set.
+    fn set_permissions(&self, _perm: crate::Perms, _shared: crate::Perms) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset` (zeros past the end).

@@ -1,4 +1,5 @@
-//! The `file` protocol: creating local files with qemu's protocol-level options.
+//! The `file` protocol ([`FileProtocol`]): local files, opened with qemu's locks and created
+//! with qemu's protocol-level options.
 //!
 //! Every image format writes into a container; for local files the container has its own `-o`
 //! options (`preallocation`, `nocow`, `extent_size_hint`), which qemu-img lists after the format's
@@ -9,7 +10,9 @@
 use std::sync::Arc;
 
 use blockdev::options::{CreateOptions, OptionKind, OptionSpec};
-use blockdev::{write_all_at, CacheMode, Error, HostFile, HostOpenOptions, Perms, Prealloc, Result, Storage};
+use blockdev::{
+    write_all_at, CacheMode, Error, HostFile, HostOpenOptions, OpenOptions, Perms, Prealloc, Protocol, Result, Storage,
+};
 
 /// The `file` protocol's create options, in qemu's order.
 pub const FILE_CREATE_OPTIONS: &[OptionSpec] = &[
@@ -18,6 +21,66 @@ pub const FILE_CREATE_OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("preallocation", OptionKind::Str, "Preallocation mode (allowed values: off, falloc, full)"),
     OptionSpec::new("extent_size_hint", OptionKind::Size, "Extent size hint for the image file, 0 to disable"),
 ];
+
+/// Local files: the registry's fallback protocol, for every name no other protocol claims (a
+/// `file:` prefix is dropped; see [`local_path`]).
+#[derive(Debug, Default)]
+pub struct FileProtocol;
+
+impl Protocol for FileProtocol {
+    fn drivers(&self) -> &'static [&'static str] {
+        &["file"]
+    }
+
+    fn claims(&self, _filename: &str) -> bool {
+        true
+    }
+
+    fn open(&self, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(HostFile::open(&local_path(filename), &host_options(opts))?))
+    }
+
+    fn create(&self, filename: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
+        Ok(create_file(&local_path(filename), size, prealloc)?)
+    }
+
+    /// Removes the file a failed create left (a regular file only, never a device or a link).
+    fn delete(&self, filename: &str) {
+        let path = local_path(filename);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    fn is_remote(&self) -> bool {
+        false
+    }
+}
+
+/// The local path a file name refers to: a `file:` prefix is dropped, and a name whose first
+/// colon comes before any slash (which qemu would read as a protocol prefix) gets `./` in front,
+/// the way qemu spells such names in messages and `info`.
+pub fn local_path(name: &str) -> String {
+    let rest = name.strip_prefix("file:").unwrap_or(name);
+    let colon = rest.find(':');
+    let slash = rest.find('/');
+    match (colon, slash) {
+        (Some(_), None) => format!("./{rest}"),
+        (Some(c), Some(s)) if c < s => format!("./{rest}"),
+        _ => rest.to_string(),
+    }
+}
+
+/// The options for opening an existing local file of an image opened with `opts`.
+fn host_options(opts: &OpenOptions) -> HostOpenOptions {
+    HostOpenOptions {
+        read_only: opts.read_only,
+        cache: opts.cache,
+        create: false,
+        no_locking: opts.no_locking,
+        eager_writeback: opts.eager_writeback,
+    }
+}
 
 /// Parses a file-level `preallocation` value (`metadata` is a format-level mode, not the file's).
 pub fn file_prealloc(opts: &CreateOptions) -> Result<Prealloc> {

@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use blockdev::options::{CreateOptions, OptionSpec};
 use blockdev::{
-    check_reference, resolve_reference, BlockDriver, Chain, Error, ErrorKind, Format, HostFile, HostOpenOptions,
-    OpenOptions, Opener, Perms, Result, Storage,
+    check_reference, resolve_reference, BlockDriver, Chain, Error, ErrorKind, Format, OpenOptions, Opener, Perms,
+    Protocol, Result, Storage,
 };
 
 pub use file::FILE_CREATE_OPTIONS;
@@ -78,14 +78,19 @@ impl std::fmt::Debug for Probed<'_> {
     }
 }
 
-/// Every format vdisk knows.
+/// Every format and protocol vdisk knows.
 pub struct Registry {
     formats: Vec<Arc<dyn Format>>,
+    /// Asked in order; the last, `file`, claims every name.
+    protocols: Vec<Arc<dyn Protocol>>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.formats.iter().map(|x| x.name())).finish()
+        f.debug_struct("Registry")
+            .field("formats", &self.formats.iter().map(|x| x.name()).collect::<Vec<_>>())
+            .field("protocols", &self.protocols.iter().map(|p| p.drivers()).collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -107,7 +112,29 @@ impl Registry {
                 Arc::new(vpc::VpcFormat),
                 Arc::new(vdi::VdiFormat),
             ],
+            protocols: vec![
+                Arc::new(remote::NbdProtocol),
+                Arc::new(remote::HttpProtocol),
+                Arc::new(file::FileProtocol),
+            ],
         }
+    }
+
+    /// Adds a protocol, asked before the ones already registered (so it may take names from
+    /// them); `file` stays the fallback for names no protocol claims.
+    pub fn register_protocol(&mut self, protocol: Arc<dyn Protocol>) {
+        self.protocols.insert(0, protocol);
+    }
+
+    /// The protocol whose name `filename` is: the first that claims it, else `file`.
+    pub fn protocol_for(&self, filename: &str) -> &dyn Protocol {
+        let fallback = self.protocols.last().expect("file is always registered");
+        self.protocols.iter().find(|p| p.claims(filename)).unwrap_or(fallback).as_ref()
+    }
+
+    /// The protocol answering to the node driver name `driver` (`file`, `nbd`, `https`, ...).
+    pub fn protocol(&self, driver: &str) -> Option<&dyn Protocol> {
+        self.protocols.iter().find(|p| p.drivers().contains(&driver)).map(|p| p.as_ref())
     }
 
     /// Adds a format (a later registration with the same name replaces the earlier one).
@@ -151,7 +178,7 @@ impl Registry {
     /// The guard of an image probed as raw and opened writable (qemu's): a write may not make
     /// sector 0 probe as any other format, one vdisk cannot open included.
     pub fn raw_probe_guard(&self) -> raw::ProbeCheck {
-        let this = Registry { formats: self.formats.clone() };
+        let this = Registry { formats: self.formats.clone(), protocols: self.protocols.clone() };
         Arc::new(move |sector: &[u8]| this.probe_bytes(sector, "").name() == "raw")
     }
 
@@ -205,15 +232,10 @@ impl Registry {
             Some(name) => Some(self.format_or(name, || Error::invalid_argument(format!("Unknown driver '{name}'")))?),
             None => None,
         };
-        let (storage, file, filename) = match remote::open(filename, opts)? {
-            Some(remote) => (remote, None, filename.to_string()),
-            None => {
-                let local = local_path(filename);
-                let file = Arc::new(HostFile::open(&local, &host_options(opts))?);
-                (file.clone() as Arc<dyn Storage>, Some(file), local)
-            }
-        };
-        let filename = filename.as_str();
+        let storage = self.protocol_for(filename).open(filename, opts)?;
+        // A local file is named by its path (`file:` dropped); others by the name given.
+        let local = storage.path().map(|_| storage.name().to_string());
+        let filename = local.as_deref().unwrap_or(filename);
         let (fmt, probed_raw) = match named {
             Some(f) => (f, false),
             None => {
@@ -232,10 +254,8 @@ impl Registry {
                 (f, f.name() == "raw")
             }
         };
-        if let Some(file) = &file {
-            let (perm, shared) = lock_perms(fmt, opts);
-            file.set_permissions(perm, shared)?;
-        }
+        let (perm, shared) = lock_perms(fmt, opts);
+        storage.set_permissions(perm, shared)?;
         let chain = chain.enter(std::path::Path::new(filename), opts.max_chain_depth)?;
         let driver: Arc<dyn BlockDriver> = if probed_raw && !opts.read_only {
             Arc::new(raw::RawDriver::new(storage, opts.read_only, Some(self.raw_probe_guard()))?)
@@ -329,62 +349,26 @@ impl Opener for Registry {
     fn open_storage(&self, referrer: &str, name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
         check_reference(opts.references, referrer, name)?;
         let path = resolve_reference(referrer, name);
-        if let Some(remote) = remote::open(&path, opts)? {
-            return Ok(remote);
-        }
-        let f = HostFile::open(&path, &host_options(opts))?;
+        let storage = self.protocol_for(&path).open(&path, opts)?;
         let (perm, shared) = lock_perms(self.format("raw").expect("raw is registered"), opts);
-        f.set_permissions(perm, shared)?;
-        Ok(Arc::new(f))
+        storage.set_permissions(perm, shared)?;
+        Ok(storage)
     }
 
     fn create_storage(&self, name: &str, opts: &CreateOptions) -> Result<Arc<dyn Storage>> {
         let size = opts.get_size("size")?.unwrap_or(0);
         let prealloc = file::file_prealloc(opts)?;
-        if remote::is_remote(name) {
-            return remote::create(name, size, prealloc);
-        }
-        let f: Arc<dyn Storage> = file::create_file(&local_path(name), size, prealloc)?;
-        Ok(f)
+        self.protocol_for(name).create(name, size, prealloc)
     }
 
     fn delete_storage(&self, name: &str) {
-        if remote::is_remote(name) {
-            return;
-        }
-        let path = local_path(name);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
-            let _ = std::fs::remove_file(&path);
-        }
+        self.protocol_for(name).delete(name);
     }
 }
 
 pub use blockdev::info::storage_info;
 
-/// The options for opening an existing local file of an image opened with `opts`.
-fn host_options(opts: &OpenOptions) -> HostOpenOptions {
-    HostOpenOptions {
-        read_only: opts.read_only,
-        cache: opts.cache,
-        create: false,
-        no_locking: opts.no_locking,
-        eager_writeback: opts.eager_writeback,
-    }
-}
-
-/// The local path a file name refers to: a `file:` prefix is dropped, and a name whose first
-/// colon comes before any slash (which qemu would read as a protocol prefix) gets `./` in front,
-/// the way qemu spells such names in messages and `info`.
-pub fn local_path(name: &str) -> String {
-    let rest = name.strip_prefix("file:").unwrap_or(name);
-    let colon = rest.find(':');
-    let slash = rest.find('/');
-    match (colon, slash) {
-        (Some(_), None) => format!("./{rest}"),
-        (Some(c), Some(s)) if c < s => format!("./{rest}"),
-        _ => rest.to_string(),
-    }
-}
+pub use file::local_path;
 
 /// A container's length rounded up to whole 512-byte sectors: the size qemu reports for files
 /// and raw images.
@@ -414,6 +398,65 @@ mod tests {
         assert!(matches!(reg.probe_bytes(&head, "x"), Probed::Foreign(f) if f.name == "vhdx"));
         head[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
         assert!(matches!(reg.probe_bytes(&head, "x.dmg"), Probed::Format(f) if f.name() == "qcow2"));
+    }
+
+    /// A protocol serving in-memory containers under `mem:` names.
+    #[derive(Debug, Default)]
+    struct MemProtocol {
+        disks: std::sync::Mutex<Vec<Arc<blockdev::MemStorage>>>,
+    }
+
+    impl Protocol for MemProtocol {
+        fn drivers(&self) -> &'static [&'static str] {
+            &["mem"]
+        }
+        fn claims(&self, filename: &str) -> bool {
+            filename.starts_with("mem:")
+        }
+        fn open(&self, filename: &str, _opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+            let disks = self.disks.lock().unwrap();
+            let found = disks.iter().find(|d| d.name() == filename).cloned();
+            found
+                .map(|d| d as Arc<dyn Storage>)
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no disk {filename}")))
+        }
+        fn create(&self, filename: &str, size: u64, _prealloc: blockdev::Prealloc) -> Result<Arc<dyn Storage>> {
+            let disk = Arc::new(blockdev::MemStorage::new(filename, vec![0u8; size as usize]));
+            self.disks.lock().unwrap().push(disk.clone());
+            Ok(disk)
+        }
+    }
+
+    #[test]
+    fn names_go_to_the_protocol_that_claims_them_and_file_takes_the_rest() {
+        let reg = Registry::new();
+        let driver = |name: &str| reg.protocol_for(name).drivers()[0];
+        assert_eq!(driver("nbd://localhost/disk"), "nbd");
+        assert_eq!(driver("nbd:localhost:10809"), "nbd");
+        assert_eq!(driver("https://example.org/disk.qcow2"), "http");
+        assert_eq!(driver("/images/disk.qcow2"), "file");
+        assert_eq!(driver("file:disk.qcow2"), "file");
+        assert_eq!(driver("relative/disk.qcow2"), "file");
+        assert!(reg.protocol("https").is_some() && reg.protocol("rbd").is_none());
+        assert!(!reg.protocol_for("/x").is_remote() && reg.protocol_for("nbd://h/e").is_remote());
+    }
+
+    #[test]
+    fn a_registered_protocol_carries_any_format() {
+        let mut reg = Registry::new();
+        reg.register_protocol(Arc::new(MemProtocol::default()));
+        let mut opts = CreateOptions::new();
+        opts.set("size", "1M");
+        reg.create("qcow2", "mem:top", &opts).unwrap();
+        let opened = reg.open("mem:top", None, &OpenOptions::read_write()).unwrap();
+        assert_eq!((opened.driver.format(), opened.driver.size()), ("qcow2", 1 << 20));
+        opened.driver.write_at(4096, &[IoSlice::new(b"over a registered protocol")]).unwrap();
+        opened.driver.close().unwrap();
+        let again = reg.open("mem:top", Some("qcow2"), &OpenOptions::default()).unwrap();
+        let mut back = [0u8; 26];
+        again.driver.read_at(4096, &mut [std::io::IoSliceMut::new(&mut back)]).unwrap();
+        assert_eq!(&back, b"over a registered protocol");
+        assert!(reg.open("mem:missing", Some("raw"), &OpenOptions::default()).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Containers behind a protocol name instead of a local path: `nbd://`, `nbd+unix://` and the
-//! older `nbd:` forms open an NBD export ([`nbd::client`]), `http://` and `https://` a file on a
-//! web server, read-only ([`httpfile`]); any format driver then runs on them.
+//! The network protocols: [`NbdProtocol`] (`nbd://`, `nbd+unix://` and the older `nbd:` forms
+//! open an NBD export, [`nbd::client`]) and [`HttpProtocol`] (`http://` and `https://`, a file on
+//! a web server, read-only, [`httpfile`]); any format driver then runs on them.
 //!
 //! Remote containers take no file locks (the server owns the file) and cannot grow. "Creating"
 //! an NBD one, as qemu-img does, opens the existing export read-write, checks that the image fits
@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use blockdev::{Error, OpenOptions, Prealloc, Result, Storage};
+use blockdev::{Error, OpenOptions, Prealloc, Protocol, Result, Storage};
 use nbd::address::Address;
 use nbd::client::{ClientOptions, NbdStorage};
 
@@ -57,36 +57,59 @@ fn open_http(_name: &str, _opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
     Err(Error::unsupported("vdisk was built without HTTP support (feature \"http\" of crate formats)"))
 }
 
-/// Opens `name` if it is a protocol name; `None` for a local file name. An HTTP node takes its
-/// options from `opts.protocol_options`.
-pub fn open(name: &str, opts: &OpenOptions) -> Result<Option<Arc<dyn Storage>>> {
-    if is_http_name(name) {
-        return open_http(name, opts).map(Some);
+/// NBD exports.
+#[derive(Debug, Default)]
+pub struct NbdProtocol;
+
+impl Protocol for NbdProtocol {
+    fn drivers(&self) -> &'static [&'static str] {
+        &["nbd"]
     }
-    let Some(address) = Address::parse(name) else { return Ok(None) };
-    let address = address?;
-    let client = ClientOptions { read_only: opts.read_only, ..ClientOptions::default() };
-    Ok(Some(Arc::new(NbdStorage::connect(&address, &client)?)))
+
+    fn claims(&self, filename: &str) -> bool {
+        nbd::address::is_nbd_name(filename)
+    }
+
+    fn open(&self, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+        let address = Address::parse(filename)
+            .ok_or_else(|| Error::invalid_argument(format!("'{filename}' is not an NBD address")))??;
+        let client = ClientOptions { read_only: opts.read_only, ..ClientOptions::default() };
+        Ok(Arc::new(NbdStorage::connect(&address, &client)?))
+    }
+
+    /// "Creates" the export for an image of `size` bytes, as qemu-img does: opens the existing
+    /// export read-write, refuses images larger than it and preallocation, and zeroes the first
+    /// sector (so that an old header there is not probed).
+    fn create(&self, filename: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
+        let storage = self.open(filename, &OpenOptions::read_write())?;
+        if !matches!(prealloc, Prealloc::Off | Prealloc::Metadata) {
+            return Err(Error::unsupported(format!("Unsupported preallocation mode '{}'", prealloc.as_str())));
+        }
+        storage.set_len(size, Prealloc::Off)?;
+        storage.write_zeroes(0, storage.len()?.min(512), false)?;
+        Ok(storage)
+    }
 }
 
-/// Whether `name` names a remote container (it is then never a local path).
-pub fn is_remote(name: &str) -> bool {
-    nbd::address::is_nbd_name(name) || is_http_name(name)
-}
+/// Files on web servers, read-only.
+#[derive(Debug, Default)]
+pub struct HttpProtocol;
 
-/// "Creates" the remote container `name` for an image of `size` bytes: opens the existing export
-/// read-write, refuses images larger than it and preallocation, and zeroes the first sector (so
-/// that an old header there is not probed).
-pub fn create(name: &str, size: u64, prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
-    if let Some(scheme) = name.split_once("://").map(|(s, _)| s).filter(|_| is_http_name(name)) {
-        return Err(Error::unsupported(format!("Protocol driver '{scheme}' does not support image creation")));
+impl Protocol for HttpProtocol {
+    fn drivers(&self) -> &'static [&'static str] {
+        &["http", "https"]
     }
-    let storage = open(name, &OpenOptions::read_write())?
-        .ok_or_else(|| Error::invalid_argument(format!("'{name}' is not remote")))?;
-    if !matches!(prealloc, Prealloc::Off | Prealloc::Metadata) {
-        return Err(Error::unsupported(format!("Unsupported preallocation mode '{}'", prealloc.as_str())));
+
+    fn claims(&self, filename: &str) -> bool {
+        is_http_name(filename)
     }
-    storage.set_len(size, Prealloc::Off)?;
-    storage.write_zeroes(0, storage.len()?.min(512), false)?;
-    Ok(storage)
+
+    fn open(&self, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+        open_http(filename, opts)
+    }
+
+    fn create(&self, filename: &str, _size: u64, _prealloc: Prealloc) -> Result<Arc<dyn Storage>> {
+        let scheme = filename.split_once("://").map_or("http", |(s, _)| s);
+        Err(Error::unsupported(format!("Protocol driver '{scheme}' does not support image creation")))
+    }
 }

@@ -6,12 +6,15 @@
 //! preallocation; internal snapshots (`snapshot/`, with the VM state area a VMM saves into);
 //! persistent dirty bitmaps (`bitmap/`); encryption, LUKS and legacy AES (`crypt.rs`: only guest
 //! data is encrypted, in private buffers, whole 512-byte sectors at a time); plus `check` with
-//! repair.
+//! repair. Guest I/O runs on the mapping core (`blockdev::mapped`): `mapping.rs` turns L2 entries
+//! into mappings and `write.rs`'s plans into write plans.
 //!
 //! # Crash consistency
 //! The update order (DESIGN.md, section 5, "Crash consistency") is kept by construction:
 //! 1. guest data is written to a newly allocated cluster before its L2 entry is changed in the cache
-//!    (`write.rs`), and the L2 table reaches the file only at a flush or eviction, after a sync;
+//!    (`mapping.rs`: the entry changes in the commit of the mapping core's write, which only runs
+//!    once the data is written), and the L2 table reaches the file only at a flush or eviction,
+//!    after a sync;
 //! 2. refcount increases happen at allocation time in the refcount cache; a flush writes refcount
 //!    blocks (and refcount table entries) and syncs before it writes any L2 table, and syncs again
 //!    before writing L1 entries that point to new L2 tables (`meta.rs`);

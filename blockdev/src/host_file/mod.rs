@@ -501,6 +501,10 @@ impl Storage for HostFile {
             "file"
         }
     }
+
+    fn set_permissions(&self, perm: Perms, shared: Perms) -> Result<()> {
+        HostFile::set_permissions(self, perm, shared)
+    }
 }
 
 impl Drop for HostFile {

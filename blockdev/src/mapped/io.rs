@@ -284,7 +284,15 @@ fn write_data<F: MappedImage>(
     };
     let fill = match fill {
         Some(fill) if head + tail > 0 => Some(fill),
-        _ => None,
+        Some(fill) => {
+            // The request covers its fresh unit whole: nothing to fill, but fresh space is
+            // still reserved before it is written.
+            if fill.fresh_space {
+                storage.reserve(fill.host_start, fill.len);
+            }
+            None
+        }
+        None => None,
     };
     if fill.is_none() && from == 0 && n == iov_len(bufs) {
         // The plan covers the request: the caller's list goes down as it is.

@@ -182,9 +182,9 @@ pub struct Fill {
     pub source: FillSource,
     /// The unit's host space is new, at the container's end or freed, and nothing else reads
     /// it: when a read fill turns out to be zeros the core zeroes the unit without writing it
-    /// ([`Storage::zero_without_writing`]) and writes only the request; otherwise it reserves
-    /// the unit ([`Storage::reserve`]) before writing it whole. Fills from [`FillSource::Zeros`]
-    /// try the first either way.
+    /// ([`Storage::zero_without_writing`]) and writes only the request; otherwise (and when the
+    /// request covers the unit whole) it reserves the unit ([`Storage::reserve`]) before writing
+    /// it. Fills from [`FillSource::Zeros`] try the first either way.
     pub fresh_space: bool,
 }
 
