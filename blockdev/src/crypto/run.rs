@@ -114,14 +114,16 @@ impl Storage for EncryptedRun {
                 self.data.name()
             )));
         }
-        let mut chunk = Vec::new();
+        let mut chunk = Vec::with_capacity(len.min(CHUNK) as usize);
+        let mut part = Vec::with_capacity(bufs.len());
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            let mut part = Vec::with_capacity(bufs.len());
+            part.clear();
             iov::push_range(bufs, done, n, &mut part);
-            chunk.resize(n as usize, 0);
-            iov::gather(&part, &mut chunk);
+            // Copied once into the private buffer (no zero fill first).
+            chunk.clear();
+            part.iter().for_each(|p| chunk.extend_from_slice(p));
             cipher.encrypt(self.sector(offset + done), &mut chunk)?;
             self.data.write_at(offset + done, &[IoSlice::new(&chunk)])?;
             done += n;

@@ -1,5 +1,5 @@
-//! Sub-ranges of scatter-gather lists, taken in place (no copy of the bytes), and the copies a
-//! format needs between a list and a private buffer (decompressed or decrypted bytes).
+//! Sub-ranges of scatter-gather lists, taken in place (no copy of the bytes), and the copy a
+//! format needs from a private buffer into a list (decompressed or decrypted bytes).
 
 use std::io::{IoSlice, IoSliceMut};
 
@@ -75,16 +75,6 @@ pub fn copy_into(bufs: &mut [IoSliceMut<'_>], from: u64, data: &[u8]) {
     }
 }
 
-/// Copies the bytes of `bufs`, in order, into `out`, as many as fit.
-pub fn gather(bufs: &[IoSlice<'_>], out: &mut [u8]) {
-    let mut at = 0;
-    for b in bufs {
-        let n = b.len().min(out.len() - at);
-        out[at..at + n].copy_from_slice(&b[..n]);
-        at += n;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,15 +107,11 @@ mod tests {
     }
 
     #[test]
-    fn copies_in_and_out_span_buffers() {
+    fn copies_into_a_list_span_its_buffers() {
         let (mut a, mut b) = ([0u8; 3], [0u8; 5]);
         let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
         copy_into(&mut bufs, 2, &[7, 8, 9]);
         assert_eq!(a, [0, 0, 7]);
         assert_eq!(b, [8, 9, 0, 0, 0]);
-        let (x, y) = ([1u8, 2, 3], [4u8, 5]);
-        let mut out = [0u8; 4];
-        gather(&[IoSlice::new(&x), IoSlice::new(&y)], &mut out);
-        assert_eq!(out, [1, 2, 3, 4]);
     }
 }
