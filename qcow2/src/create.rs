@@ -248,7 +248,7 @@ pub fn create(filename: &str, opts: &CreateOptions, opener: &dyn Opener) -> Resu
 }
 
 /// Writes the image described by `p` into the freshly created `file` (and `data`).
-fn build(file: Arc<dyn Storage>, data: Option<Arc<dyn Storage>>, p: &Params) -> Result<()> {
+pub(crate) fn build(file: Arc<dyn Storage>, data: Option<Arc<dyn Storage>>, p: &Params) -> Result<()> {
     write_initial(file.as_ref(), p)?;
     let q = Qcow2::open(
         file.clone(),
@@ -385,8 +385,8 @@ fn write_initial(io: &dyn Storage, p: &Params) -> Result<()> {
 }
 
 /// An opener that only hands out the data file being created.
-struct DataOnly {
-    data: Option<Arc<dyn Storage>>,
+pub(crate) struct DataOnly {
+    pub(crate) data: Option<Arc<dyn Storage>>,
 }
 
 impl Opener for DataOnly {

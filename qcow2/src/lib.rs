@@ -58,6 +58,8 @@ pub mod limits;
 mod mapping;
 mod measure;
 mod meta;
+#[cfg(test)]
+mod meta_tests;
 mod open;
 mod rebuild;
 mod refcount;
