@@ -135,7 +135,9 @@ fn read_only_exports_refuse_writes_and_other_formats_serve_too() {
         qemu_img(&["convert", "-q", "-f", "raw", "-O", fmt, s(&raw), s(&img)]).ok();
         let before = std::fs::read(&img).unwrap();
         let sock = d.path().join(format!("{fmt}.sock"));
-        let v = vdisk_serve(&sock, &["-r", "-f", fmt], &img);
+        // No connection limit: at the default of one, the probe connection of `start` or
+        // qemu-io's, still closing, would get nbdinfo's connection closed at once.
+        let v = vdisk_serve(&sock, &["-r", "-e", "0", "-f", fmt], &img);
         let w = qemu_io(&["-f", "raw", "-c", "write -P 1 0 4k", &v.uri()]);
         assert!(w.code != 0 || w.stderr.contains("read-only") || w.stdout.contains("failed"), "{fmt}: {w:?}");
         let info = tool("nbdinfo", &["--json", &v.uri()]).ok().stdout;
